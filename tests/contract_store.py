@@ -1,0 +1,254 @@
+"""The JobStore contract: every IJobStore implementation must pass these.
+
+A concrete test case mixes JobStoreContract into trial's TestCase and
+provides make_store(clock), returning a migrated store with an empty jobs table.
+"""
+
+from datetime import timezone
+
+from twisted.internet import defer, task
+from zope.interface.verify import verifyObject
+
+from transferd import jobs
+from transferd.interfaces import IJobStore
+
+
+def a_job(**overrides):
+    values = dict(
+        job_id=jobs.new_job_id(),
+        product_id="sample-001",
+        destination_path="file:///tmp/deliveries",
+    )
+    values.update(overrides)
+    return jobs.Job(**values)
+
+
+class JobStoreContract:
+    def make_store(self, clock):
+        raise NotImplementedError
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = yield self.make_store(self.clock)
+        self.addCleanup(self.store.close)
+
+    @defer.inlineCallbacks
+    def _submitted(self, **overrides):
+        job = a_job(**overrides)
+        yield self.store.create(job)
+        return job
+
+    def test_provides_interface(self):
+        """The store provides IJobStore."""
+        self.assertTrue(verifyObject(IJobStore, self.store))
+
+    @defer.inlineCallbacks
+    def test_create_then_get(self):
+        """A created job reads back SUBMITTED with its fields and time_submitted from the clock."""
+        job = yield self._submitted(submitter="CN=Ann", product_id="prod-\u00e9\u6f22")
+        got = yield self.store.get(job.job_id)
+        self.assertEqual(got.status, jobs.SUBMITTED)
+        self.assertEqual(got.product_id, "prod-\u00e9\u6f22")
+        self.assertEqual(got.submitter, "CN=Ann")
+        self.assertEqual(got.destination_path, job.destination_path)
+        self.assertEqual(got.time_submitted.timestamp(), self.clock.seconds())
+        self.assertEqual(got.time_submitted.tzinfo, timezone.utc)
+        self.assertEqual(got.stage_attempts, 0)
+
+    @defer.inlineCallbacks
+    def test_get_unknown(self):
+        """An unknown job id reads as None."""
+        self.assertIsNone((yield self.store.get(jobs.new_job_id())))
+
+    @defer.inlineCallbacks
+    def test_duplicate_create_fails(self):
+        """Creating a job id twice fails and keeps the first row."""
+        job = yield self._submitted()
+        yield self.assertFailure(self.store.create(a_job(job_id=job.job_id, product_id="x")), Exception)
+        self.assertEqual((yield self.store.get(job.job_id)).product_id, job.product_id)
+
+    @defer.inlineCallbacks
+    def test_transition_sets_state_time_and_fields(self):
+        """A legal transition from the current state changes it, stamps time_<state> and sets fields."""
+        job = yield self._submitted()
+        self.clock.advance(5)
+        changed = yield self.store.transition(
+            job.job_id, jobs.SUBMITTED, jobs.STAGING, {"stager_callback": "ab" * 32, "stage_attempts": 1}
+        )
+        self.assertTrue(changed)
+        got = yield self.store.get(job.job_id)
+        self.assertEqual(got.status, jobs.STAGING)
+        self.assertEqual(got.time_staging.timestamp(), self.clock.seconds())
+        self.assertEqual(got.stager_callback, "ab" * 32)
+        self.assertEqual(got.stage_attempts, 1)
+
+    @defer.inlineCallbacks
+    def test_transition_is_compare_and_set(self):
+        """A transition from a state the job is not in changes nothing and reports False."""
+        job = yield self._submitted()
+        changed = yield self.store.transition(job.job_id, jobs.STAGED, jobs.TRANSFERRING)
+        self.assertFalse(changed)
+        self.assertEqual((yield self.store.get(job.job_id)).status, jobs.SUBMITTED)
+        self.assertFalse((yield self.store.transition(jobs.new_job_id(), jobs.SUBMITTED, jobs.STAGING)))
+
+    @defer.inlineCallbacks
+    def test_concurrent_transitions_one_winner(self):
+        """Of many concurrent identical transitions exactly one succeeds."""
+        job = yield self._submitted()
+        results = yield defer.gatherResults(
+            [self.store.transition(job.job_id, jobs.SUBMITTED, jobs.CANCELLED) for _ in range(10)]
+        )
+        self.assertEqual(sorted(results), [False] * 9 + [True])
+
+    def test_illegal_transitions_refused(self):
+        """The state machine refuses skipped steps, moves out of terminal states and ERROR without a reason."""
+        for old, new in [
+            (jobs.SUBMITTED, jobs.TRANSFERRING),
+            (jobs.SUCCESS, jobs.ERROR),
+            (jobs.CANCELLED, jobs.SUBMITTED),
+            (jobs.STAGED, jobs.STAGING),
+        ]:
+            self.assertRaises(jobs.InvalidTransition, self.store.transition, "x", old, new, {"detailed_status": "r"})
+        self.assertRaises(jobs.InvalidTransition, self.store.transition, "x", jobs.STAGING, jobs.ERROR)
+
+    @defer.inlineCallbacks
+    def test_error_records_time_and_reason(self):
+        """ERROR always carries time_error and detailed_status."""
+        job = yield self._submitted()
+        yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.ERROR, {"detailed_status": "no such product"})
+        got = yield self.store.get(job.job_id)
+        self.assertEqual((got.status, got.detailed_status), (jobs.ERROR, "no such product"))
+        self.assertIsNotNone(got.time_error)
+
+    @defer.inlineCallbacks
+    def test_update_guarded_by_status(self):
+        """update() changes fields only while the job is in the stated status."""
+        job = yield self._submitted()
+        self.assertFalse((yield self.store.update(job.job_id, jobs.STAGING, {"fts_jobid": "f"})))
+        self.assertTrue((yield self.store.update(job.job_id, jobs.SUBMITTED, {"fts_jobid": "f"})))
+        self.assertTrue((yield self.store.update(job.job_id, jobs.SUBMITTED, {"fts_jobid": "f"})))
+        self.assertEqual((yield self.store.get(job.job_id)).fts_jobid, "f")
+        self.assertRaises(ValueError, self.store.update, job.job_id, jobs.SUBMITTED, {"bogus": 1})
+
+    @defer.inlineCallbacks
+    def test_claim_is_exclusive_until_expiry(self):
+        """One owner holds a lease; another can take it only after it expires."""
+        job = yield self._submitted()
+        self.assertTrue((yield self.store.claim(job.job_id, jobs.SUBMITTED, "a", 30)))
+        self.assertFalse((yield self.store.claim(job.job_id, jobs.SUBMITTED, "b", 30)))
+        self.assertFalse((yield self.store.claim(job.job_id, jobs.STAGING, "b", 30)))
+        self.clock.advance(31)
+        self.assertTrue((yield self.store.claim(job.job_id, jobs.SUBMITTED, "b", 30)))
+        self.assertEqual((yield self.store.get(job.job_id)).lease_owner, "b")
+
+    @defer.inlineCallbacks
+    def test_concurrent_claims_one_winner(self):
+        """Of many owners claiming at once exactly one wins."""
+        job = yield self._submitted()
+        results = yield defer.gatherResults(
+            [self.store.claim(job.job_id, jobs.SUBMITTED, f"owner-{i}", 30) for i in range(10)]
+        )
+        self.assertEqual(results.count(True), 1)
+
+    @defer.inlineCallbacks
+    def test_renew_and_release(self):
+        """renew() extends only the owner's leases; release() frees them, optionally holding them ownerless."""
+        one = yield self._submitted()
+        two = yield self._submitted()
+        yield self.store.claim(one.job_id, jobs.SUBMITTED, "a", 30)
+        yield self.store.claim(two.job_id, jobs.SUBMITTED, "b", 30)
+        self.clock.advance(20)
+        self.assertEqual((yield self.store.renew("a", [one.job_id, two.job_id], 30)), 1)
+        self.assertEqual((yield self.store.renew("a", [], 30)), 0)
+        self.clock.advance(20)
+        unleased = yield self.store.unleased([jobs.SUBMITTED], 10)
+        self.assertEqual([j.job_id for j in unleased], [two.job_id])
+        self.assertFalse((yield self.store.release(one.job_id, "b")))
+        self.assertTrue((yield self.store.release(one.job_id, "a", hold_for=5)))
+        got = yield self.store.get(one.job_id)
+        self.assertIsNone(got.lease_owner)
+        self.assertEqual(got.lease_until, self.clock.seconds() + 5)
+
+    @defer.inlineCallbacks
+    def test_transition_clears_lease_and_can_hold(self):
+        """A transition drops the owner and holds the job for hold_for seconds when given."""
+        job = yield self._submitted()
+        yield self.store.claim(job.job_id, jobs.SUBMITTED, "a", 30)
+        yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING, hold_for=100)
+        got = yield self.store.get(job.job_id)
+        self.assertIsNone(got.lease_owner)
+        self.assertEqual(got.lease_until, self.clock.seconds() + 100)
+        yield self.store.transition(job.job_id, jobs.STAGING, jobs.STAGED)
+        self.assertIsNone((yield self.store.get(job.job_id)).lease_until)
+
+    @defer.inlineCallbacks
+    def test_unleased_filters_state_lease_and_limit(self):
+        """unleased() returns only jobs in the given states with free or expired leases, oldest first, up to limit."""
+        first = yield self._submitted()
+        self.clock.advance(1)
+        held = a_job()
+        yield self.store.create(held, hold_for=60)
+        self.clock.advance(1)
+        third = yield self._submitted()
+        done = yield self._submitted()
+        yield self.store.transition(done.job_id, jobs.SUBMITTED, jobs.CANCELLED)
+        found = yield self.store.unleased(list(jobs.ACTIVE), 10)
+        self.assertEqual([j.job_id for j in found], [first.job_id, third.job_id])
+        found = yield self.store.unleased(list(jobs.ACTIVE), 1)
+        self.assertEqual([j.job_id for j in found], [first.job_id])
+        self.clock.advance(61)
+        found = yield self.store.unleased([jobs.SUBMITTED], 10)
+        self.assertEqual({j.job_id for j in found}, {first.job_id, held.job_id, third.job_id})
+
+    @defer.inlineCallbacks
+    def test_public_view_hides_callback_and_lease(self):
+        """The status view shows non-null fields but never the callback hash or lease bookkeeping."""
+        job = yield self._submitted()
+        yield self.store.claim(job.job_id, jobs.SUBMITTED, "a", 30)
+        yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING, {"stager_callback": "c" * 64})
+        view = (yield self.store.get(job.job_id)).public_view()
+        self.assertEqual(view["status"], jobs.STAGING)
+        self.assertTrue(view["time_staging"].endswith("Z"))
+        for hidden in ("stager_callback", "lease_owner", "lease_until", "fts_jobid"):
+            self.assertNotIn(hidden, view)
+
+    @defer.inlineCallbacks
+    def test_migrate_is_idempotent(self):
+        """Migrating an up-to-date schema changes nothing and keeps the rows."""
+        job = yield self._submitted()
+        version = yield self.store.migrate()
+        self.assertEqual(version, len(self.store.migrations))
+        self.assertEqual((yield self.store.schema_version()), version)
+        self.assertIsNotNone((yield self.store.get(job.job_id)))
+
+    @defer.inlineCallbacks
+    def test_queued_hold_claimable_but_not_reconciled(self):
+        """A QUEUED job can be claimed at once by a consumer, but the reconciler skips it until the hold expires."""
+        job = a_job()
+        yield self.store.create(job, hold_for=60)
+        self.assertEqual((yield self.store.unleased([jobs.SUBMITTED], 10)), [])
+        found = yield self.store.unleased([jobs.SUBMITTED], 10, queued_too=True)
+        self.assertEqual([j.job_id for j in found], [job.job_id])
+        self.assertTrue((yield self.store.claim(job.job_id, jobs.SUBMITTED, "worker", 30)))
+        self.assertFalse((yield self.store.claim(job.job_id, jobs.SUBMITTED, "other", 30)))
+
+    @defer.inlineCallbacks
+    def test_ownerless_hold_blocks_claims(self):
+        """A job held without owner (waiting on a stager) cannot be claimed before the hold expires."""
+        job = yield self._submitted()
+        yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING, hold_for=100)
+        self.assertFalse((yield self.store.claim(job.job_id, jobs.STAGING, "worker", 30)))
+        self.clock.advance(101)
+        self.assertTrue((yield self.store.claim(job.job_id, jobs.STAGING, "worker", 30)))
+
+    @defer.inlineCallbacks
+    def test_transition_can_keep_an_owner(self):
+        """A transition with owner and hold_for leaves the job leased to that owner."""
+        job = yield self._submitted()
+        yield self.store.claim(job.job_id, jobs.SUBMITTED, "w", 30)
+        yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING, hold_for=30, owner="w")
+        got = yield self.store.get(job.job_id)
+        self.assertEqual((got.lease_owner, got.lease_until), ("w", self.clock.seconds() + 30))
+        self.assertFalse((yield self.store.claim(job.job_id, jobs.STAGING, "x", 30)))

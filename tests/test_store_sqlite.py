@@ -1,0 +1,14 @@
+import os
+
+from twisted.trial import unittest
+
+from transferd.store.sqlite import SQLiteJobStore
+from tests.contract_store import JobStoreContract
+
+
+class SQLiteJobStoreTests(JobStoreContract, unittest.TestCase):
+    async def make_store(self, clock):
+        path = os.path.join(self.mktemp() + ".sqlite")
+        store = SQLiteJobStore.from_url("sqlite:///" + os.path.abspath(path).lstrip("/"), clock)
+        await store.migrate()
+        return store

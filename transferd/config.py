@@ -1,0 +1,176 @@
+"""Configuration: an INI file read with configparser, checked key by key.
+
+Every key has a parser and a default; the defaults are the embedded set-up
+(SQLite, in-process queue, local stager and mover).  An unknown section or
+key, or a value that does not parse, stops start-up with a message naming it.
+conf/transferd.ini documents every key; tests/test_config.py checks that the
+two agree.
+"""
+
+import configparser
+import dataclasses
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key."""
+
+
+def _positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be a number of seconds, zero or more")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a number of seconds greater than zero")
+    return value
+
+
+def _text(text):
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _url(*schemes):
+    def parse(text):
+        text = text.strip()
+        scheme = urlsplit(text).scheme
+        if scheme not in schemes:
+            raise ValueError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return text
+
+    return parse
+
+
+def _word_list(text):
+    items = [item.strip().lower() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError("must list at least one value")
+    return tuple(items)
+
+
+def _path_list(text):
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    for item in items:
+        if not item.startswith("/"):
+            raise ValueError(f"{item!r} is not an absolute path")
+    return tuple(items)
+
+
+def _choice(*choices):
+    def parse(text):
+        text = text.strip()
+        if text not in choices:
+            raise ValueError(f"must be one of: {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+# section -> key -> (parser, default text)
+SCHEMA = {
+    "api": {
+        "endpoint": (_text, "tcp:8080:interface=127.0.0.1"),
+        "public_url": (_url("http", "https"), "http://127.0.0.1:8080"),
+        "max_body_bytes": (_positive_int, "65536"),
+    },
+    "database": {
+        "url": (_url("sqlite", "mysql"), "sqlite:///transferd-data/transferd.sqlite"),
+    },
+    "queue": {
+        "url": (_url("memory", "amqp", "amqps"), "memory://"),
+        "prefetch": (_positive_int, "8"),
+        "max_deliveries": (_positive_int, "5"),
+    },
+    "stager": {
+        "backend": (_choice("local"), "local"),
+        "archive_root": (_text, "transferd-data/archive"),
+        "staging_root": (_text, "transferd-data/staging"),
+        "delay": (_non_negative_float, "0"),
+        "timeout": (_positive_float, "3600"),
+        "max_attempts": (_positive_int, "3"),
+    },
+    "transfer": {
+        "backend": (_choice("local"), "local"),
+        "allowed_schemes": (_word_list, "file, http, https, davs"),
+        "file_roots": (_path_list, "/tmp/deliveries"),
+    },
+    "reconciler": {
+        "interval": (_positive_float, "30"),
+        "lease": (_positive_float, "30"),
+        "requeue_after": (_positive_float, "300"),
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The parsed configuration: config.section.key."""
+
+    sections: dict
+
+    def __getattr__(self, name):
+        try:
+            return self.sections[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    values: dict
+
+    def __getattr__(self, name):
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def load_config(path=None, overrides=None):
+    """Read path (or only the defaults when None), apply overrides {(section, key): text}."""
+    parser = configparser.ConfigParser(interpolation=None)
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                parser.read_file(handle)
+        except OSError as error:
+            raise ConfigError(f"cannot read configuration file {path}: {error.strerror}") from None
+        except configparser.Error as error:
+            raise ConfigError(f"configuration file {path} is not valid INI: {error}") from None
+    for (section, key), text in (overrides or {}).items():
+        if not parser.has_section(section):
+            parser.add_section(section)
+        parser.set(section, key, text)
+
+    sections = {}
+    for section in parser.sections():
+        if section not in SCHEMA:
+            raise ConfigError(f"unknown section [{section}] (known: {', '.join(SCHEMA)})")
+        for key in parser[section]:
+            if key not in SCHEMA[section]:
+                raise ConfigError(
+                    f"unknown key [{section}] {key} (known: {', '.join(SCHEMA[section])})"
+                )
+    for section, keys in SCHEMA.items():
+        values = {}
+        for key, (parse, default) in keys.items():
+            text = parser.get(section, key, fallback=default)
+            try:
+                values[key] = parse(text)
+            except ValueError as error:
+                raise ConfigError(f"bad value for [{section}] {key} = {text!r}: {error}") from None
+        sections[section] = Section(values)
+    return Config(sections)

@@ -1,0 +1,162 @@
+"""The job model and its state machine.
+
+A job moves SUBMITTED -> STAGING -> STAGED -> TRANSFERRING -> SUCCESS, and may
+end in ERROR or CANCELLED from any non-terminal state.  Every state has its own
+timestamp column; the column names are the prototype's (DESIGN.md), so a
+prototype database upgrades in place.
+"""
+
+import dataclasses
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+SUBMITTED = "SUBMITTED"
+STAGING = "STAGING"
+STAGED = "STAGED"
+TRANSFERRING = "TRANSFERRING"
+SUCCESS = "SUCCESS"
+ERROR = "ERROR"
+CANCELLED = "CANCELLED"
+
+STATES = (SUBMITTED, STAGING, STAGED, TRANSFERRING, SUCCESS, ERROR, CANCELLED)
+TERMINAL = frozenset({SUCCESS, ERROR, CANCELLED})
+ACTIVE = tuple(s for s in STATES if s not in TERMINAL)
+
+# Legal moves; ERROR and CANCELLED are reachable from every active state.
+TRANSITIONS = {
+    SUBMITTED: {STAGING},
+    STAGING: {STAGED},
+    STAGED: {TRANSFERRING},
+    TRANSFERRING: {SUCCESS},
+}
+for _state in ACTIVE:
+    TRANSITIONS[_state] |= {ERROR, CANCELLED}
+
+# The timestamp column that records entry into each state.
+TIME_COLUMN = {state: "time_" + state.lower() for state in STATES}
+
+
+class InvalidTransition(ValueError):
+    """A state change the state machine does not allow (a programming error)."""
+
+
+def check_transition(old: str, new: str, fields: dict) -> None:
+    """Raise InvalidTransition unless old -> new is legal with these fields."""
+    if new not in TRANSITIONS.get(old, ()):
+        raise InvalidTransition(f"{old} -> {new} is not a legal job transition")
+    if new == ERROR and not fields.get("detailed_status"):
+        raise InvalidTransition("a job cannot enter ERROR without detailed_status")
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+def is_job_id(text: str) -> bool:
+    """True when text is a job id in canonical form (a UUID, any version, lower case)."""
+    try:
+        return str(uuid.UUID(text)) == text
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
+def utc_from_seconds(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedFile:
+    """One file of a staged product, relative to the staged path."""
+
+    path: str
+    size: Optional[int] = None
+    checksum: Optional[str] = None  # "adler32:xxxxxxxx"
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageResult:
+    """What a stager reports at the end of staging."""
+
+    success: bool
+    msg: str = ""
+    staged_to: Optional[str] = None  # host the product was staged to
+    path: Optional[str] = None  # where, on that host
+    files: tuple = ()  # of StagedFile; empty for a single-file product
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferResult:
+    """What a mover reports when a transfer it ran in-line has ended."""
+
+    success: bool
+    msg: str = ""
+    details: Optional[str] = None  # free-form detail kept in fts_details
+
+
+# The lease owner that means "a queue message for this job is on its way":
+# whoever receives the message may claim the job at once, and the reconciler
+# leaves it alone until the hold expires.
+QUEUED = "queued"
+
+# Columns the API never shows: the stager's callback code hash and the
+# workers' lease bookkeeping.
+HIDDEN_FIELDS = frozenset({"stager_callback", "lease_owner", "lease_until"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    job_id: str
+    product_id: str
+    destination_path: str
+    status: str = SUBMITTED
+    detailed_status: Optional[str] = None
+    submitter: Optional[str] = None
+    fts_jobid: Optional[str] = None
+    fts_details: Optional[str] = None
+    stager_callback: Optional[str] = None  # SHA-256 hex of the current authcode
+    stager_path: Optional[str] = None
+    stager_hostname: Optional[str] = None
+    stager_status: Optional[str] = None
+    staged_files: Optional[str] = None  # JSON list of StagedFile dicts
+    stage_attempts: int = 0
+    lease_owner: Optional[str] = None
+    lease_until: Optional[float] = None  # epoch seconds
+    time_submitted: Optional[datetime] = None
+    time_staging: Optional[datetime] = None
+    time_staged: Optional[datetime] = None
+    time_transferring: Optional[datetime] = None
+    time_success: Optional[datetime] = None
+    time_error: Optional[datetime] = None
+    time_cancelled: Optional[datetime] = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def files(self) -> tuple:
+        """The staged files, as StagedFile objects (empty when not recorded)."""
+        if not self.staged_files:
+            return ()
+        return tuple(StagedFile(**entry) for entry in json.loads(self.staged_files))
+
+    def public_view(self) -> dict[str, Any]:
+        """The job as /transferStatus shows it: every non-null field but the hidden ones."""
+        view = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None or field.name in HIDDEN_FIELDS:
+                continue
+            if isinstance(value, datetime):
+                value = value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+            elif field.name == "staged_files":
+                value = json.loads(value)
+            view[field.name] = value
+        return view
+
+
+COLUMNS = tuple(field.name for field in dataclasses.fields(Job))

@@ -1,0 +1,91 @@
+"""The embedded JobQueue: in-process, nothing survives a restart (the reconciler re-drives)."""
+
+import collections
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from transferd.interfaces import IJobQueue
+
+
+class _Queue:
+    def __init__(self):
+        self.waiting = collections.deque()  # of (job_id, deliveries so far)
+        self.handler = None
+        self.prefetch = 1
+        self.in_flight = 0
+
+
+@implementer(IJobQueue)
+class MemoryJobQueue(Service):
+    """Job ids in deques, delivered to one handler per queue with bounded concurrency."""
+
+    log = Logger()
+
+    def __init__(self, clock, max_deliveries=5, retry_delay=1.0):
+        self.clock = clock
+        self.max_deliveries = max_deliveries
+        self.retry_delay = retry_delay
+        self.on_dead_letter = None
+        self._queues = collections.defaultdict(_Queue)
+        self._running_handlers = set()
+
+    def publish(self, queue, job_id):
+        self._queues[queue].waiting.append((job_id, 0))
+        self._pump(queue)
+        return defer.succeed(None)
+
+    def consume(self, queue, handler, prefetch):
+        q = self._queues[queue]
+        q.handler, q.prefetch = handler, prefetch
+        self._pump(queue)
+
+    def startService(self):
+        super().startService()
+        for name in list(self._queues):
+            self._pump(name)
+
+    def stopService(self):
+        """Stop delivering; wait for the handlers already running."""
+        super().stopService()
+        return defer.DeferredList(list(self._running_handlers))
+
+    def _pump(self, name):
+        q = self._queues[name]
+        while self.running and q.handler and q.waiting and q.in_flight < q.prefetch:
+            job_id, deliveries = q.waiting.popleft()
+            q.in_flight += 1
+            d = defer.maybeDeferred(q.handler, job_id)
+            self._running_handlers.add(d)
+            d.addBoth(self._settled, d, name, job_id, deliveries + 1)
+
+    def _settled(self, outcome, d, name, job_id, deliveries):
+        self._running_handlers.discard(d)
+        q = self._queues[name]
+        q.in_flight -= 1
+        if isinstance(outcome, defer.Failure):
+            self._failed(name, job_id, deliveries, outcome)
+        self._pump(name)
+
+    def _failed(self, name, job_id, deliveries, failure):
+        if deliveries < self.max_deliveries:
+            self.log.warn(
+                "job {job_id}: {queue} handler failed (delivery {n}), retrying: {error}",
+                job_id=job_id, queue=name, n=deliveries, error=failure.getErrorMessage(),
+            )
+            self.clock.callLater(self.retry_delay, self._requeue, name, job_id, deliveries)
+            return
+        self.log.error(
+            "job {job_id}: dead-lettered from {queue} after {n} deliveries: {error}",
+            job_id=job_id, queue=name, n=deliveries, error=failure.getErrorMessage(),
+        )
+        if self.on_dead_letter is not None:
+            reason = f"failed {deliveries} times in the {name} step: {failure.getErrorMessage()}"
+            d = defer.maybeDeferred(self.on_dead_letter, name, job_id, reason)
+            d.addErrback(lambda f: self.log.failure("dead-letter handler failed", f))
+
+    def _requeue(self, name, job_id, deliveries):
+        self._queues[name].waiting.append((job_id, deliveries))
+        self._pump(name)

@@ -1,0 +1,238 @@
+"""The SQL JobStore shared by SQLite and MySQL, over twisted.enterprise.adbapi.
+
+Queries are written once with '?' placeholders; a dialect supplies the
+placeholder style, the schema migrations and the time column conversions.
+"""
+
+from datetime import datetime
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from transferd import jobs
+from transferd.interfaces import IJobStore
+
+SELECT_JOB = "SELECT " + ", ".join(jobs.COLUMNS) + " FROM jobs"
+TIME_COLUMNS = frozenset(c for c in jobs.COLUMNS if c.startswith("time_"))
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer transferd than this one."""
+
+
+@implementer(IJobStore)
+class SQLJobStore:
+    """A JobStore over an adbapi ConnectionPool.
+
+    Subclasses set `placeholder`, `migrations` (a list of lists of statements,
+    migration N bringing the schema to version N) and may override
+    `_time_to_db`, `_time_from_db` and `_run` (to retry lost connections).
+    """
+
+    log = Logger()
+    placeholder = "?"
+    migrations: list = []
+
+    def __init__(self, pool, clock):
+        self.pool = pool
+        self.clock = clock
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _sql(self, query):
+        return query.replace("?", self.placeholder) if self.placeholder != "?" else query
+
+    def _run(self, interaction, *args, idempotent=True):
+        """Run interaction(cursor, *args) in one transaction."""
+        return self.pool.runInteraction(interaction, *args)
+
+    def _now(self):
+        return self.clock.seconds()
+
+    def _time_to_db(self, moment: datetime):
+        return moment.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+    def _time_from_db(self, value):
+        if value is None or isinstance(value, datetime):
+            return value.replace(tzinfo=jobs.timezone.utc) if value else None
+        return datetime.fromisoformat(str(value)).replace(tzinfo=jobs.timezone.utc)
+
+    def _job_from_row(self, row):
+        values = dict(zip(jobs.COLUMNS, row))
+        for column in TIME_COLUMNS:
+            values[column] = self._time_from_db(values[column])
+        values["stage_attempts"] = int(values["stage_attempts"] or 0)
+        if values["lease_until"] is not None:
+            values["lease_until"] = float(values["lease_until"])
+        return jobs.Job(**values)
+
+    def _assignments(self, fields):
+        """SET clause pieces and parameters for a dict of job fields."""
+        unknown = set(fields) - set(jobs.COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown job fields: {sorted(unknown)}")
+        params = []
+        for column, value in fields.items():
+            if column in TIME_COLUMNS and value is not None:
+                value = self._time_to_db(value)
+            params.append(value)
+        return [f"{column} = ?" for column in fields], params
+
+    # -- schema -----------------------------------------------------------
+
+    def schema_version(self):
+        return self._run(self._read_version)
+
+    def _read_version(self, cursor):
+        try:
+            cursor.execute("SELECT version FROM schema_version")
+        except Exception:
+            return 0
+        row = cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    def migrate(self):
+        """Bring the schema to the newest version this code knows."""
+        return self._run(self._migrate, idempotent=False)
+
+    def _migrate(self, cursor):
+        current = self._current_version(cursor)
+        known = len(self.migrations)
+        if current > known:
+            raise SchemaTooNew(
+                f"the database schema is version {current} but this transferd only knows "
+                f"versions up to {known}: upgrade transferd before starting it on this database"
+            )
+        for version in range(current + 1, known + 1):
+            for statement in self.migrations[version - 1]:
+                cursor.execute(statement)
+            self._write_version(cursor, version)
+            self.log.info("database schema migrated to version {version}", version=version)
+        return known
+
+    def _current_version(self, cursor):
+        return self._read_version(cursor)
+
+    def _write_version(self, cursor, version):
+        cursor.execute("DELETE FROM schema_version")
+        cursor.execute(self._sql("INSERT INTO schema_version (version) VALUES (?)"), (version,))
+
+    # -- IJobStore --------------------------------------------------------
+
+    def create(self, job, hold_for=None):
+        now = self._now()
+        row = dict(
+            job_id=job.job_id,
+            product_id=job.product_id,
+            destination_path=job.destination_path,
+            submitter=job.submitter,
+            status=jobs.SUBMITTED,
+            stage_attempts=0,
+            lease_owner=jobs.QUEUED if hold_for is not None else None,
+            lease_until=now + hold_for if hold_for is not None else None,
+            time_submitted=self._time_to_db(jobs.utc_from_seconds(now)),
+        )
+        query = self._sql(
+            f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})"
+        )
+        return self._run(lambda cursor: cursor.execute(query, tuple(row.values())), idempotent=False)
+
+    def get(self, job_id):
+        def interaction(cursor):
+            cursor.execute(self._sql(SELECT_JOB + " WHERE job_id = ?"), (job_id,))
+            row = cursor.fetchone()
+            return self._job_from_row(row) if row else None
+
+        return self._run(interaction)
+
+    def transition(self, job_id, old, new, fields=None, hold_for=None, owner=None):
+        fields = dict(fields or {})
+        jobs.check_transition(old, new, fields)
+        now = self._now()
+        fields.update(
+            {
+                "status": new,
+                jobs.TIME_COLUMN[new]: jobs.utc_from_seconds(now),
+                "lease_owner": owner if hold_for is not None else None,
+                "lease_until": now + hold_for if hold_for is not None else None,
+            }
+        )
+        sets, params = self._assignments(fields)
+        query = self._sql(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ? AND status = ?")
+        d = self._rowcount(query, params + [job_id, old])
+
+        def logged(changed):
+            if changed:
+                self.log.info(
+                    "job {job_id} {old} -> {new}{why}",
+                    job_id=job_id,
+                    old=old,
+                    new=new,
+                    why=f": {fields['detailed_status']}" if fields.get("detailed_status") else "",
+                )
+            return changed
+
+        return d.addCallback(logged)
+
+    def update(self, job_id, status, fields):
+        sets, params = self._assignments(dict(fields))
+        query = self._sql(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ? AND status = ?")
+        return self._rowcount(query, params + [job_id, status])
+
+    def claim(self, job_id, status, owner, hold_for):
+        now = self._now()
+        query = self._sql(
+            "UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE job_id = ? AND status = ?"
+            " AND (lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
+        )
+        return self._rowcount(query, [owner, now + hold_for, job_id, status, now, jobs.QUEUED])
+
+    def renew(self, owner, job_ids, hold_for):
+        job_ids = list(job_ids)
+        if not job_ids:
+            return defer.succeed(0)
+        marks = ", ".join("?" for _ in job_ids)
+        query = self._sql(
+            f"UPDATE jobs SET lease_until = ? WHERE lease_owner = ? AND job_id IN ({marks})"
+        )
+        return self._rowcount(
+            query, [self._now() + hold_for, owner] + job_ids, counted=True, idempotent=True
+        )
+
+    def release(self, job_id, owner, hold_for=None):
+        until = self._now() + hold_for if hold_for is not None else None
+        query = self._sql(
+            "UPDATE jobs SET lease_owner = NULL, lease_until = ? WHERE job_id = ? AND lease_owner = ?"
+        )
+        return self._rowcount(query, [until, job_id, owner])
+
+    def unleased(self, statuses, limit, queued_too=False):
+        statuses = list(statuses)
+        marks = ", ".join("?" for _ in statuses)
+        query = self._sql(
+            SELECT_JOB + f" WHERE status IN ({marks})"
+            " AND (lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
+            " ORDER BY time_submitted LIMIT ?"
+        )
+        # A lease owner nobody has matches no row: queued holds then count as held.
+        queued_owner = jobs.QUEUED if queued_too else "\x00"
+
+        def interaction(cursor):
+            cursor.execute(query, statuses + [self._now(), queued_owner, limit])
+            return [self._job_from_row(row) for row in cursor.fetchall()]
+
+        return self._run(interaction)
+
+    def close(self):
+        self.pool.close()
+        return defer.succeed(None)
+
+    def _rowcount(self, query, params, counted=False, idempotent=False):
+        """Run one UPDATE; fire with its row count (counted) or whether it matched."""
+
+        def interaction(cursor):
+            cursor.execute(query, tuple(params))
+            return cursor.rowcount if counted else cursor.rowcount > 0
+
+        return self._run(interaction, idempotent=idempotent)
