@@ -64,7 +64,7 @@ class Daemon:
         if self.process.poll() is not None:
             raise AssertionError(f"transferd exited with {self.process.returncode}:\n{self.logs()[-3000:]}")
         try:
-            response = yield treq.get(self.url + "/transferStatus?job_id=" + jobs.new_job_id(), timeout=2)
+            response = yield treq.get(self.url + "/transferStatus?job_id=" + jobs.new_job_id(), timeout=2, persistent=False)
             yield response.content()
             return response.code == 404
         except Exception:
@@ -101,7 +101,7 @@ class Daemon:
         response = yield treq.post(
             self.url + "/submitTransfer",
             data={"product_id": product_id, "destination_path": destination},
-            timeout=10,
+            timeout=10, persistent=False,
         )
         body = yield response.json()
         if response.code != 202:
@@ -110,7 +110,7 @@ class Daemon:
 
     @defer.inlineCallbacks
     def status(self, job_id):
-        response = yield treq.get(self.url + "/transferStatus", params={"job_id": job_id}, timeout=10)
+        response = yield treq.get(self.url + "/transferStatus", params={"job_id": job_id}, timeout=10, persistent=False)
         return (yield response.json())
 
     @defer.inlineCallbacks

@@ -18,8 +18,8 @@ SAMPLE = b"sample product bytes\n" * 100
 class Harness:
     """Builds the pieces in a temporary directory; call close() in cleanup."""
 
-    def __init__(self, base, max_body_bytes=4096, stager_delay=0.0, timeout=3600.0):
-        self.base = base
+    def __init__(self, base, max_body_bytes=16384, stager_delay=0.0, timeout=3600.0):
+        self.base = base = os.path.abspath(base)
         self.archive = os.path.join(base, "archive")
         self.staging = os.path.join(base, "staging")
         self.deliveries = os.path.join(base, "deliveries")
@@ -31,7 +31,7 @@ class Harness:
         for name, data in (("a.dat", b"A" * 1000), ("sub/b.dat", b"B" * 2000)):
             with open(os.path.join(self.archive, "sample-dir", name), "wb") as handle:
                 handle.write(data)
-        self.store = SQLiteJobStore.from_url("sqlite:///" + os.path.join(base, "jobs.sqlite").lstrip("/"), reactor)
+        self.store = SQLiteJobStore.from_url("sqlite:///" + os.path.join(base, "jobs.sqlite"), reactor)
         self.queue = MemoryJobQueue(reactor, max_deliveries=3, retry_delay=0.01)
         self.stager = LocalStager(self.archive, self.staging, delay=stager_delay, timeout=timeout, clock=reactor)
         self.mover = LocalMover(file_roots=(self.deliveries,), clock=reactor)

@@ -15,7 +15,7 @@ def embedded_config(workdir, port, **overrides):
     """A config for the embedded set-up under workdir, with per-section overrides."""
     sections = {
         "api": {"endpoint": f"tcp:{port}:interface=127.0.0.1", "public_url": f"http://127.0.0.1:{port}"},
-        "database": {"url": "sqlite:///" + os.path.join(workdir, "jobs.sqlite").lstrip("/")},
+        "database": {"url": "sqlite:///" + os.path.join(workdir, "jobs.sqlite")},
         "stager": {"archive_root": os.path.join(workdir, "archive"), "staging_root": os.path.join(workdir, "staging")},
         "transfer": {"file_roots": os.path.join(workdir, "deliveries")},
         "reconciler": {"interval": "0.5", "lease": "2"},
@@ -62,7 +62,9 @@ class EmbeddedDaemonTests(unittest.TestCase):
         """A file product and a directory product, submitted as curl would, reach SUCCESS byte for byte."""
         daemon = yield self.start()
         destination = "file://" + self.deliveries
-        job_ids = [(yield daemon.submit(product, destination)) for product in ("sample-001", "sample-002")]
+        job_ids = []
+        for product in ("sample-001", "sample-002"):
+            job_ids.append((yield daemon.submit(product, destination)))
         views = yield daemon.wait_terminal(job_ids)
         for job_id in job_ids:
             self.assertEqual(views[job_id]["status"], jobs.SUCCESS, views[job_id])
@@ -82,11 +84,15 @@ class EmbeddedDaemonTests(unittest.TestCase):
                 handle.write(os.urandom(4096) * (1 + i))
         daemon = yield self.start(stager={"delay": "0.5"}, queue={"prefetch": "4"})
         destination = "file://" + self.deliveries
-        job_ids = [(yield daemon.submit(f"product-{i:02d}", destination)) for i in range(12)]
+        job_ids = []
+        for i in range(12):
+            job_ids.append((yield daemon.submit(f"product-{i:02d}", destination)))
 
         @defer.inlineCallbacks
         def some_staging_some_done():
-            states = [(yield daemon.status(job_id))["status"] for job_id in job_ids]
+            states = []
+            for job_id in job_ids:
+                states.append((yield daemon.status(job_id))["status"])
             return jobs.STAGING in states and jobs.SUCCESS in states
 
         yield wait_for(some_staging_some_done, 30, interval=0.05)

@@ -73,7 +73,7 @@ class PipelineTests(unittest.TestCase):
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)
         path = os.path.abspath(self.mktemp())
-        self.store = SQLiteJobStore.from_url("sqlite:///" + path.lstrip("/"), self.clock)
+        self.store = SQLiteJobStore.from_url("sqlite:///" + path, self.clock)
         yield self.store.migrate()
         self.queue = MemoryJobQueue(reactor, max_deliveries=2, retry_delay=0.01)
         self.stager, self.mover = ScriptedStager(), ScriptedMover()

@@ -9,6 +9,6 @@ from tests.contract_store import JobStoreContract
 class SQLiteJobStoreTests(JobStoreContract, unittest.TestCase):
     async def make_store(self, clock):
         path = os.path.join(self.mktemp() + ".sqlite")
-        store = SQLiteJobStore.from_url("sqlite:///" + os.path.abspath(path).lstrip("/"), clock)
+        store = SQLiteJobStore.from_url("sqlite:///" + os.path.abspath(path), clock)
         await store.migrate()
         return store

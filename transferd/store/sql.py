@@ -21,12 +21,22 @@ class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer transferd than this one."""
 
 
+class DatabaseUnavailable(ConnectionError):
+    """The database could not be reached, or dropped the connection mid-operation.
+
+    Raised by stores that retry lost connections (MySQL) once retrying is
+    pointless or unsafe.  The operation may or may not have taken effect: the
+    caller re-reads the job, or leaves it to the reconciler to re-drive.
+    """
+
+
 @implementer(IJobStore)
 class SQLJobStore:
     """A JobStore over an adbapi ConnectionPool.
 
     Subclasses set `placeholder`, `migrations` (a list of lists of statements,
-    migration N bringing the schema to version N) and may override
+    migration N bringing the schema to version N; a statement may also be a
+    callable(cursor), for steps that must inspect the schema first) and may override
     `_time_to_db`, `_time_from_db` and `_run` (to retry lost connections).
     """
 
@@ -106,7 +116,10 @@ class SQLJobStore:
             )
         for version in range(current + 1, known + 1):
             for statement in self.migrations[version - 1]:
-                cursor.execute(statement)
+                if callable(statement):
+                    statement(cursor)
+                else:
+                    cursor.execute(statement)
             self._write_version(cursor, version)
             self.log.info("database schema migrated to version {version}", version=version)
         return known

@@ -1,0 +1,352 @@
+"""MySQLJobStore on a real MariaDB: the contract, the prototype upgrade, schema guards, lost connections.
+
+Each test gets its own throw-away database (tests/mysql_support.py).
+"""
+
+import json
+import os
+import socket
+from datetime import datetime, timezone
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from tests import mysql_support
+from tests.contract_store import JobStoreContract, a_job
+from tests.support import wait_for
+from transferd import jobs
+from transferd.store import open_store
+from transferd.store.mysql import DatabaseUnavailable, MySQLJobStore, connection_options
+from transferd.store.sql import SchemaTooNew
+
+PROTOTYPE_SCHEMA = os.path.join(os.path.dirname(__file__), os.pardir, "legacy", "prototype_schema.sql")
+
+
+class StoreFixture:
+    """Opens stores on a fresh database and closes them (before the database is dropped)."""
+
+    def fresh_url(self, charset="utf8mb4"):
+        self.url = mysql_support.fresh_database(self, charset=charset)
+        self.database = mysql_support.database_name(self.url)
+        return self.url
+
+    def open(self, url=None, clock=None):
+        if clock is None:
+            clock = task.Clock()
+            clock.advance(1_700_000_000)
+        store = MySQLJobStore.from_url(url or self.url, clock)
+        self.addCleanup(store.close)
+        return store
+
+    def sql(self, statement, args=None):
+        return mysql_support.execute(statement, args, database=self.database)
+
+
+class MySQLJobStoreContractTests(StoreFixture, JobStoreContract, unittest.TestCase):
+    async def make_store(self, clock):
+        self.fresh_url()
+        store = MySQLJobStore.from_url(self.url, clock)
+        await store.migrate()
+        return store
+
+
+class ConnectionOptionsTests(unittest.SynchronousTestCase):
+    def test_url_parts_are_decoded(self):
+        """When the URL carries a percent-encoded user and password, MySQLdb gets them decoded, port 3306 by default."""
+        options = connection_options("mysql://tr%40nsfer:p%3Ass%2Fw%40rd@db.example.org/transferd")
+        self.assertEqual(
+            (options["user"], options["password"], options["host"], options["port"], options["database"]),
+            ("tr@nsfer", "p:ss/w@rd", "db.example.org", 3306, "transferd"),
+        )
+        self.assertEqual((options["cp_min"], options["cp_max"]), (2, 10))
+
+    def test_query_options(self):
+        """When the URL has pool and timeout options, they reach the pool and the connection."""
+        options = connection_options("mysql://u@h:3307/d?pool_min=1&pool_max=4&read_timeout=30")
+        self.assertEqual((options["port"], options["cp_min"], options["cp_max"]), (3307, 1, 4))
+        self.assertEqual(options["read_timeout"], 30)
+
+    def test_bad_urls_refused(self):
+        """When the URL lacks a database or user, or has an unknown or malformed option, it is refused in words."""
+        for url, words in [
+            ("mysql://u@h/", "database name"),
+            ("mysql://h/d", "needs a user"),
+            ("mysql://u@h/d?pool_size=3", "unknown mysql url option 'pool_size'"),
+            ("mysql://u@h/d?pool_max=many", "must be an integer"),
+            ("mysql://u@h/d?pool_min=5&pool_max=2", "must not exceed"),
+            ("mysql://u@h:99999/d", "bad port"),
+        ]:
+            error = self.assertRaises(ValueError, connection_options, url)
+            self.assertIn(words, str(error))
+
+
+class SchemaTests(StoreFixture, unittest.TestCase):
+    async def test_open_store_picks_mysql(self):
+        """When the [database] url is mysql://, open_store builds a MySQLJobStore."""
+        store = open_store(self.fresh_url(), task.Clock())
+        self.addCleanup(store.close)
+        self.assertIsInstance(store, MySQLJobStore)
+        self.assertEqual(await store.migrate(), 1)
+
+    async def test_schema_too_new(self):
+        """When the database was migrated by a newer transferd, migrate() fails with SchemaTooNew and changes nothing."""
+        self.fresh_url()
+        await self.open().migrate()
+        self.sql("UPDATE schema_version SET version = 999")
+        for store in (self.open(), self.open()):  # a second daemon is not stuck behind the migration lock
+            error = await self.assertFailure(store.migrate(), SchemaTooNew)
+            self.assertIn("version 999", str(error))
+            self.assertIn("upgrade transferd", str(error))
+        self.assertEqual(self.sql("SELECT version FROM schema_version"), ((999,),))
+
+    async def test_concurrent_migrations(self):
+        """When several daemons start at once on a fresh database, each migrates it without error, once."""
+        self.fresh_url()
+        versions = await defer.gatherResults([self.open().migrate() for _ in range(6)])
+        self.assertEqual(versions, [1] * 6)
+        self.assertEqual(self.sql("SELECT version FROM schema_version"), ((1,),))
+
+    async def test_foreign_jobs_table_untouched(self):
+        """When the database has a jobs table that is not the prototype's, migrate() refuses to alter it."""
+        self.fresh_url()
+        self.sql("CREATE TABLE jobs (id INT PRIMARY KEY, what TEXT)")
+        error = await self.assertFailure(self.open().migrate(), RuntimeError)
+        self.assertIn("not a transferd", str(error))
+        self.assertEqual(len(self.sql("SHOW COLUMNS FROM jobs")), 2)
+
+
+class PrototypeUpgradeTests(StoreFixture, unittest.TestCase):
+    """A prototype database (legacy/prototype_schema.sql, no schema_version) upgrades in place."""
+
+    transferring_id = "6f1c1a4e-8f0e-4a43-9d55-0c6f6d6a1c01"
+    success_id = "0b9e8f7a-2c3d-4e5f-8a9b-1c2d3e4f5a6b"
+
+    def prototype_database(self):
+        """A latin1 database like the prototype's, with two rows written the prototype's way."""
+        self.fresh_url(charset="latin1")
+        with open(PROTOTYPE_SCHEMA) as schema:
+            self.sql(schema.read())
+        connection = mysql_support.admin_connection(self.database)
+        try:
+            cursor = connection.cursor()
+            cursor.execute("SET time_zone = '+00:00'")
+            cursor.execute(
+                "INSERT INTO jobs (job_id, product_id, status, destination_path, submitter, fts_jobid,"
+                " stager_callback, stager_path, stager_hostname, stager_status, time_submitted,"
+                " time_staging, time_transferring) VALUES (%s, %s, 'TRANSFERRING', %s, %s, %s, %s, %s, %s,"
+                " %s, '2023-05-01 12:00:00', '2023-05-01 12:05:00', '2023-05-01 12:30:00')",
+                (self.transferring_id, "caf\u00e9-001", "gsiftp://se.example.org/data", "CN=Ann",
+                 "fts-1234", "0123456789abcdef0123456789abcdef", "/stage/cafe-001",
+                 "stager01.example.org", "staged"),
+            )  # fmt: skip
+            # The prototype's sessions ran in the server's local time zone; the instant is what counts.
+            cursor.execute("SET time_zone = '+02:00'")
+            cursor.execute(
+                "INSERT INTO jobs (job_id, product_id, status, detailed_status, destination_path,"
+                " fts_jobid, fts_details, stager_callback, time_submitted, time_success)"
+                " VALUES (%s, 'sample-002', 'SUCCESS', 'done', 'davs://dcache.example.org:2880/x', 'fts-5678',"
+                " '{\"files\": 1}', 'fedcba9876543210fedcba9876543210', '2023-05-02 14:00:00',"
+                " '2023-05-02 15:00:00')",
+                (self.success_id,),
+            )
+        finally:
+            connection.close()
+
+    async def test_prototype_upgrade(self):
+        """When transferd starts on a prototype database, it migrates in place and the old rows read back intact."""
+        self.prototype_database()
+        store = self.open()
+        self.assertEqual(await store.schema_version(), 0)
+        self.assertEqual(await store.migrate(), 1)
+
+        old = await store.get(self.transferring_id)
+        self.assertEqual(
+            (old.status, old.product_id, old.destination_path, old.submitter, old.fts_jobid),
+            (jobs.TRANSFERRING, "caf\u00e9-001", "gsiftp://se.example.org/data", "CN=Ann", "fts-1234"),
+        )
+        self.assertEqual(
+            (old.stager_path, old.stager_hostname, old.stager_status),
+            ("/stage/cafe-001", "stager01.example.org", "staged"),
+        )
+        self.assertEqual(old.time_submitted, datetime(2023, 5, 1, 12, 0, tzinfo=timezone.utc))
+        self.assertEqual(old.time_staging, datetime(2023, 5, 1, 12, 5, tzinfo=timezone.utc))
+        self.assertEqual(old.time_transferring, datetime(2023, 5, 1, 12, 30, tzinfo=timezone.utc))
+        self.assertEqual((old.time_staged, old.time_success, old.stage_attempts, old.lease_until), (None, None, 0, None))
+        self.assertIsNone(old.stager_callback)  # a raw prototype code is never mistaken for a hash
+        view = old.public_view()
+        self.assertNotIn("stager_callback", view)
+        self.assertEqual(view["time_submitted"], "2023-05-01T12:00:00Z")
+
+        done = await store.get(self.success_id)
+        self.assertEqual((done.status, done.detailed_status, done.fts_details), (jobs.SUCCESS, "done", '{"files": 1}'))
+        self.assertEqual(done.time_submitted, datetime(2023, 5, 2, 12, 0, tzinfo=timezone.utc))
+        self.assertEqual(done.time_success, datetime(2023, 5, 2, 13, 0, tzinfo=timezone.utc))
+
+        # The reconciler picks up the prototype's unfinished work.
+        found = await store.unleased(jobs.ACTIVE, 10)
+        self.assertEqual([job.job_id for job in found], [self.transferring_id])
+
+        await self.assertFullLifeCycle(store)
+        self.assertSchemaUpgraded()
+
+        before = [await store.get(self.transferring_id), await store.get(self.success_id)]
+        self.assertEqual(await store.migrate(), 1)
+        self.assertEqual([await store.get(self.transferring_id), await store.get(self.success_id)], before)
+
+    async def test_interrupted_upgrade_completes(self):
+        """When an upgrade died after some of its ALTERs, the next start finishes it; lax zero dates become NULL."""
+        self.prototype_database()
+        connection = mysql_support.admin_connection(self.database)
+        try:
+            cursor = connection.cursor()
+            cursor.execute("SET SESSION sql_mode = ''")
+            cursor.execute(
+                "INSERT INTO jobs (job_id, product_id, status, detailed_status, time_submitted, time_error)"
+                " VALUES ('1d2c3b4a-0000-4000-8000-000000000003', 'p3', 'ERROR', 'lost', '2023-05-03 10:00:00',"
+                " '0000-00-00 00:00:00')"
+            )
+            # What a migration killed half-way leaves behind (DDL commits at once).
+            cursor.execute("ALTER TABLE jobs CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+            cursor.execute("ALTER TABLE jobs ADD COLUMN staged_files MEDIUMTEXT, MODIFY time_submitted DATETIME(6) NULL")
+        finally:
+            connection.close()
+        store = self.open()
+        self.assertEqual(await store.migrate(), 1)
+        lax = await store.get("1d2c3b4a-0000-4000-8000-000000000003")
+        self.assertEqual((lax.status, lax.detailed_status, lax.time_error), (jobs.ERROR, "lost", None))
+        self.assertEqual((await store.get(self.transferring_id)).product_id, "caf\u00e9-001")
+        self.assertSchemaUpgraded()
+        await self.assertFullLifeCycle(store)
+
+    async def assertFullLifeCycle(self, store):
+        """New jobs go through every state, with every time column, on the upgraded table."""
+        job = a_job(product_id="new-\u6f22")
+        await store.create(job)
+        steps = [
+            (jobs.SUBMITTED, jobs.STAGING, {"stager_callback": "ab" * 32, "stage_attempts": 1}),
+            (jobs.STAGING, jobs.STAGED, {"staged_files": json.dumps([{"path": "a", "size": 1}] * 2000)}),
+            (jobs.STAGED, jobs.TRANSFERRING, {"fts_jobid": "f" * 36}),
+            (jobs.TRANSFERRING, jobs.SUCCESS, {}),
+        ]
+        for old, new, fields in steps:
+            store.clock.advance(1.5)
+            self.assertTrue(await store.transition(job.job_id, old, new, fields))
+        got = await store.get(job.job_id)
+        self.assertEqual((got.status, got.stager_callback, got.fts_jobid), (jobs.SUCCESS, "ab" * 32, "f" * 36))
+        self.assertEqual(len(got.files()), 2000)
+        times = [got.time_submitted, got.time_staging, got.time_staged, got.time_transferring, got.time_success]
+        self.assertEqual([t.timestamp() for t in times], [store.clock.seconds() - 1.5 * n for n in range(4, -1, -1)])
+        for end, fields in [(jobs.ERROR, {"detailed_status": "no such product"}), (jobs.CANCELLED, {})]:
+            other = a_job()
+            await store.create(other)
+            self.assertTrue(await store.transition(other.job_id, jobs.SUBMITTED, end, fields))
+            got = await store.get(other.job_id)
+            self.assertEqual(got.status, end)
+            self.assertIsNotNone(getattr(got, jobs.TIME_COLUMN[end]))
+
+    def assertSchemaUpgraded(self):
+        columns = dict(
+            self.sql(
+                "SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.COLUMNS"
+                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'jobs'"
+            )
+        )
+        self.assertEqual(set(columns), set(jobs.COLUMNS))
+        self.assertEqual(columns["status"], "varchar(16)")
+        self.assertEqual(columns["stager_callback"], "varchar(64)")
+        for name in jobs.TIME_COLUMN.values():
+            self.assertEqual(columns[name], "datetime(6)")
+        self.assertEqual(
+            self.sql(
+                "SELECT ENGINE, TABLE_COLLATION FROM information_schema.TABLES"
+                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'jobs'"
+            ),
+            (("InnoDB", "utf8mb4_bin"),),
+        )
+        self.assertTrue(self.sql("SHOW INDEX FROM jobs WHERE Key_name = 'jobs_status_lease'"))
+
+
+class LostConnectionTests(StoreFixture, unittest.TestCase):
+    """KILLed connections and unreachable servers never take the store down."""
+
+    async def setUp(self):
+        self.fresh_url()
+        self.store = self.open()
+        await self.store.migrate()
+        self.job = a_job()
+        await self.store.create(self.job)
+
+    async def pool_connection_ids(self):
+        """The server ids of the pool's connections, after making several of them busy at once."""
+        rows = await defer.gatherResults(
+            [self.store.pool.runQuery("SELECT CONNECTION_ID(), SLEEP(0.05)") for _ in range(4)]
+        )
+        ids = {found[0][0] for found in rows}
+        ids |= {connection.thread_id() for connection in list(self.store.pool.connections.values())}
+        return ids
+
+    async def test_get_after_kill(self):
+        """When every pooled connection has been KILLed, reads still succeed, on fresh connections."""
+        ids = await self.pool_connection_ids()
+        self.assertGreaterEqual(len(ids), 2)
+        mysql_support.kill_connections(ids)
+        self.assertEqual((await self.store.get(self.job.job_id)).job_id, self.job.job_id)
+        found = await defer.gatherResults([self.store.get(self.job.job_id) for _ in range(6)])
+        self.assertEqual({job.status for job in found}, {jobs.SUBMITTED})
+
+    async def test_transition_after_kill(self):
+        """When the pooled connections were KILLed while idle, a transition pings, reconnects and succeeds."""
+        mysql_support.kill_connections(await self.pool_connection_ids())
+        self.assertTrue(await self.store.transition(self.job.job_id, jobs.SUBMITTED, jobs.STAGING))
+        self.assertTrue(await self.store.claim(self.job.job_id, jobs.STAGING, "w", 30))
+        self.assertEqual((await self.store.get(self.job.job_id)).status, jobs.STAGING)
+
+    async def test_migrate_after_kill(self):
+        """When the pooled connections were KILLed, migrate() (safe to re-run) retries and succeeds."""
+        mysql_support.kill_connections(await self.pool_connection_ids())
+        self.assertEqual(await self.store.migrate(), 1)
+        self.assertIsNotNone(await self.store.get(self.job.job_id))
+
+    async def run_killed(self, idempotent):
+        """Run an UPDATE-then-SLEEP interaction, KILL its connection mid-query; fire with its outcome."""
+        victims = []
+
+        def interaction(cursor):
+            cursor.execute("UPDATE jobs SET fts_jobid = 'half-done' WHERE job_id = %s", (self.job.job_id,))
+            cursor.execute("SELECT CONNECTION_ID()")
+            victims.append(cursor.fetchone()[0])
+            cursor.execute("SELECT SLEEP(%s)", (5 if len(victims) == 1 else 0,))
+            return len(victims)
+
+        d = self.store._run(interaction, idempotent=idempotent)
+        await wait_for(lambda: victims)
+        mysql_support.kill_connections(victims[:1])
+        return d
+
+    async def test_idempotent_interaction_killed_midway_is_retried(self):
+        """When a connection is KILLed in the middle of an idempotent operation, it runs again on a fresh connection."""
+        started = reactor.seconds()
+        attempts = await (await self.run_killed(idempotent=True))
+        self.assertEqual(attempts, 2)
+        self.assertLess(reactor.seconds() - started, 4)
+
+    async def test_non_idempotent_interaction_killed_midway_fails_clearly(self):
+        """When a connection is KILLed in the middle of a non-idempotent operation, it fails with DatabaseUnavailable and the store goes on."""
+        d = await self.run_killed(idempotent=False)
+        error = await self.assertFailure(d, DatabaseUnavailable)
+        self.assertIn("not safe to repeat", str(error))
+        got = await self.store.get(self.job.job_id)
+        self.assertIsNone(got.fts_jobid)  # the uncommitted UPDATE died with its connection
+        self.assertTrue(await self.store.transition(self.job.job_id, jobs.SUBMITTED, jobs.STAGING))
+
+    async def test_unreachable_server(self):
+        """When the server cannot be reached at all, operations fail with DatabaseUnavailable after a few quick retries."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]  # nothing listens here once the probe is closed
+        store = self.open(f"mysql://root@127.0.0.1:{port}/nowhere")
+        store.retry_delays = (0.0, 0.01)
+        for operation in (store.get(self.job.job_id), store.create(a_job())):
+            error = await self.assertFailure(operation, DatabaseUnavailable)
+            self.assertIn("unreachable", str(error))
+            self.assertIn("after 3 attempts", str(error))

@@ -1,0 +1,1 @@
+"""Movers: deliver staged products to their destination (see transferd.interfaces.IMover)."""

@@ -1,0 +1,348 @@
+"""The embedded mover: copies to file:// destinations, PUTs to http(s):// and davs:// ones.
+
+It runs transfers in-line (transfer() fires with the outcome), so transferd
+needs no FTS3 for local delivery, demos and tests.  A problem that retrying
+cannot fix fires a failed TransferResult; a problem that may pass (a refused
+connection, a timeout, HTTP 5xx) fails the Deferred so that the pipeline's
+queue delivers the job again.
+"""
+
+import dataclasses
+import errno
+import os
+import shutil
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import treq
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from zope.interface import implementer
+
+from transferd.interfaces import IMover
+from transferd.jobs import TransferResult
+from transferd.validation import under_roots
+
+CHUNK = 1 << 20
+OWNER_XATTR = "user.transferd.job_id"  # names the job that delivered a file:// product
+RETRYABLE_STATUS = frozenset({408, 425, 429})  # 4xx codes that mean "try again later"
+HINTS = {
+    401: "the destination wants credentials",
+    403: "the destination refused permission",
+    404: "no such location",
+    ("MKCOL", 409): "its parent collection does not exist",
+    ("PUT", 409): "its parent collection does not exist",
+    413: "the file is too large for the destination",
+}
+
+
+class DestinationUnavailable(Exception):
+    """The destination cannot take the product now; retrying later may work."""
+
+
+class TransferCancelled(Exception):
+    """cancel(job) was called while the job's transfer ran."""
+
+
+def _owner(path):
+    """The job id recorded on a delivered product, or None."""
+    try:
+        return os.getxattr(path, OWNER_XATTR, follow_symlinks=False).decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def _set_owner(path, job_id):
+    """Record job_id on path; quietly skipped where the filesystem has no user xattrs."""
+    try:
+        os.setxattr(path, OWNER_XATTR, job_id.encode("utf-8"), follow_symlinks=False)
+    except OSError as error:
+        if error.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+
+
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _walk(source):
+    """The (relative path, size) of each file of a product; paths start with the product name."""
+    name = os.path.basename(source.rstrip("/"))
+    if not os.path.isdir(source):
+        return [(name, os.path.getsize(source))]
+    found = []
+    for directory, _subdirs, names in os.walk(source):
+        for filename in names:
+            path = os.path.join(directory, filename)
+            relative = os.path.join(name, os.path.relpath(path, source))
+            found.append((os.path.normpath(relative).replace(os.sep, "/"), os.path.getsize(path)))
+    return sorted(found)
+
+
+def _safe_relative(path, name):
+    """True when a recorded file path stays inside the product: name or name/..., no '..'."""
+    parts = path.split("/")
+    return parts[0] == name and all(part not in ("", ".", "..") for part in parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Delivered:
+    """What a delivery did: files and bytes written to location (none when already there)."""
+
+    files: int
+    bytes: int
+    location: str
+    earlier: bool = False  # this job had delivered it before (a redo after a crash)
+
+
+class _Running:
+    """One transfer in progress, so that cancel(job) can stop it."""
+
+    def __init__(self):
+        self.cancelled = False
+        self.request = None  # the HTTP request in flight, if any
+
+    def check(self):
+        if self.cancelled:
+            raise TransferCancelled()
+
+
+@implementer(IMover)
+class LocalMover:
+    """Delivers staged products to file:// directories under file_roots, or by HTTP PUT."""
+
+    log = Logger()
+    schemes = frozenset({"file", "http", "https", "davs"})
+
+    def __init__(self, file_roots, clock=None, pool=None, request_timeout=60.0, overwrite=False,
+                 tls_policy=None, min_rate=1 << 20):
+        """file_roots: the directories file:// destinations must lie in.
+        clock: times HTTP requests out (default: the reactor).
+        pool: the HTTPConnectionPool to use (default: a persistent one of our own).
+        request_timeout: seconds an HTTP request may take, plus size / min_rate
+        (bytes per second) for a PUT of size bytes.
+        overwrite: replace an existing file:// product another job delivered.
+        tls_policy: an IPolicyForHTTPS for https/davs (CA bundle, client certificate).
+        """
+        from twisted.internet import reactor
+
+        self.file_roots = tuple(file_roots)
+        self.clock = clock if clock is not None else reactor
+        self.pool = pool if pool is not None else HTTPConnectionPool(reactor, persistent=True)
+        agent = Agent(reactor, pool=self.pool) if tls_policy is None else \
+            Agent(reactor, contextFactory=tls_policy, pool=self.pool)
+        self.http = treq.client.HTTPClient(agent)
+        self.request_timeout = request_timeout
+        self.min_rate = min_rate
+        self.overwrite = overwrite
+        self.deliveries = 0
+        self._running = {}  # job_id -> _Running
+
+    # -- IMover -----------------------------------------------------------
+
+    def transfer(self, job):
+        return defer.Deferred.fromCoroutine(self._transfer(job))
+
+    def cancel(self, job):
+        """Stop job's transfer between chunks or files; its transfer() fires a failed result."""
+        running = self._running.get(job.job_id)
+        if running is not None:
+            running.cancelled = True
+            if running.request is not None:
+                running.request.cancel()
+        return defer.succeed(None)
+
+    def close(self):
+        return self.pool.closeCachedConnections()
+
+    # -- transfers --------------------------------------------------------
+
+    async def _transfer(self, job):
+        destination = job.destination_path
+        source = job.stager_path
+        if not source:
+            return TransferResult(False, f"job {job.job_id} has no staged copy to deliver")
+        try:
+            parts = urlsplit(destination)
+        except ValueError:
+            return TransferResult(False, f"destination {destination!r} is not a valid URL")
+        scheme = parts.scheme.lower()
+        if scheme not in self.schemes:
+            return TransferResult(False, f"the local mover cannot write {scheme}:// destinations ({destination})")
+        running = self._running[job.job_id] = _Running()
+        try:
+            if scheme == "file":
+                outcome = await threads.deferToThread(self._to_directory, job, parts, running)
+            else:
+                outcome = await self._to_http(job, parts, running)
+        except Exception:
+            if not running.cancelled:
+                raise
+            outcome = TransferResult(False, f"transfer to {destination} was cancelled")
+        finally:
+            if self._running.get(job.job_id) is running:
+                del self._running[job.job_id]
+        if isinstance(outcome, TransferResult):
+            return outcome
+        if outcome.earlier:
+            self.log.info("job {job_id}: {location} was already delivered by this job",
+                          job_id=job.job_id, location=outcome.location)
+            return TransferResult(True, f"already delivered to {outcome.location}")
+        self.deliveries += 1
+        self.log.info("job {job_id}: delivered {files} file(s), {bytes} bytes to {destination}",
+                      job_id=job.job_id, files=outcome.files, bytes=outcome.bytes, destination=destination,
+                      location=outcome.location)
+        return TransferResult(True, f"delivered {outcome.files} file(s), {outcome.bytes} bytes to {outcome.location}")
+
+    def _to_directory(self, job, parts, running):
+        """Copy the product into the file:// directory (runs in a thread).
+
+        Returns a failed TransferResult, or what was _Delivered.
+        """
+        url = job.destination_path
+        directory = unquote(parts.path)
+        if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+            return TransferResult(False, f"destination {url} is not a local directory URL (file:///dir)")
+        if not directory.startswith("/") or ".." in directory.split("/"):
+            return TransferResult(False, f"destination {url} must be an absolute path without '..'")
+        if not under_roots(directory, self.file_roots):
+            return TransferResult(
+                False, f"destination {url} is outside the directories this mover may write "
+                       f"({', '.join(self.file_roots)})")
+        source = job.stager_path
+        if not os.path.exists(source):
+            return TransferResult(False, f"the staged copy {source} is missing")
+        os.makedirs(directory, exist_ok=True)
+        directory = os.path.realpath(directory)
+        if not under_roots(directory, self.file_roots):  # a link appeared while we looked
+            return TransferResult(False, f"destination {url} is outside the allowed directories")
+        name = os.path.basename(source.rstrip("/"))
+        final = os.path.join(directory, name)
+        if os.path.lexists(final):
+            if _owner(final) == job.job_id:
+                return _Delivered(0, 0, final, earlier=True)
+            if not self.overwrite:
+                return TransferResult(False, f"destination {final} already exists")
+        partial = os.path.join(directory, f".{name}.transferd-{job.job_id}")
+        _remove(partial)  # a copy a crash interrupted
+        try:
+            files, size = self._copy(source, partial, running)
+            _set_owner(partial, job.job_id)
+            if os.path.lexists(final) and (os.path.isdir(final) or os.path.isdir(partial)):
+                _remove(final)  # overwrite: rename replaces a file by a file only
+            os.rename(partial, final)
+        except BaseException:
+            _remove(partial)
+            raise
+        return _Delivered(files, size, final)
+
+    @staticmethod
+    def _copy(source, target, running):
+        """Copy the file or tree source to target, fsyncing files; return (files, bytes)."""
+        if not os.path.isdir(source):
+            return 1, LocalMover._copy_file(source, target, running)
+        files = size = 0
+        for directory, _subdirs, names in os.walk(source):
+            relative = os.path.relpath(directory, source)
+            os.makedirs(os.path.join(target, relative), exist_ok=True)
+            for filename in names:
+                size += LocalMover._copy_file(os.path.join(directory, filename),
+                                              os.path.join(target, relative, filename), running)
+                files += 1
+        return files, size
+
+    @staticmethod
+    def _copy_file(source, target, running):
+        size = 0
+        with open(source, "rb") as reader, open(target, "xb") as writer:
+            while chunk := reader.read(CHUNK):
+                running.check()
+                writer.write(chunk)
+                size += len(chunk)
+            writer.flush()
+            os.fsync(writer.fileno())
+        return size
+
+    async def _to_http(self, job, parts, running):
+        """PUT each file under the destination URL; MKCOL the collections first for davs."""
+        source = job.stager_path
+        name = os.path.basename(source.rstrip("/"))
+        parent = os.path.dirname(source.rstrip("/"))
+        recorded = [(f.path, f.size) for f in job.files()]
+        if any(not _safe_relative(path, name) for path, _ in recorded):
+            return TransferResult(False, f"the staged file list of job {job.job_id} names files outside "
+                                         f"the product {name!r}")
+        if not await threads.deferToThread(os.path.exists, source):
+            return TransferResult(False, f"the staged copy {source} is missing")
+        files = recorded or await threads.deferToThread(_walk, source)
+        scheme = "https" if parts.scheme.lower() == "davs" else parts.scheme.lower()
+        base = parts.path.rstrip("/")
+
+        def url(relative):
+            path = base + "/" + quote(relative, safe="/") if relative else base or "/"
+            return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+        if parts.scheme.lower() == "davs":
+            collections = {""}
+            for path, _ in files:
+                pieces = path.split("/")[:-1]
+                collections.update("/".join(pieces[:n]) for n in range(1, len(pieces) + 1))
+            for collection in sorted(collections, key=lambda c: (c.count("/") if c else -1, c)):
+                running.check()
+                target = url(collection) + ("/" if collection else "")
+                code, phrase = await self._request(running, "MKCOL", target)
+                if not (200 <= code < 300 or code == 405):  # 405: it exists already
+                    return self._refused("MKCOL", target, code, phrase)
+        total = 0
+        for path, _ in files:
+            running.check()
+            target = url(path)
+            try:
+                body = open(os.path.join(parent, path), "rb")
+            except FileNotFoundError:
+                return TransferResult(False, f"the staged file {os.path.join(parent, path)} is missing")
+            with body:
+                producer = FileBodyProducer(body)
+                code, phrase = await self._request(running, "PUT", target, data=producer,
+                                                   size=producer.length)
+                total += producer.length
+            if not 200 <= code < 300:
+                return self._refused("PUT", target, code, phrase)
+        return _Delivered(len(files), total, url(name))
+
+    async def _request(self, running, method, url, size=0, **kwargs):
+        """One whole request, answer read, within request_timeout + size / min_rate; (code, phrase)."""
+
+        async def whole():
+            response = await self.http.request(method, url, allow_redirects=False, **kwargs)
+            await response.content()  # always read the body: it frees the connection
+            return response.code, response.phrase.decode("latin-1", "replace")
+
+        def timed_out(result, timeout):
+            raise DestinationUnavailable(f"{method} {url} got no complete answer within {timeout:g}s")
+
+        request = defer.Deferred.fromCoroutine(whole())
+        limit = self.request_timeout + (size / self.min_rate if self.min_rate else 0)
+        request.addTimeout(limit, self.clock, onTimeoutCancel=timed_out)
+        running.request = request
+        try:
+            code, phrase = await request
+        finally:
+            running.request = None
+        if code >= 500 or code in RETRYABLE_STATUS:
+            raise DestinationUnavailable(f"{method} {url} answered HTTP {code} {phrase}")
+        return code, phrase
+
+    @staticmethod
+    def _refused(method, url, code, phrase):
+        if 300 <= code < 400:
+            reason = f"redirected (HTTP {code} {phrase}), which the local mover does not follow"
+        else:
+            reason = f"answered HTTP {code} {phrase}"
+            hint = HINTS.get((method, code)) or HINTS.get(code)
+            if hint:
+                reason += f" ({hint})"
+        return TransferResult(False, f"{method} {url} {reason}")

@@ -1,0 +1,1 @@
+"""Stagers: bring archived products from tape to disk (see transferd.interfaces.IStager)."""

@@ -1,0 +1,5 @@
+"""Fakes of the servers transferd talks to, speaking their real protocols over real HTTP.
+
+Shipped with the package so that tests (ours and other people's) and demos can
+run against them: see transferd.testing.webdav.
+"""
