@@ -32,9 +32,12 @@ ensure_venv() {
     say "installing transferd${extras} into .venv"
     "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
     # compat mode puts the checkout on sys.path, so twistd finds twisted/plugins/transferd_plugin.py
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT$extras" \
-        --config-settings editable_mode=compat 2>&1 | grep -v '^WARNING: Location' || true
-    "$VENV/bin/python" -c "import transferd" || { echo "transferd did not install" >&2; exit 1; }
+    if ! "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT$extras" \
+            --config-settings editable_mode=compat >"$VENV/pip-install.log" 2>&1; then
+        cat "$VENV/pip-install.log" >&2
+        echo "pip could not install transferd (log above, also in .venv/pip-install.log)" >&2
+        exit 1
+    fi
     # Regenerate Twisted's plugin cache so twistd finds 'transferd' at once.
     "$VENV/bin/python" -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 }

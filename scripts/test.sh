@@ -2,12 +2,19 @@
 # Run the whole test suite. Installs what it needs first: Debian packages
 # (MariaDB, RabbitMQ, the MariaDB client headers), the virtualenv and the
 # Python packages, and starts MariaDB and RabbitMQ when they are stopped.
-# Extra arguments go to pytest (e.g. scripts/test.sh tests/test_api.py -x).
+# With arguments, runs just pytest with them (e.g. scripts/test.sh tests/test_api.py -x).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 apt_install build-essential pkg-config libmariadb-dev python3-dev curl
 ensure_venv "[mysql,test]"
 ensure_mariadb
 ensure_rabbitmq
 cd "$ROOT"
-say "running the test suite"
-exec "$VENV/bin/python" -m pytest -n 2 -p no:cacheprovider "$@"
+if [ $# -gt 0 ]; then
+    exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
+fi
+# Two phases: everything that can share the machine runs in parallel; tests
+# marked serial (they stop RabbitMQ's app) run alone afterwards.
+say "running the test suite (parallel phase)"
+"$VENV/bin/python" -m pytest -n 2 -p no:cacheprovider -m "not serial"
+say "running the test suite (serial phase: broker restarts)"
+"$VENV/bin/python" -m pytest -p no:cacheprovider -m serial

@@ -31,6 +31,26 @@ def write_config(path, sections):
             handle.write("\n")
 
 
+def daemon_config(workdir, port, **overrides):
+    """Write workdir/transferd-<port>.ini: the embedded set-up under workdir, with per-section overrides.
+
+    workdir holds archive/, staging/, deliveries/ and jobs.sqlite; timers are
+    short so tests see re-drives within a second or two.
+    """
+    sections = {
+        "api": {"endpoint": f"tcp:{port}:interface=127.0.0.1", "public_url": f"http://127.0.0.1:{port}"},
+        "database": {"url": "sqlite:///" + os.path.join(workdir, "jobs.sqlite")},
+        "stager": {"archive_root": os.path.join(workdir, "archive"), "staging_root": os.path.join(workdir, "staging")},
+        "transfer": {"file_roots": os.path.join(workdir, "deliveries")},
+        "reconciler": {"interval": "0.5", "lease": "2"},
+    }
+    for section, values in overrides.items():
+        sections.setdefault(section, {}).update(values)
+    path = os.path.join(workdir, f"transferd-{port}.ini")
+    write_config(path, sections)
+    return path
+
+
 class Daemon:
     """One transferd process; start() waits until its API answers."""
 
@@ -125,5 +145,12 @@ class Daemon:
                     views[job_id] = yield self.status(job_id)
             return all(view["status"] in jobs.TERMINAL for view in views.values())
 
-        yield wait_for(all_done, timeout, interval=0.2)
+        try:
+            yield wait_for(all_done, timeout, interval=0.2)
+        except AssertionError:
+            stuck = [view for view in views.values() if view["status"] not in jobs.TERMINAL]
+            states = sorted({view["status"] for view in stuck})
+            raise AssertionError(
+                f"{len(stuck)} job(s) still in {states} after {timeout}s; first: {stuck[:1]}"
+            ) from None
         return views

@@ -70,3 +70,9 @@ class ConfigTests(unittest.TestCase):
         """Command-line overrides replace file values."""
         config = load_config(self.write("[api]\nendpoint = tcp:1\n"), {("api", "endpoint"): "tcp:2"})
         self.assertEqual(config.api.endpoint, "tcp:2")
+
+    def test_production_sample_loads(self):
+        """conf/transferd-production.ini is a valid configuration on MySQL and RabbitMQ."""
+        config = load_config(os.path.join(os.path.dirname(SAMPLE), "transferd-production.ini"))
+        self.assertTrue(config.database.url.startswith("mysql://"))
+        self.assertTrue(config.queue.url.startswith("amqp://"))

@@ -7,24 +7,8 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from transferd import jobs, sample
-from tests.daemon import Daemon, free_port, write_config
+from tests.daemon import Daemon, daemon_config, free_port
 from tests.support import wait_for
-
-
-def embedded_config(workdir, port, **overrides):
-    """A config for the embedded set-up under workdir, with per-section overrides."""
-    sections = {
-        "api": {"endpoint": f"tcp:{port}:interface=127.0.0.1", "public_url": f"http://127.0.0.1:{port}"},
-        "database": {"url": "sqlite:///" + os.path.join(workdir, "jobs.sqlite")},
-        "stager": {"archive_root": os.path.join(workdir, "archive"), "staging_root": os.path.join(workdir, "staging")},
-        "transfer": {"file_roots": os.path.join(workdir, "deliveries")},
-        "reconciler": {"interval": "0.5", "lease": "2"},
-    }
-    for section, values in overrides.items():
-        sections.setdefault(section, {}).update(values)
-    path = os.path.join(workdir, "transferd.ini")
-    write_config(path, sections)
-    return path
 
 
 class EmbeddedDaemonTests(unittest.TestCase):
@@ -39,7 +23,7 @@ class EmbeddedDaemonTests(unittest.TestCase):
     @defer.inlineCallbacks
     def start(self, **overrides):
         port = free_port()
-        daemon = Daemon(self.workdir, embedded_config(self.workdir, port, **overrides), port)
+        daemon = Daemon(self.workdir, daemon_config(self.workdir, port, **overrides), port)
         self.addCleanup(daemon.stop)
         yield daemon.start()
         return daemon

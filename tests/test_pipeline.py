@@ -217,3 +217,24 @@ class PipelineTests(unittest.TestCase):
         yield self.pipeline.cancel(job_id)
         self.assertEqual((yield self.status(job_id)), jobs.CANCELLED)
         self.assertEqual((self.stager.cancelled, self.stager.released), ([job_id], [job_id]))
+
+    @defer.inlineCallbacks
+    def test_unconfirmed_publish_holds_only_one_lease(self):
+        """A job whose message was never confirmed (the daemon died) is re-driven after one lease, not requeue_after."""
+        self.queue.publish = lambda queue, job_id: defer.Deferred()  # the broker never confirms
+        job = jobs.Job(job_id=jobs.new_job_id(), product_id="p", destination_path="file:///d")
+        defer.ensureDeferred(self.pipeline.submit(job))
+        yield wait_for(lambda: self.store.get(job.job_id))
+        del self.queue.publish
+        self.assertEqual((yield self.reconciler.run_once()), 0)
+        self.clock.advance(11)
+        self.assertEqual((yield self.reconciler.run_once()), 1)
+
+    @defer.inlineCallbacks
+    def test_confirmed_publish_extends_hold(self):
+        """Once the queue accepted a job's message, the reconciler leaves it alone for requeue_after."""
+        job_id = yield self.submitted()
+        self.clock.advance(11)
+        self.assertEqual((yield self.reconciler.run_once()), 0)
+        self.clock.advance(50)
+        self.assertEqual((yield self.reconciler.run_once()), 1)

@@ -89,25 +89,35 @@ class Pipeline(Service):
 
     async def submit(self, job):
         """Commit a new job, then publish it; a failed publish is left to the reconciler."""
-        await self.store.create(job, hold_for=self.requeue_after)
+        await self.store.create(job, hold_for=self.lease)
         self.log.info(
             "job {job_id} SUBMITTED: {product_id} -> {destination}",
             job_id=job.job_id, product_id=job.product_id, destination=job.destination_path,
         )
-        await self.publish(STAGING_QUEUE, job.job_id)
+        await self.publish(STAGING_QUEUE, job.job_id, jobs.SUBMITTED)
 
-    async def publish(self, queue, job_id):
-        """Publish a QUEUED job; when that fails, drop the QUEUED hold so the reconciler retries soon."""
+    async def publish(self, queue, job_id, status):
+        """Publish a job the caller has just marked QUEUED for one lease.
+
+        Only once the queue has accepted the message is the QUEUED hold
+        extended to requeue_after: a crash before that leaves a short hold,
+        and the reconciler publishes the job again soon after.  When
+        publishing fails the hold is dropped at once.
+        """
         try:
             await self.queue.publish(queue, job_id)
-            return True
         except Exception as error:
             self.log.warn(
                 "job {job_id}: not queued for {queue} ({error}); the reconciler will retry",
                 job_id=job_id, queue=queue, error=error,
             )
-        await self._best_effort("drop the queued hold", self.store.release, job_id, jobs.QUEUED)
-        return False
+            await self._best_effort("drop the queued hold", self.store.release, job_id, jobs.QUEUED)
+            return False
+        # Fails harmlessly when a worker has already claimed the job.
+        await self._best_effort(
+            "extend the queued hold", self.store.claim, job_id, status, jobs.QUEUED, self.requeue_after
+        )
+        return True
 
     # -- staging ----------------------------------------------------------
 
@@ -159,10 +169,10 @@ class Pipeline(Service):
                 "staged_files": json.dumps([f.to_dict() for f in result.files]) if result.files else None,
             }
             done = await self.store.transition(
-                job.job_id, jobs.STAGING, jobs.STAGED, fields, hold_for=self.requeue_after, owner=jobs.QUEUED
+                job.job_id, jobs.STAGING, jobs.STAGED, fields, hold_for=self.lease, owner=jobs.QUEUED
             )
             if done:
-                await self.publish(TRANSFER_QUEUE, job.job_id)
+                await self.publish(TRANSFER_QUEUE, job.job_id, jobs.STAGED)
             else:
                 await self._release_staged(job)
             return done
@@ -292,10 +302,10 @@ class Reconciler:
         count = 0
         for job in stuck:
             # Mark it QUEUED so later passes leave it alone while its message is on the way.
-            if not await self.store.claim(job.job_id, job.status, jobs.QUEUED, self.pipeline.requeue_after):
+            if not await self.store.claim(job.job_id, job.status, jobs.QUEUED, self.pipeline.lease):
                 continue
             queue = STAGING_QUEUE if job.status in (jobs.SUBMITTED, jobs.STAGING) else TRANSFER_QUEUE
-            if await self.pipeline.publish(queue, job.job_id):
+            if await self.pipeline.publish(queue, job.job_id, job.status):
                 count += 1
         if count:
             self.log.info("reconciler re-drove {count} job(s)", count=count)

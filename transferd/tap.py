@@ -120,6 +120,9 @@ class TransferdService(service.MultiService):
         queue = open_queue(config.queue.url, reactor, max_deliveries=config.queue.max_deliveries)
         return cls(config, reactor, store, queue, build_stager(config, reactor), build_mover(config, reactor))
 
+    def privilegedStartService(self):
+        """Listen only once the schema is ready (startService), never before."""
+
     def startService(self):
         # Children start only once the schema is known to be right.
         service.Service.startService(self)

@@ -1,0 +1,182 @@
+"""Fault tests: 200 jobs in flight through real daemons on MariaDB and RabbitMQ.
+
+Each test breaks something mid-run (the broker, the database connections, the
+daemon itself, or shares the work between two daemons), then checks that
+every job ends SUCCESS and every product was delivered exactly once, by
+counting the mover's "delivered" log lines across every daemon run.
+"""
+
+import filecmp
+import os
+import re
+
+import pytest
+from twisted.internet import defer, reactor, task
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+
+from transferd import jobs
+from tests import mysql_support
+from tests.amqp_support import TestBroker, with_options
+from tests.daemon import Daemon, daemon_config, free_port
+from tests.support import wait_for
+
+JOBS = 200
+PRODUCTS = 10
+
+
+class FaultTestCase(unittest.TestCase):
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.workdir = os.path.abspath(self.mktemp())
+        self.archive = os.path.join(self.workdir, "archive")
+        self.deliveries = os.path.join(self.workdir, "deliveries")
+        os.makedirs(self.archive)
+        os.makedirs(self.deliveries)
+        for i in range(PRODUCTS):
+            with open(os.path.join(self.archive, f"product-{i}"), "wb") as handle:
+                handle.write(os.urandom(2048))
+        self.database_url = mysql_support.fresh_database(self)
+        self.broker = TestBroker(self)
+        yield self.broker.check()
+        self.queue_url = with_options(self.broker.url, prefix=self.broker.prefix)
+        self.daemons = []
+
+    @defer.inlineCallbacks
+    def start_daemon(self, name="transferd", **overrides):
+        port = free_port()
+        sections = {
+            "database": {"url": self.database_url},
+            "queue": {"url": self.queue_url, "prefetch": "8"},
+            "stager": {"delay": "0.05"},
+        }
+        for section, values in overrides.items():
+            sections.setdefault(section, {}).update(values)
+        daemon = Daemon(self.workdir, daemon_config(self.workdir, port, **sections), port, name=name)
+        self.addCleanup(daemon.stop)
+        yield daemon.start()
+        self.daemons.append(daemon)
+        return daemon
+
+    @defer.inlineCallbacks
+    def submit_all(self, daemons, count=JOBS, offset=0):
+        """Submit count jobs, 16 at a time, spread over daemons; each job gets its own destination."""
+        semaphore = defer.DeferredSemaphore(16)
+        job_ids = {}
+
+        def one(n):
+            daemon = daemons[n % len(daemons)]
+            destination = f"file://{self.deliveries}/{n}"
+            d = daemon.submit(f"product-{n % PRODUCTS}", destination)
+            return d.addCallback(lambda job_id: job_ids.__setitem__(job_id, n))
+
+        yield defer.gatherResults([semaphore.run(one, n) for n in range(offset, offset + count)], consumeErrors=True)
+        return job_ids
+
+    @defer.inlineCallbacks
+    def successes(self, daemon, job_ids):
+        views = yield daemon.wait_terminal(list(job_ids), timeout=120)
+        return sum(view["status"] == jobs.SUCCESS for view in views.values())
+
+    @defer.inlineCallbacks
+    def wait_until_some_done(self, daemon, job_ids, fraction=0.2):
+        """Wait until a fraction of the jobs succeeded, so the fault lands mid-run."""
+        sample = list(job_ids)[: max(1, len(job_ids) // 5)]
+
+        @defer.inlineCallbacks
+        def progressed():
+            done = 0
+            for job_id in sample:
+                done += (yield daemon.status(job_id))["status"] == jobs.SUCCESS
+            return done >= fraction * len(sample)
+
+        yield wait_for(progressed, 60, interval=0.05)
+
+    @defer.inlineCallbacks
+    def assertAllDeliveredOnce(self, daemon, job_ids):
+        views = yield daemon.wait_terminal(list(job_ids), timeout=120)
+        failed = {job_id: view for job_id, view in views.items() if view["status"] != jobs.SUCCESS}
+        self.assertEqual(failed, {}, f"{len(failed)} job(s) did not succeed")
+        logs = "\n".join(d.logs() for d in self.daemons)
+        delivered = re.findall(r"job ([0-9a-f-]{36}): delivered", logs)
+        counts = {job_id: delivered.count(job_id) for job_id in job_ids}
+        self.assertEqual({job_id: n for job_id, n in counts.items() if n != 1}, {}, "delivered more or less than once")
+        for job_id, n in job_ids.items():
+            delivered_file = os.path.join(self.deliveries, str(n), f"product-{n % PRODUCTS}")
+            self.assertTrue(filecmp.cmp(os.path.join(self.archive, f"product-{n % PRODUCTS}"), delivered_file, shallow=False))
+        return logs
+
+
+class DatabaseAndDaemonFaultTests(FaultTestCase):
+    @defer.inlineCallbacks
+    def test_killed_database_connections(self):
+        """KILLing the daemon's MariaDB connections mid-run, three times, loses and repeats nothing."""
+        daemon = yield self.start_daemon()
+        job_ids = yield self.submit_all([daemon])
+        yield self.wait_until_some_done(daemon, job_ids)
+        database = mysql_support.database_name(self.database_url)
+        killed = 0
+        for _ in range(3):
+            rows = mysql_support.execute(
+                "SELECT id FROM information_schema.processlist WHERE db = %s", (database,)
+            )
+            ids = [row[0] for row in rows]
+            mysql_support.kill_connections(ids)
+            killed += len(ids)
+            yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertGreater(killed, 0)
+        yield self.assertAllDeliveredOnce(daemon, job_ids)
+
+    @defer.inlineCallbacks
+    def test_kill_9_and_restart(self):
+        """kill -9 of the daemon mid-run, then a restart: every job succeeds, delivered once."""
+        daemon = yield self.start_daemon()
+        job_ids = yield self.submit_all([daemon])
+        yield self.wait_until_some_done(daemon, job_ids)
+        daemon.kill()
+        yield daemon.start()
+        yield self.assertAllDeliveredOnce(daemon, job_ids)
+
+    @defer.inlineCallbacks
+    def test_two_daemons_share_one_stream(self):
+        """Two daemons on one database and one broker share the jobs; no job is staged or delivered twice."""
+        first = yield self.start_daemon(name="first")
+        second = yield self.start_daemon(name="second")
+        job_ids = yield self.submit_all([first, second])
+        logs = yield self.assertAllDeliveredOnce(first, job_ids)
+        staged = re.findall(r"job ([0-9a-f-]{36}) STAGING -> STAGED", logs)
+        self.assertEqual(len(staged), len(job_ids))
+        self.assertEqual(set(staged), set(job_ids))
+        for daemon in (first, second):
+            self.assertIn("STAGING -> STAGED", daemon.logs(), "one daemon did all the work")
+
+
+@pytest.mark.serial
+class BrokerRestartTests(FaultTestCase):
+    """Stops the whole RabbitMQ node's app: runs alone (scripts/test.sh's serial phase)."""
+
+    @defer.inlineCallbacks
+    def rabbitmqctl(self, *args):
+        out, err, code = yield getProcessOutputAndValue("rabbitmqctl", args, env=os.environ)
+        self.assertEqual(code, 0, err)
+
+    @defer.inlineCallbacks
+    def test_broker_stopped_and_started_mid_run(self):
+        """With RabbitMQ's app stopped mid-run, submissions and status still answer; after start_app every job succeeds once."""
+        daemon = yield self.start_daemon()
+        job_ids = yield self.submit_all([daemon])
+        yield self.wait_until_some_done(daemon, job_ids)
+        yield self.rabbitmqctl("stop_app")
+        try:
+            during = yield self.submit_all([daemon], count=20, offset=JOBS)
+            status = yield daemon.status(next(iter(during)))
+            self.assertEqual(status["status"], jobs.SUBMITTED)
+        finally:
+            yield self.rabbitmqctl("start_app")
+        job_ids.update(during)
+        yield self.assertAllDeliveredOnce(daemon, job_ids)
+        log = daemon.logs()
+        self.assertIn("went away", log)
+        self.assertIn("is back", log)
