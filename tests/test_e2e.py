@@ -60,6 +60,17 @@ class EmbeddedDaemonTests(unittest.TestCase):
             self.assertIn(f"job {job_id} TRANSFERRING -> SUCCESS", log)
 
     @defer.inlineCallbacks
+    def test_sighup_does_not_stop_the_daemon(self):
+        """SIGHUP is logged and ignored: the daemon keeps answering."""
+        import signal
+
+        daemon = yield self.start()
+        daemon.process.send_signal(signal.SIGHUP)
+        yield wait_for(lambda: "SIGHUP ignored" in daemon.logs(), 10)
+        self.assertIsNone(daemon.process.poll())
+        yield daemon.submit("sample-001", "file://" + self.deliveries)
+
+    @defer.inlineCallbacks
     def test_kill_9_mid_flight_loses_nothing(self):
         """After kill -9 with jobs STAGING and TRANSFERRING, a restart brings every job to SUCCESS, delivered once."""
         for i in range(12):
@@ -88,3 +99,65 @@ class EmbeddedDaemonTests(unittest.TestCase):
         for i, job_id in enumerate(job_ids):
             self.assertDelivered(f"product-{i:02d}")
             self.assertEqual(log.count(f"job {job_id}: delivered"), 1, job_id)
+
+
+class StartupRefusalTests(unittest.TestCase):
+    """The daemon refuses to start, with a message naming the problem, and exits non-zero."""
+
+    def run_twistd(self, config_text, setup=None):
+        import subprocess
+
+        from tests.daemon import TWISTD
+
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(workdir, "archive"))
+        if setup:
+            setup(workdir)
+        path = os.path.join(workdir, "transferd.ini")
+        with open(path, "w") as handle:
+            handle.write(config_text.format(workdir=workdir, port=free_port()))
+        result = subprocess.run(
+            [TWISTD, "--pidfile=", "-n", "--logfile=-", "transferd", "--config", path],
+            cwd=workdir, capture_output=True, text=True, timeout=60,
+        )
+        return result.returncode, result.stdout + result.stderr
+
+    base = (
+        "[api]\nendpoint = tcp:{port}:interface=127.0.0.1\n"
+        "[database]\nurl = sqlite:///{workdir}/jobs.sqlite\n"
+        "[stager]\narchive_root = {workdir}/archive\nstaging_root = {workdir}/staging\n"
+    )
+
+    def test_unknown_key(self):
+        """An unknown key is named and the exit status is non-zero."""
+        code, output = self.run_twistd(self.base + "[transfer]\nfile_root = /tmp\n")
+        self.assertNotEqual(code, 0)
+        self.assertIn("unknown key [transfer] file_root", output)
+
+    def test_bad_value(self):
+        """A bad value is named with the reason."""
+        code, output = self.run_twistd(self.base + "[queue]\nprefetch = many\n")
+        self.assertNotEqual(code, 0)
+        self.assertIn("bad value for [queue] prefetch", output)
+
+    def test_schema_too_new(self):
+        """A database migrated by a newer transferd stops start-up with a clear message."""
+        import sqlite3
+
+        def newer_schema(workdir):
+            connection = sqlite3.connect(os.path.join(workdir, "jobs.sqlite"))
+            connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            connection.execute("INSERT INTO schema_version VALUES (999)")
+            connection.commit()
+            connection.close()
+
+        code, output = self.run_twistd(self.base, setup=newer_schema)
+        self.assertEqual(code, 1, output)
+        self.assertIn("schema is version 999", output)
+        self.assertIn("upgrade transferd", output)
+
+    def test_scheme_the_mover_cannot_write(self):
+        """Allowing a scheme the configured mover cannot write is refused at start."""
+        code, output = self.run_twistd(self.base + "[transfer]\nallowed_schemes = file, gsiftp\n")
+        self.assertNotEqual(code, 0)
+        self.assertIn("gsiftp", output)

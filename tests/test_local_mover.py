@@ -13,13 +13,8 @@ from tests.contract_stager import DIR_CONTENT, DIR_PRODUCT, FILE_CONTENT, FILE_P
 from tests.support import wait_for
 
 
-class LocalMoverContractTests(MoverContract, unittest.TestCase):
-    def make_mover(self, file_roots):
-        return LocalMover(file_roots)
-
-
-class LocalMoverFileTests(MoverContract, unittest.TestCase):
-    """file:// delivery details: ownership marks, counting, leftovers, overwrite, links."""
+class LocalMoverTests(MoverContract, unittest.TestCase):
+    """The contract, plus file:// details: ownership marks, counting, leftovers, overwrite, links."""
 
     def make_mover(self, file_roots):
         mover = LocalMover(file_roots)

@@ -68,7 +68,12 @@ def utc_from_seconds(seconds: float) -> datetime:
 
 @dataclasses.dataclass(frozen=True)
 class StagedFile:
-    """One file of a staged product, relative to the staged path."""
+    """One file of a staged product.
+
+    path is relative to the directory holding the staged product, so it
+    starts with the product's name: "prod" for a single file, "prod/sub/a"
+    inside a directory product.  Destinations join it the same way.
+    """
 
     path: str
     size: Optional[int] = None
@@ -86,7 +91,7 @@ class StageResult:
     msg: str = ""
     staged_to: Optional[str] = None  # host the product was staged to
     path: Optional[str] = None  # where, on that host
-    files: tuple = ()  # of StagedFile; empty for a single-file product
+    files: tuple = ()  # of StagedFile, when the stager reports them
 
 
 @dataclasses.dataclass(frozen=True)

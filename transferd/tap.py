@@ -1,6 +1,8 @@
 """twistd entry point: `twistd -n transferd [--config FILE] [--endpoint SPEC]`."""
 
 import os
+import signal
+import sys
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -78,6 +80,12 @@ def build_mover(config, clock):
     return mover
 
 
+def _exit_failed():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
 class TransferdService(service.MultiService):
     """The whole daemon: migrates the store, then starts queue, workers, API and timers."""
 
@@ -126,9 +134,16 @@ class TransferdService(service.MultiService):
     def startService(self):
         # Children start only once the schema is known to be right.
         service.Service.startService(self)
+        signal.signal(signal.SIGHUP, self._sighup)
         d = self.store.migrate()
         d.addCallback(lambda _: self._start_children())
         d.addCallbacks(self.ready.callback, self._failed_to_start)
+
+    def _sighup(self, signum, frame):
+        """SIGHUP would kill the daemon by default (a closed terminal, a careless reload)."""
+        self.reactor.callFromThread(
+            self.log.info, "SIGHUP ignored: restart transferd to apply configuration changes"
+        )
 
     def _start_children(self):
         self._children_started = True
@@ -138,8 +153,10 @@ class TransferdService(service.MultiService):
         self.log.info("transferd started")
 
     def _failed_to_start(self, failure):
+        """Log why, then stop; twistd itself would exit 0, so exit 1 once the reactor has stopped."""
         self.log.critical("transferd cannot start: {error}", error=failure.getErrorMessage())
         if self.reactor.running:
+            self.reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
             self.reactor.stop()
 
     @defer.inlineCallbacks
