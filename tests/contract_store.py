@@ -75,7 +75,8 @@ class JobStoreContract:
         job = yield self._submitted()
         self.clock.advance(5)
         changed = yield self.store.transition(
-            job.job_id, jobs.SUBMITTED, jobs.STAGING, {"stager_callback": "ab" * 32, "stage_attempts": 1}
+            job.job_id, jobs.SUBMITTED, jobs.STAGING,
+            {"stager_callback": "ab" * 32, "stage_attempts": 1, "stager_request": "tape-req-1"},
         )
         self.assertTrue(changed)
         got = yield self.store.get(job.job_id)
@@ -83,6 +84,7 @@ class JobStoreContract:
         self.assertEqual(got.time_staging.timestamp(), self.clock.seconds())
         self.assertEqual(got.stager_callback, "ab" * 32)
         self.assertEqual(got.stage_attempts, 1)
+        self.assertEqual(got.stager_request, "tape-req-1")
 
     @defer.inlineCallbacks
     def test_transition_is_compare_and_set(self):

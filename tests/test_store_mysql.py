@@ -19,6 +19,8 @@ from transferd.store import open_store
 from transferd.store.mysql import DatabaseUnavailable, MySQLJobStore, connection_options
 from transferd.store.sql import SchemaTooNew
 
+CURRENT = len(MySQLJobStore.migrations)  # the newest schema version
+
 PROTOTYPE_SCHEMA = os.path.join(os.path.dirname(__file__), os.pardir, "legacy", "prototype_schema.sql")
 
 
@@ -86,7 +88,7 @@ class SchemaTests(StoreFixture, unittest.TestCase):
         store = open_store(self.fresh_url(), task.Clock())
         self.addCleanup(store.close)
         self.assertIsInstance(store, MySQLJobStore)
-        self.assertEqual(await store.migrate(), 1)
+        self.assertEqual(await store.migrate(), CURRENT)
 
     async def test_schema_too_new(self):
         """When the database was migrated by a newer transferd, migrate() fails with SchemaTooNew and changes nothing."""
@@ -103,8 +105,8 @@ class SchemaTests(StoreFixture, unittest.TestCase):
         """When several daemons start at once on a fresh database, each migrates it without error, once."""
         self.fresh_url()
         versions = await defer.gatherResults([self.open().migrate() for _ in range(6)])
-        self.assertEqual(versions, [1] * 6)
-        self.assertEqual(self.sql("SELECT version FROM schema_version"), ((1,),))
+        self.assertEqual(versions, [CURRENT] * 6)
+        self.assertEqual(self.sql("SELECT version FROM schema_version"), ((CURRENT,),))
 
     async def test_foreign_jobs_table_untouched(self):
         """When the database has a jobs table that is not the prototype's, migrate() refuses to alter it."""
@@ -157,7 +159,7 @@ class PrototypeUpgradeTests(StoreFixture, unittest.TestCase):
         self.prototype_database()
         store = self.open()
         self.assertEqual(await store.schema_version(), 0)
-        self.assertEqual(await store.migrate(), 1)
+        self.assertEqual(await store.migrate(), CURRENT)
 
         old = await store.get(self.transferring_id)
         self.assertEqual(
@@ -190,7 +192,7 @@ class PrototypeUpgradeTests(StoreFixture, unittest.TestCase):
         self.assertSchemaUpgraded()
 
         before = [await store.get(self.transferring_id), await store.get(self.success_id)]
-        self.assertEqual(await store.migrate(), 1)
+        self.assertEqual(await store.migrate(), CURRENT)
         self.assertEqual([await store.get(self.transferring_id), await store.get(self.success_id)], before)
 
     async def test_interrupted_upgrade_completes(self):
@@ -211,7 +213,7 @@ class PrototypeUpgradeTests(StoreFixture, unittest.TestCase):
         finally:
             connection.close()
         store = self.open()
-        self.assertEqual(await store.migrate(), 1)
+        self.assertEqual(await store.migrate(), CURRENT)
         lax = await store.get("1d2c3b4a-0000-4000-8000-000000000003")
         self.assertEqual((lax.status, lax.detailed_status, lax.time_error), (jobs.ERROR, "lost", None))
         self.assertEqual((await store.get(self.transferring_id)).product_id, "caf\u00e9-001")
@@ -304,7 +306,7 @@ class LostConnectionTests(StoreFixture, unittest.TestCase):
     async def test_migrate_after_kill(self):
         """When the pooled connections were KILLed, migrate() (safe to re-run) retries and succeeds."""
         mysql_support.kill_connections(await self.pool_connection_ids())
-        self.assertEqual(await self.store.migrate(), 1)
+        self.assertEqual(await self.store.migrate(), CURRENT)
         self.assertIsNotNone(await self.store.get(self.job.job_id))
 
     async def run_killed(self, idempotent):

@@ -69,6 +69,31 @@ def _path_list(text):
     return tuple(items)
 
 
+def _optional_text(text):
+    """Text, or None when left empty (an optional setting)."""
+    return text.strip() or None
+
+
+def _optional_url(*schemes):
+    check = _url(*schemes)
+    return lambda text: check(text) if text.strip() else None
+
+
+def _boolean(text):
+    value = {"true": True, "yes": True, "on": True, "1": True,
+             "false": False, "no": False, "off": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise ValueError("must be true or false")
+    return value
+
+
+def _whole_number(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a whole number, zero or more")
+    return value
+
+
 def _choice(*choices):
     def parse(text):
         text = text.strip()
@@ -95,17 +120,44 @@ SCHEMA = {
         "max_deliveries": (_positive_int, "5"),
     },
     "stager": {
-        "backend": (_choice("local"), "local"),
+        "backend": (_choice("local", "callback", "taperest"), "local"),
         "archive_root": (_text, "transferd-data/archive"),
         "staging_root": (_text, "transferd-data/staging"),
         "delay": (_non_negative_float, "0"),
         "timeout": (_positive_float, "3600"),
         "max_attempts": (_positive_int, "3"),
+        "url": (_optional_url("http", "https"), ""),
+        "retry_delay": (_positive_float, "2"),
+        "bulk_size": (_positive_int, "100"),
+        "poll_interval": (_positive_float, "30"),
+        "token_file": (_optional_text, ""),
+        "cert": (_optional_text, ""),
+        "key": (_optional_text, ""),
+        "ca_path": (_optional_text, ""),
     },
     "transfer": {
-        "backend": (_choice("local"), "local"),
+        "backend": (_choice("local", "fts"), "local"),
         "allowed_schemes": (_word_list, "file, http, https, davs"),
         "file_roots": (_path_list, "/tmp/deliveries"),
+    },
+    "fts": {
+        "endpoint": (_optional_url("https", "http"), ""),
+        "auth": (_choice("x509", "token"), "x509"),
+        "cert": (_optional_text, ""),
+        "key": (_optional_text, ""),
+        "proxy": (_optional_text, ""),
+        "token_file": (_optional_text, ""),
+        "ca_path": (_optional_text, ""),
+        "vo": (_optional_text, ""),
+        "source_template": (_text, "gsiftp://{staged_to}{path}"),
+        "poll_interval": (_positive_float, "30"),
+        "bulk_size": (_positive_int, "100"),
+        "transfer_timeout": (_positive_float, "86400"),
+        "verify_checksum": (_choice("both", "source", "target", "none"), "both"),
+        "overwrite": (_boolean, "false"),
+        "retry": (_whole_number, "0"),
+        "priority": (_choice("1", "2", "3", "4", "5"), "3"),
+        "delegation_min_lifetime": (_positive_float, "21600"),
     },
     "reconciler": {
         "interval": (_positive_float, "30"),

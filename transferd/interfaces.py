@@ -85,6 +85,14 @@ class IJobQueue(Interface):
     on_dead_letter = Attribute("callable(queue, job_id, reason) -> Deferred, or None")
 
 
+# Backend modules (transferd.stagers.*, transferd.movers.*) provide
+# from_config(config, clock, store) building the stager or mover from the
+# configuration.  A stager or mover that needs timers of its own (pollers)
+# may also have services(pipeline) returning IService objects; the daemon
+# starts them with everything else, and they report outcomes through
+# pipeline.staging_done(job, result) / pipeline.transfer_done(job, result).
+
+
 class IStager(Interface):
     """Brings a product from the archive (tape) to disk."""
 

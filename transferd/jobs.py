@@ -128,6 +128,7 @@ class Job:
     stager_hostname: Optional[str] = None
     stager_status: Optional[str] = None
     staged_files: Optional[str] = None  # JSON list of StagedFile dicts
+    stager_request: Optional[str] = None  # the stager's own id for the staging request (Tape REST)
     stage_attempts: int = 0
     lease_owner: Optional[str] = None
     lease_until: Optional[float] = None  # epoch seconds

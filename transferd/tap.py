@@ -1,5 +1,6 @@
 """twistd entry point: `twistd -n transferd [--config FILE] [--endpoint SPEC]`."""
 
+import importlib
 import os
 import signal
 import sys
@@ -50,27 +51,24 @@ def makeService(options):
         raise SystemExit(f"transferd: {error}") from None
 
 
-def build_stager(config, clock):
-    from transferd.stagers.local import LocalStager
-
-    section = config.stager
-    os.makedirs(section.staging_root, exist_ok=True)
-    if not os.path.isdir(section.archive_root):
-        raise ConfigError(f"[stager] archive_root {section.archive_root!r} is not a directory")
-    return LocalStager(
-        archive_root=os.path.abspath(section.archive_root),
-        staging_root=os.path.abspath(section.staging_root),
-        delay=section.delay,
-        timeout=section.timeout,
-        max_attempts=section.max_attempts,
-        clock=clock,
-    )
+# Backend name -> module providing from_config(config, clock, store).
+STAGERS = {
+    "local": "transferd.stagers.local",
+    "callback": "transferd.stagers.callback",
+    "taperest": "transferd.stagers.taperest",
+}
+MOVERS = {
+    "local": "transferd.movers.local",
+    "fts": "transferd.movers.fts",
+}
 
 
-def build_mover(config, clock):
-    from transferd.movers.local import LocalMover
+def build_stager(config, clock, store):
+    return importlib.import_module(STAGERS[config.stager.backend]).from_config(config, clock, store)
 
-    mover = LocalMover(file_roots=config.transfer.file_roots, clock=clock)
+
+def build_mover(config, clock, store):
+    mover = importlib.import_module(MOVERS[config.transfer.backend]).from_config(config, clock, store)
     unsupported = set(config.transfer.allowed_schemes) - mover.schemes
     if unsupported:
         raise ConfigError(
@@ -119,6 +117,10 @@ class TransferdService(service.MultiService):
         self.reconcile_timer.clock = reactor
         for child in (queue, self.pipeline, self.http, self.reconcile_timer):
             child.setServiceParent(self)
+        # Backends that poll (Tape REST, FTS3) bring their own timers.
+        for backend in (stager, mover):
+            for child in getattr(backend, "services", lambda pipeline: [])(self.pipeline):
+                child.setServiceParent(self)
         self.ready = defer.Deferred()  # fires once everything is started
         self._children_started = False
 
@@ -126,7 +128,9 @@ class TransferdService(service.MultiService):
     def from_config(cls, config, reactor):
         store = open_store(config.database.url, reactor)
         queue = open_queue(config.queue.url, reactor, max_deliveries=config.queue.max_deliveries)
-        return cls(config, reactor, store, queue, build_stager(config, reactor), build_mover(config, reactor))
+        stager = build_stager(config, reactor, store)
+        mover = build_mover(config, reactor, store)
+        return cls(config, reactor, store, queue, stager, mover)
 
     def privilegedStartService(self):
         """Listen only once the schema is ready (startService), never before."""

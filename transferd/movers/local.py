@@ -346,3 +346,8 @@ class LocalMover:
             if hint:
                 reason += f" ({hint})"
         return TransferResult(False, f"{method} {url} {reason}")
+
+
+def from_config(config, clock, store):
+    """The local mover from [transfer]."""
+    return LocalMover(file_roots=config.transfer.file_roots, clock=clock)

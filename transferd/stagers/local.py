@@ -201,3 +201,21 @@ class LocalStager:
                                                       job_id=job.job_id, path=job_dir))
         return d
 
+
+
+def from_config(config, clock, store):
+    """The local stager from [stager]: archive_root must exist; staging_root is created."""
+    from transferd.config import ConfigError
+
+    section = config.stager
+    os.makedirs(section.staging_root, exist_ok=True)
+    if not os.path.isdir(section.archive_root):
+        raise ConfigError(f"[stager] archive_root {section.archive_root!r} is not a directory")
+    return LocalStager(
+        archive_root=os.path.abspath(section.archive_root),
+        staging_root=os.path.abspath(section.staging_root),
+        delay=section.delay,
+        timeout=section.timeout,
+        max_attempts=section.max_attempts,
+        clock=clock,
+    )

@@ -309,6 +309,12 @@ def _ensure_jobs_table(cursor):
     cursor.execute("UPDATE jobs SET stager_callback = NULL WHERE CHAR_LENGTH(stager_callback) <> 64")
 
 
+def _add_stager_request(cursor):
+    """Migration 2: the stager's own request id (WLCG Tape REST), kept so polling resumes after a restart."""
+    if "stager_request" not in _columns(cursor, "jobs"):
+        cursor.execute("ALTER TABLE jobs ADD COLUMN stager_request VARCHAR(255) AFTER staged_files")
+
+
 class MySQLJobStore(SQLJobStore):
     """The JobStore on MySQL/MariaDB, shared by every transferd instance."""
 
@@ -316,6 +322,7 @@ class MySQLJobStore(SQLJobStore):
     placeholder = "%s"
     migrations = [
         [SCHEMA_VERSION_TABLE, _ensure_jobs_table],
+        [_add_stager_request],
     ]
     # Seconds to wait before each retry of an operation whose connection was
     # lost; when they are used up the operation fails with DatabaseUnavailable.

@@ -51,6 +51,7 @@ class SQLiteJobStore(SQLJobStore):
             JOBS_TABLE,
             "CREATE INDEX jobs_status_lease ON jobs (status, lease_until)",
         ],
+        ["ALTER TABLE jobs ADD COLUMN stager_request VARCHAR(255)"],
     ]
 
     @classmethod
