@@ -254,3 +254,25 @@ class JobStoreContract:
         got = yield self.store.get(job.job_id)
         self.assertEqual((got.lease_owner, got.lease_until), ("w", self.clock.seconds() + 30))
         self.assertFalse((yield self.store.claim(job.job_id, jobs.STAGING, "x", 30)))
+
+    @defer.inlineCallbacks
+    def test_claim_batch_shares_jobs_between_pollers(self):
+        """Pollers claiming batches at once never get the same job; a job comes back once its poll lease expires."""
+        ids = []
+        for _ in range(6):
+            job = yield self._submitted()
+            yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING,
+                                        {"stager_request": "r" if len(ids) < 5 else None})
+            ids.append(job.job_id)
+        batches = yield defer.gatherResults(
+            [self.store.claim_batch(jobs.STAGING, f"poller-{i}", 30, 2, having="stager_request") for i in range(4)]
+        )
+        taken = [job.job_id for batch in batches for job in batch]
+        self.assertEqual(sorted(taken), sorted(ids[:5]))
+        self.assertTrue(all(len(batch) <= 2 for batch in batches))
+        self.assertEqual((yield self.store.claim_batch(jobs.STAGING, "late", 30, 10, having="stager_request")), [])
+        self.clock.advance(31)
+        again = yield self.store.claim_batch(jobs.STAGING, "next", 30, 10)
+        self.assertEqual(sorted(j.job_id for j in again), sorted(ids))
+        self.assertTrue(all(j.poll_owner == "next" for j in again))
+        self.assertNotIn("poll_owner", again[0].public_view())

@@ -124,7 +124,7 @@ class PipelineTests(unittest.TestCase):
         yield self.pipeline.stage(job_id)
         job = yield self.store.get(job_id)
         self.assertEqual(job.status, jobs.ERROR)
-        self.assertIn("after 2 attempts", job.detailed_status)
+        self.assertIn("staging timed out after 2 attempt(s)", job.detailed_status)
 
     @defer.inlineCallbacks
     def test_duplicate_message_does_not_stage_twice(self):

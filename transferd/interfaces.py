@@ -59,6 +59,15 @@ class IJobStore(Interface):
         in-process queue).
         """
 
+    def claim_batch(status, owner, hold_for, limit, having=None):
+        """Take up to limit jobs in status for one polling cycle (least recently polled first).
+
+        A poller's lease is separate from the workers' lease: a job claimed
+        here is polled by this owner only until now + hold_for, so several
+        daemons polling at once each poll different jobs.  having names a
+        column that must be set (e.g. fts_jobid).  Fires with the Jobs taken.
+        """
+
     def close():
         """Release connections; fires when done."""
 

@@ -109,8 +109,8 @@ class TransferResult:
 QUEUED = "queued"
 
 # Columns the API never shows: the stager's callback code hash and the
-# workers' lease bookkeeping.
-HIDDEN_FIELDS = frozenset({"stager_callback", "lease_owner", "lease_until"})
+# workers' and pollers' lease bookkeeping.
+HIDDEN_FIELDS = frozenset({"stager_callback", "lease_owner", "lease_until", "poll_owner", "poll_until"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +129,8 @@ class Job:
     stager_status: Optional[str] = None
     staged_files: Optional[str] = None  # JSON list of StagedFile dicts
     stager_request: Optional[str] = None  # the stager's own id for the staging request (Tape REST)
+    poll_owner: Optional[str] = None  # which poller polls the job this cycle
+    poll_until: Optional[float] = None  # epoch seconds
     stage_attempts: int = 0
     lease_owner: Optional[str] = None
     lease_until: Optional[float] = None  # epoch seconds

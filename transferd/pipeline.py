@@ -135,8 +135,8 @@ class Pipeline(Service):
         if attempt > self.stager.max_attempts:
             await self.store.transition(
                 job.job_id, job.status, jobs.ERROR,
-                {"detailed_status": f"staging did not complete after {job.stage_attempts} attempts "
-                                    f"(timeout {self.stager.timeout:g}s each)"},
+                {"detailed_status": f"staging timed out after {job.stage_attempts} attempt(s) "
+                                    f"of {self.stager.timeout:g}s each"},
             )
             return
         authcode = secrets.token_urlsafe(32)

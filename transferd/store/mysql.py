@@ -309,10 +309,22 @@ def _ensure_jobs_table(cursor):
     cursor.execute("UPDATE jobs SET stager_callback = NULL WHERE CHAR_LENGTH(stager_callback) <> 64")
 
 
-def _add_stager_request(cursor):
-    """Migration 2: the stager's own request id (WLCG Tape REST), kept so polling resumes after a restart."""
-    if "stager_request" not in _columns(cursor, "jobs"):
-        cursor.execute("ALTER TABLE jobs ADD COLUMN stager_request VARCHAR(255) AFTER staged_files")
+def _add_polling_columns(cursor):
+    """Migration 2: the stager's own request id (Tape REST) and the pollers' lease (Tape REST, FTS3)."""
+    columns = _columns(cursor, "jobs")
+    changes = [
+        f"ADD COLUMN {name} {definition} AFTER {after}"
+        for name, definition, after in (
+            ("stager_request", "VARCHAR(255)", "staged_files"),
+            ("poll_owner", "VARCHAR(64)", "lease_until"),
+            ("poll_until", "DOUBLE", "poll_owner"),
+        )
+        if name not in columns
+    ]
+    if changes:
+        cursor.execute("ALTER TABLE jobs " + ", ".join(changes))
+    if not _has_index(cursor, "jobs", "jobs_status_poll"):
+        cursor.execute("CREATE INDEX jobs_status_poll ON jobs (status, poll_until)")
 
 
 class MySQLJobStore(SQLJobStore):
@@ -322,7 +334,7 @@ class MySQLJobStore(SQLJobStore):
     placeholder = "%s"
     migrations = [
         [SCHEMA_VERSION_TABLE, _ensure_jobs_table],
-        [_add_stager_request],
+        [_add_polling_columns],
     ]
     # Seconds to wait before each retry of an operation whose connection was
     # lost; when they are used up the operation fails with DatabaseUnavailable.

@@ -73,8 +73,9 @@ class SQLJobStore:
         for column in TIME_COLUMNS:
             values[column] = self._time_from_db(values[column])
         values["stage_attempts"] = int(values["stage_attempts"] or 0)
-        if values["lease_until"] is not None:
-            values["lease_until"] = float(values["lease_until"])
+        for column in ("lease_until", "poll_until"):
+            if values[column] is not None:
+                values[column] = float(values[column])
         return jobs.Job(**values)
 
     def _assignments(self, fields):
@@ -236,6 +237,38 @@ class SQLJobStore:
             return [self._job_from_row(row) for row in cursor.fetchall()]
 
         return self._run(interaction)
+
+    def claim_batch(self, status, owner, hold_for, limit, having=None):
+        now = self._now()
+        condition = f" AND {having} IS NOT NULL" if having else ""
+        if having is not None and having not in jobs.COLUMNS:
+            raise ValueError(f"unknown job field {having!r}")
+        select = self._sql(
+            "SELECT job_id FROM jobs WHERE status = ? AND (poll_until IS NULL OR poll_until < ?)"
+            + condition + " ORDER BY poll_until LIMIT ?"
+        )
+
+        def interaction(cursor):
+            cursor.execute(select, (status, now, limit))
+            candidates = [row[0] for row in cursor.fetchall()]
+            if not candidates:
+                return []
+            marks = ", ".join("?" for _ in candidates)
+            # The poll_until test again: of several pollers, only one takes each job.
+            cursor.execute(
+                self._sql(
+                    f"UPDATE jobs SET poll_owner = ?, poll_until = ? WHERE job_id IN ({marks})"
+                    " AND status = ? AND (poll_until IS NULL OR poll_until < ?)"
+                ),
+                (owner, now + hold_for, *candidates, status, now),
+            )
+            cursor.execute(
+                self._sql(SELECT_JOB + f" WHERE job_id IN ({marks}) AND poll_owner = ? AND poll_until = ?"),
+                (*candidates, owner, now + hold_for),
+            )
+            return [self._job_from_row(row) for row in cursor.fetchall()]
+
+        return self._run(interaction, idempotent=False)
 
     def close(self):
         self.pool.close()

@@ -51,7 +51,12 @@ class SQLiteJobStore(SQLJobStore):
             JOBS_TABLE,
             "CREATE INDEX jobs_status_lease ON jobs (status, lease_until)",
         ],
-        ["ALTER TABLE jobs ADD COLUMN stager_request VARCHAR(255)"],
+        [
+            "ALTER TABLE jobs ADD COLUMN stager_request VARCHAR(255)",
+            "ALTER TABLE jobs ADD COLUMN poll_owner VARCHAR(64)",
+            "ALTER TABLE jobs ADD COLUMN poll_until DOUBLE",
+            "CREATE INDEX jobs_status_poll ON jobs (status, poll_until)",
+        ],
     ]
 
     @classmethod
