@@ -51,6 +51,8 @@ class ScriptedStager:
 @implementer(IMover)
 class ScriptedMover:
     schemes = frozenset({"file"})
+    asynchronous = False
+    timeout = None
 
     def __init__(self):
         self.answer = TransferResult(success=True, msg="done")
@@ -238,3 +240,44 @@ class PipelineTests(unittest.TestCase):
         self.assertEqual((yield self.reconciler.run_once()), 0)
         self.clock.advance(50)
         self.assertEqual((yield self.reconciler.run_once()), 1)
+
+    @defer.inlineCallbacks
+    def staged(self):
+        job_id = yield self.submitted()
+        yield self.pipeline.stage(job_id)
+        self.assertEqual((yield self.status(job_id)), jobs.STAGED)
+        return job_id
+
+    @defer.inlineCallbacks
+    def test_asynchronous_mover_accepted_job_is_transferring_until_timeout(self):
+        """A job an asynchronous mover accepted is TRANSFERRING, left to its poller for the mover's timeout."""
+        self.mover.asynchronous, self.mover.timeout, self.mover.answer = True, 500.0, None
+        job_id = yield self.staged()
+        yield self.pipeline.transfer(job_id)
+        job = yield self.store.get(job_id)
+        self.assertEqual((job.status, job.lease_owner, job.lease_until), (jobs.TRANSFERRING, None, self.clock.seconds() + 500))
+        self.clock.advance(501)
+        yield self.pipeline.transfer(job_id)  # re-driven after the hold: submitted again (idempotently)
+        self.assertEqual(self.mover.calls, [job_id, job_id])
+        self.assertEqual((yield self.status(job_id)), jobs.TRANSFERRING)
+
+    @defer.inlineCallbacks
+    def test_asynchronous_mover_down_leaves_job_staged(self):
+        """When an asynchronous mover cannot submit (service down), the job stays STAGED for a retry."""
+        self.mover.asynchronous, self.mover.timeout = True, 500.0
+        self.mover.transfer = lambda job: defer.fail(ConnectionRefusedError("FTS down"))
+        job_id = yield self.staged()
+        yield self.assertFailure(self.pipeline.transfer(job_id), ConnectionRefusedError)
+        job = yield self.store.get(job_id)
+        self.assertEqual((job.status, job.lease_owner), (jobs.STAGED, None))
+
+    @defer.inlineCallbacks
+    def test_asynchronous_mover_refusal_is_error(self):
+        """A submission the mover refuses for good ends the job in ERROR with the reason."""
+        self.mover.asynchronous, self.mover.timeout = True, 500.0
+        self.mover.answer = TransferResult(success=False, msg="FTS refused the job: bad destination")
+        job_id = yield self.staged()
+        yield self.pipeline.transfer(job_id)
+        job = yield self.store.get(job_id)
+        self.assertEqual(job.status, jobs.ERROR)
+        self.assertIn("bad destination", job.detailed_status)

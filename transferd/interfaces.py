@@ -133,9 +133,15 @@ class IMover(Interface):
     """Moves a staged product to its destination."""
 
     schemes = Attribute("frozenset of destination URL schemes this mover can write")
+    asynchronous = Attribute(
+        "False: transfer() moves the bytes and fires with the outcome, the job TRANSFERRING meanwhile. "
+        "True: transfer() submits (idempotently) while the job is still STAGED and fires with None once "
+        "accepted, or a failed TransferResult; a poller reports the outcome through pipeline.transfer_done."
+    )
+    timeout = Attribute("asynchronous movers: seconds a transfer may take; the job is held that long")
 
     def transfer(job):
-        """Fire with a TransferResult when done in-line, or None when a poller will report."""
+        """Move or submit job's staged product (see asynchronous)."""
 
     def cancel(job):
         """Stop the transfer of job (best effort)."""

@@ -195,6 +195,9 @@ class Pipeline(Service):
         await self._holding(job_id, self._transfer_claimed(job))
 
     async def _transfer_claimed(self, job):
+        if self.mover.asynchronous:
+            await self._submit_transfer(job)
+            return
         if job.status == jobs.STAGED:
             if not await self.store.transition(
                 job.job_id, jobs.STAGED, jobs.TRANSFERRING, hold_for=self.lease, owner=self.owner
@@ -203,10 +206,27 @@ class Pipeline(Service):
             job = dataclasses.replace(job, status=jobs.TRANSFERRING)
         else:
             self.log.info("job {job_id} transfer resumed", job_id=job.job_id)
+        await self.transfer_done(job, await self.mover.transfer(job))
+
+    async def _submit_transfer(self, job):
+        """Hand the job to an asynchronous mover (FTS3); its poller reports the outcome.
+
+        The job stays STAGED until the mover has accepted it, so a transfer
+        service that is down leaves it STAGED (the queue retries).  Submitting
+        again is safe: asynchronous movers make submission idempotent.
+        """
         result = await self.mover.transfer(job)
-        if result is None:
-            return  # an asynchronous mover's poller reports the outcome
-        await self.transfer_done(job, result)
+        if result is not None and not result.success:
+            await self.store.transition(
+                job.job_id, job.status, jobs.ERROR,
+                {"detailed_status": f"transfer failed: {result.msg or 'no reason given'}",
+                 "fts_details": result.details},
+            )
+            await self._release_staged(job)
+        elif job.status == jobs.STAGED:
+            await self.store.transition(job.job_id, jobs.STAGED, jobs.TRANSFERRING, hold_for=self.mover.timeout)
+        else:
+            await self.store.release(job.job_id, self.owner, hold_for=self.mover.timeout)
 
     async def transfer_done(self, job, result):
         """Record a transfer outcome for a TRANSFERRING job."""

@@ -116,6 +116,8 @@ class LocalMover:
 
     log = Logger()
     schemes = frozenset({"file", "http", "https", "davs"})
+    asynchronous = False
+    timeout = None
 
     def __init__(self, file_roots, clock=None, pool=None, request_timeout=60.0, overwrite=False,
                  tls_policy=None, min_rate=1 << 20):
