@@ -267,7 +267,7 @@ class PipelineTests(unittest.TestCase):
         self.mover.asynchronous, self.mover.timeout = True, 500.0
         self.mover.transfer = lambda job: defer.fail(ConnectionRefusedError("FTS down"))
         job_id = yield self.staged()
-        yield self.assertFailure(self.pipeline.transfer(job_id), ConnectionRefusedError)
+        yield self.assertFailure(defer.ensureDeferred(self.pipeline.transfer(job_id)), ConnectionRefusedError)
         job = yield self.store.get(job_id)
         self.assertEqual((job.status, job.lease_owner), (jobs.STAGED, None))
 
