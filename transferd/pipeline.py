@@ -123,12 +123,7 @@ class Pipeline(Service):
 
     async def stage(self, job_id):
         """Queue handler: stage a SUBMITTED job, or re-stage a STAGING one nobody holds."""
-        job = await self.store.get(job_id)
-        if job is None or job.status not in (jobs.SUBMITTED, jobs.STAGING):
-            return
-        if not await self.store.claim(job_id, job.status, self.owner, self.lease):
-            return
-        await self._holding(job_id, self._stage_claimed(job))
+        await self._claim_and_run(job_id, (jobs.SUBMITTED, jobs.STAGING), self._stage_claimed)
 
     async def _stage_claimed(self, job):
         attempt = job.stage_attempts + 1
@@ -187,12 +182,7 @@ class Pipeline(Service):
 
     async def transfer(self, job_id):
         """Queue handler: transfer a STAGED job, or resume a TRANSFERRING one nobody holds."""
-        job = await self.store.get(job_id)
-        if job is None or job.status not in (jobs.STAGED, jobs.TRANSFERRING):
-            return
-        if not await self.store.claim(job_id, job.status, self.owner, self.lease):
-            return
-        await self._holding(job_id, self._transfer_claimed(job))
+        await self._claim_and_run(job_id, (jobs.STAGED, jobs.TRANSFERRING), self._transfer_claimed)
 
     async def _transfer_claimed(self, job):
         if self.mover.asynchronous:
@@ -274,11 +264,21 @@ class Pipeline(Service):
 
     # -- helpers ----------------------------------------------------------
 
-    async def _holding(self, job_id, work):
-        """Run work while this worker holds job_id's lease; give the lease back on failure."""
+    async def _claim_and_run(self, job_id, states, work):
+        """Run work(job) if the job is in one of states and this worker wins its lease.
+
+        Anything else (unknown job, another state, someone else's lease) is a
+        duplicate or stale message: nothing to do.  The lease is renewed while
+        work runs and given back if it fails, so a redelivery can retry.
+        """
+        job = await self.store.get(job_id)
+        if job is None or job.status not in states:
+            return
+        if not await self.store.claim(job_id, job.status, self.owner, self.lease):
+            return
         self.held.add(job_id)
         try:
-            await work
+            await work(job)
         except Exception:
             await self._best_effort("release the lease", self.store.release, job_id, self.owner)
             raise
