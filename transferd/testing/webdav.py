@@ -24,6 +24,7 @@ from typing import Optional
 from urllib.parse import unquote
 
 from twisted.internet import defer, ssl
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.protocols.policies import WrappingFactory
 from twisted.web import http, resource, server
@@ -143,8 +144,17 @@ class _QuietSite(server.Site):
         """Keep test logs quiet: no access log."""
 
 
+@implementer(IProtocolNegotiationFactory)
 class _Tracking(WrappingFactory):
-    """Knows the open connections, so that stop() can close them all and wait."""
+    """Knows the open connections, so that stop() can close them all and wait.
+
+    It also answers TLS's ALPN question itself: behind a wrapper, Twisted finds
+    no protocols to offer and clients that send ALPN (curl, requests) fail.
+    HTTP/1.1 only: no h2 (request.transport is None there).
+    """
+
+    def acceptableProtocols(self):
+        return [b"http/1.1"]
 
     def __init__(self, wrapped):
         super().__init__(wrapped)
