@@ -281,3 +281,15 @@ class PipelineTests(unittest.TestCase):
         job = yield self.store.get(job_id)
         self.assertEqual(job.status, jobs.ERROR)
         self.assertIn("bad destination", job.detailed_status)
+
+    @defer.inlineCallbacks
+    def test_transfer_service_away_is_not_a_job_failure(self):
+        """An asynchronous mover's 'try later' leaves the job STAGED, held that long, and uses no delivery."""
+        self.mover.asynchronous, self.mover.timeout = True, 500.0
+        away = ConnectionRefusedError("FTS down")
+        away.retry_later = 30.0
+        self.mover.transfer = lambda job: defer.fail(away)
+        job_id = yield self.staged()
+        yield self.pipeline.transfer(job_id)
+        job = yield self.store.get(job_id)
+        self.assertEqual((job.status, job.lease_owner, job.lease_until), (jobs.STAGED, None, self.clock.seconds() + 30))

@@ -141,7 +141,12 @@ class IMover(Interface):
     timeout = Attribute("asynchronous movers: seconds a transfer may take; the job is held that long")
 
     def transfer(job):
-        """Move or submit job's staged product (see asynchronous)."""
+        """Move or submit job's staged product (see asynchronous).
+
+        An asynchronous mover whose service is away may fail with an exception
+        carrying retry_later (seconds): the job is then left as it is and
+        re-driven after that long, without counting against max_deliveries.
+        """
 
     def cancel(job):
         """Stop the transfer of job (best effort)."""

@@ -205,7 +205,21 @@ class Pipeline(Service):
         service that is down leaves it STAGED (the queue retries).  Submitting
         again is safe: asynchronous movers make submission idempotent.
         """
-        result = await self.mover.transfer(job)
+        try:
+            result = await self.mover.transfer(job)
+        except Exception as error:
+            retry_later = getattr(error, "retry_later", None)
+            if retry_later is None:
+                raise
+            # The transfer service is away (FTS down, credentials to renew): no fault
+            # of this job.  It stays as it is, held retry_later seconds, then the
+            # reconciler re-drives it; an outage never dead-letters it.
+            self.log.warn(
+                "job {job_id}: not submitted ({error}); trying again in {delay:g}s",
+                job_id=job.job_id, error=error, delay=retry_later,
+            )
+            await self.store.release(job.job_id, self.owner, hold_for=retry_later)
+            return
         if result is not None and not result.success:
             await self.store.transition(
                 job.job_id, job.status, jobs.ERROR,
@@ -214,7 +228,13 @@ class Pipeline(Service):
             )
             await self._release_staged(job)
         elif job.status == jobs.STAGED:
-            await self.store.transition(job.job_id, jobs.STAGED, jobs.TRANSFERRING, hold_for=self.mover.timeout)
+            if not await self.store.transition(
+                job.job_id, jobs.STAGED, jobs.TRANSFERRING, hold_for=self.mover.timeout
+            ):
+                current = await self.store.get(job.job_id)
+                if current is not None and current.status == jobs.CANCELLED:
+                    # Cancelled while the mover was submitting: stop what it started.
+                    await self._best_effort("tell the mover to stop", self.mover.cancel, current)
         else:
             await self.store.release(job.job_id, self.owner, hold_for=self.mover.timeout)
 

@@ -1,0 +1,284 @@
+"""Throw-away X.509 credentials for tests and demos: a CA, users, hosts, RFC 3820 proxies.
+
+    ca = make_ca()
+    user = make_user(ca, "Alice Example")
+    proxy = make_proxy(user)                       # signed by user's key
+    second = make_proxy(proxy)                     # a proxy of the proxy
+    host = make_host(ca, "localhost")              # for a TLS server on 127.0.0.1
+    paths = write_credentials(directory, ca=ca, user=user, proxy=proxy)
+    paths.proxy   # one file: proxy certificate, its key, then user certificate
+
+Everything is made in memory with `cryptography`; nothing here is fit for
+anything but tests (keys are unencrypted, the CA is trusted by nobody).
+"""
+
+import dataclasses
+import datetime
+import ipaddress
+import os
+from typing import List, Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from transferd.fts import delegation
+
+_UTC = datetime.timezone.utc
+
+#: the subject all test credentials start with, like a grid CA's namespace
+BASE_SUBJECT = [
+    x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "org"),
+    x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "transferd-test"),
+]
+
+
+@dataclasses.dataclass
+class Credential:
+    """A certificate, its private key and the chain above it (not including the root CA).
+
+    For a user certificate the chain is empty; for a proxy it is the
+    certificates it was delegated from, nearest first.
+    """
+
+    cert: x509.Certificate
+    key: object  # a cryptography private key
+    chain: List[x509.Certificate] = dataclasses.field(default_factory=list)
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    @property
+    def chain_pem(self) -> bytes:
+        return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in self.chain)
+
+    @property
+    def proxy_file_pem(self) -> bytes:
+        """The layout of a grid proxy file (/tmp/x509up_u<uid>): certificate, key, chain."""
+        return self.cert_pem + self.key_pem + self.chain_pem
+
+    @property
+    def subject(self) -> x509.Name:
+        return self.cert.subject
+
+
+def new_key(kind: str = "rsa"):
+    """A fresh private key: "rsa" (2048 bits, what grid tools expect) or "ec" (P-256, faster)."""
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if kind == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    raise ValueError(f"unknown key kind {kind!r}: 'rsa' or 'ec'")
+
+
+def _window(now, lifetime_seconds):
+    now = now or datetime.datetime.now(_UTC)
+    return now - datetime.timedelta(minutes=5), now + datetime.timedelta(seconds=lifetime_seconds)
+
+
+def _key_usage(**wanted):
+    fields = dict(
+        digital_signature=False,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    fields.update(wanted)
+    return x509.KeyUsage(**fields)
+
+
+def make_ca(name: str = "transferd test CA", lifetime_seconds: int = 10 * 86400, key_kind: str = "rsa", now=None):
+    """A self-signed root CA."""
+    key = new_key(key_kind)
+    subject = x509.Name(BASE_SUBJECT + [x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    not_before, not_after = _window(now, lifetime_seconds)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True, digital_signature=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Credential(cert, key)
+
+
+def _issue(ca: Credential, subject, key, not_before, not_after, extensions):
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def make_user(
+    ca: Credential,
+    name: str = "Test User",
+    lifetime_seconds: int = 2 * 86400,
+    key_kind: str = "rsa",
+    now=None,
+    organizational_unit: str = "Users",
+):
+    """A user certificate signed by ca: subject DC=org/DC=transferd-test/OU=<ou>/CN=<name>.
+
+    Its key usage allows signing proxies (digitalSignature), as grid user
+    certificates do.
+    """
+    key = new_key(key_kind)
+    subject = x509.Name(
+        BASE_SUBJECT
+        + [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, organizational_unit),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]
+    )
+    not_before, not_after = _window(now, lifetime_seconds)
+    not_after = min(not_after, ca.cert.not_valid_after_utc)
+    cert = _issue(
+        ca,
+        subject,
+        key,
+        not_before,
+        not_after,
+        [
+            (_key_usage(digital_signature=True, key_encipherment=True, content_commitment=True), True),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+        ],
+    )
+    return Credential(cert, key)
+
+
+def make_host(ca: Credential, hostname: str = "localhost", lifetime_seconds: int = 2 * 86400, key_kind="rsa", now=None):
+    """A TLS server certificate signed by ca, valid for hostname, localhost and 127.0.0.1."""
+    key = new_key(key_kind)
+    subject = x509.Name(BASE_SUBJECT + [x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    names = {hostname, "localhost"}
+    alt_names = [x509.DNSName(name) for name in sorted(names)] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    not_before, not_after = _window(now, lifetime_seconds)
+    cert = _issue(
+        ca,
+        subject,
+        key,
+        not_before,
+        min(not_after, ca.cert.not_valid_after_utc),
+        [
+            (_key_usage(digital_signature=True, key_encipherment=True), True),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+            (x509.SubjectAlternativeName(alt_names), False),
+        ],
+    )
+    return Credential(cert, key)
+
+
+def make_proxy(signer: Credential, lifetime_seconds: int = 12 * 3600, key_kind: str = "rsa", now=None):
+    """An RFC 3820 proxy of signer (a user credential or another proxy), made by the delegation code.
+
+    It goes through the same path as a real delegation: a fresh key and CSR
+    for it, signed with transferd.fts.delegation.sign_proxy_request.
+    """
+    key = new_key(key_kind)
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Dummy")]))
+        .sign(key, hashes.SHA256())
+    )
+    chain_pem = delegation.sign_proxy_request(
+        request.public_bytes(serialization.Encoding.PEM),
+        signer.cert_pem,
+        signer.key_pem,
+        signer.chain_pem,
+        lifetime_seconds=lifetime_seconds,
+        now=now,
+    )
+    certs = x509.load_pem_x509_certificates(chain_pem)
+    return Credential(certs[0], key, certs[1:])
+
+
+@dataclasses.dataclass
+class CredentialPaths:
+    """Where write_credentials put each file (None for what was not asked)."""
+
+    ca_cert: Optional[str] = None
+    ca_dir: Optional[str] = None
+    user_cert: Optional[str] = None
+    user_key: Optional[str] = None
+    proxy: Optional[str] = None
+    host_cert: Optional[str] = None
+    host_key: Optional[str] = None
+
+
+def _write(path, data: bytes, private=False):
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = os.open(path, flags, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    if private:
+        os.chmod(path, 0o600)  # grid tools refuse keys others can read
+    return path
+
+
+def write_credentials(
+    directory: str,
+    ca: Optional[Credential] = None,
+    user: Optional[Credential] = None,
+    proxy: Optional[Credential] = None,
+    host: Optional[Credential] = None,
+) -> CredentialPaths:
+    """Write the given credentials under directory, in the layouts grid tools read.
+
+    ca -> ca.pem, and certificates/<subject hash>.0 (an X509_CERT_DIR-style
+    directory, hashed as OpenSSL does) when pyOpenSSL is there to compute it;
+    user -> usercert.pem (certificate and chain) and userkey.pem (0600);
+    proxy -> x509up (proxy certificate, key, chain; 0600);
+    host -> hostcert.pem and hostkey.pem (0600).
+    """
+    os.makedirs(directory, exist_ok=True)
+    paths = CredentialPaths()
+    if ca is not None:
+        paths.ca_cert = _write(os.path.join(directory, "ca.pem"), ca.cert_pem)
+        paths.ca_dir = os.path.join(directory, "certificates")
+        os.makedirs(paths.ca_dir, exist_ok=True)
+        try:
+            from OpenSSL import crypto
+
+            name_hash = crypto.X509.from_cryptography(ca.cert).subject_name_hash()
+            _write(os.path.join(paths.ca_dir, "%08x.0" % name_hash), ca.cert_pem)
+        except ImportError:  # the CA file still works; only the hashed directory is missing
+            pass
+    if user is not None:
+        paths.user_cert = _write(os.path.join(directory, "usercert.pem"), user.cert_pem + user.chain_pem)
+        paths.user_key = _write(os.path.join(directory, "userkey.pem"), user.key_pem, private=True)
+    if proxy is not None:
+        paths.proxy = _write(os.path.join(directory, "x509up"), proxy.proxy_file_pem, private=True)
+    if host is not None:
+        paths.host_cert = _write(os.path.join(directory, "hostcert.pem"), host.cert_pem + host.chain_pem)
+        paths.host_key = _write(os.path.join(directory, "hostkey.pem"), host.key_pem, private=True)
+    return paths
