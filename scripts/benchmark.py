@@ -17,7 +17,6 @@ import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,27 +27,25 @@ from urllib.parse import quote, unquote, urlencode, urlsplit, urlunsplit
 
 import MySQLdb
 import pika
+import pika.exceptions
 
 from transferd import sample
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-
 MYSQL_URL = "mysql://root@127.0.0.1:3306/"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-# The adbapi pool size given to the daemon (?pool_max= in its database URL);
-# docs/benchmarks.md shows why the default of 10 is not used.
-POOL_MAX = 32
 
-LEVELS = (1, 16, 64)
+LEVELS = (1, 16, 64)  # concurrent clients
+STATUS_LEVELS = (1, 16)
 PRODUCT = "sample-001"
 STATUS_ROWS = 100_000  # jobs in the table for the /transferStatus latency figures
+SMALL_ROWS = 100  # "nearly empty": the jobs table before any load
 BATCH = 5_000  # rows per executemany when filling the table
-EMPTY_ROWS = 100  # "nearly empty": the jobs table before any load
 
-# Work per measurement: requests per concurrency level, and /transferStatus requests.
-FULL = dict(submit={1: 400, 16: 2000, 64: 3000}, probe={1: 500, 16: 2000, 64: 3000}, status=2000)
-QUICK = dict(submit={1: 100, 16: 400, 64: 640}, probe={1: 100, 16: 400, 64: 640}, status=400)
+# How much work each measurement does.  Submissions and their floor are
+# measured `rounds` times, alternating, and the median round is reported.
+FULL = dict(rounds=3, submit={1: 400, 16: 2000, 64: 3000}, probe={1: 500, 16: 2000, 64: 3000}, status=2000)
+QUICK = dict(rounds=1, submit={1: 100, 16: 400, 64: 640}, probe={1: 100, 16: 400, 64: 640}, status=400)
 
 
 # -- the backends -------------------------------------------------------------
@@ -68,18 +65,20 @@ def mysql_connect(server_url, database=""):
     return connection
 
 
-def _with_database(base_url, database):
-    parts = urlsplit(base_url)
-    return urlunsplit(parts._replace(path="/" + database))
-
-
-def _with_options(url, **options):
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(query=urlencode(options)))
-
-
 def amqp_connect(url):
     return pika.BlockingConnection(pika.URLParameters(url))
+
+
+def _where(url):
+    """host:port of a server URL, without its password."""
+    return urlsplit(url).netloc.rpartition("@")[2]
+
+
+def _url(url, path=None, **query):
+    parts = urlsplit(url)
+    if path is not None:
+        parts = parts._replace(path=path)
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 class Backends:
@@ -93,16 +92,33 @@ class Backends:
         self.prefix = f"bench-{token}"
         self.queues = [f"{self.prefix}.{name}{suffix}" for name in ("staging", "transfer") for suffix in ("", ".dead")]
         self.floor_queue = f"{self.prefix}.floor"
-        self._execute(f"CREATE DATABASE `{self.database}` CHARACTER SET utf8mb4")
+        # Fail now, saying why, rather than halfway through.
+        try:
+            amqp_connect(amqp_url).close()
+        except pika.exceptions.AMQPError as error:
+            raise SystemExit(f"benchmark: cannot reach RabbitMQ at {_where(amqp_url)}: {error!r}") from None
+        try:
+            self._execute(f"CREATE DATABASE `{self.database}` CHARACTER SET utf8mb4")
+        except MySQLdb.Error as error:
+            raise SystemExit(f"benchmark: cannot create a database on {_where(mysql_url)}: {error}") from None
 
-    def database_url(self, pool_max):
-        return _with_options(_with_database(self.mysql_url, self.database), pool_max=pool_max)
+    def database_url(self, pool_max=None):
+        return _url(self.mysql_url, "/" + self.database, **({"pool_max": pool_max} if pool_max else {}))
 
     def queue_url(self):
-        return _with_options(self.amqp_url, prefix=self.prefix)
+        return _url(self.amqp_url, prefix=self.prefix)
 
     def connect(self):
         return mysql_connect(self.mysql_url, self.database)
+
+    def count_jobs(self):
+        connection = self.connect()
+        try:
+            cursor = connection.cursor()
+            cursor.execute("SELECT COUNT(*) FROM jobs")
+            return cursor.fetchone()[0]
+        finally:
+            connection.close()
 
     def _execute(self, statement):
         connection = mysql_connect(self.mysql_url)
@@ -126,28 +142,31 @@ class Backends:
 
 
 class Daemon:
-    """The real `twistd -n transferd` in its own process group (Ctrl-C here does not reach it)."""
+    """The real `twistd -n transferd`, in its own session so that Ctrl-C here does not reach it.
 
-    def __init__(self, workdir, backends, pool_max):
+    The defaults keep the workers idle (see the config below); a measurement
+    of whole transfers would pass prefetch=8, stager_delay=0.
+    """
+
+    def __init__(self, workdir, backends, pool_max=None, prefetch=1, stager_delay=3600):
         self.workdir = workdir
         self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.logfile = os.path.join(workdir, "transferd.log")
         self.deliveries = os.path.join(workdir, "deliveries")
         self.config = os.path.join(workdir, "transferd.ini")
         sample.create(os.path.join(workdir, "archive"))
         os.makedirs(self.deliveries)
         _write_config(self.config, {
-            "api": {"endpoint": f"tcp:{self.port}:interface=127.0.0.1", "public_url": self.url},
+            "api": {"endpoint": f"tcp:{self.port}:interface=127.0.0.1", "public_url": f"http://127.0.0.1:{self.port}"},
             "database": {"url": backends.database_url(pool_max)},
-            # prefetch 1 and an hour-long simulated tape recall: the staging
+            # Prefetch 1 and an hour-long simulated tape recall: the staging
             # worker takes the first job and then waits, so the workers do no
             # database or broker work while submissions are measured.
-            "queue": {"url": backends.queue_url(), "prefetch": 1},
+            "queue": {"url": backends.queue_url(), "prefetch": prefetch},
             "stager": {
                 "archive_root": os.path.join(workdir, "archive"),
                 "staging_root": os.path.join(workdir, "staging"),
-                "delay": 3600,
+                "delay": stager_delay,
             },
             "transfer": {"allowed_schemes": "file", "file_roots": self.deliveries},
             # No reconciler pass (beyond the one at start) and no requeueing during the run.
@@ -156,25 +175,22 @@ class Daemon:
         self.process = None
 
     def start(self, timeout=60):
-        self.process = subprocess.Popen(
-            [TWISTD, "--pidfile=", "-n", "--logfile", self.logfile, "transferd", "--config", self.config],
-            cwd=self.workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.logfile + ".stderr", "w"),
-            start_new_session=True,
-        )
+        with open(self.logfile + ".stderr", "w") as stderr:
+            self.process = subprocess.Popen(
+                [TWISTD, "--pidfile=", "-n", "--logfile", self.logfile, "transferd", "--config", self.config],
+                cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                start_new_session=True,
+            )
+        probe = [_get(f"/transferStatus?job_id={uuid.uuid4()}")]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"transferd exited with {self.process.returncode}; see {self.logfile}")
+                raise RuntimeError(f"transferd exited with {self.process.returncode}:\n{self.log_tail()}")
             with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                status, _ = asyncio.run(_one_request(self.port, _get(f"/transferStatus?job_id={uuid.uuid4()}")))
-                if status == 404:
-                    return
+                drive(self.port, probe, 1, {404})
+                return
             time.sleep(0.2)
-        raise RuntimeError(f"transferd did not answer within {timeout}s; see {self.logfile}")
+        raise RuntimeError(f"transferd did not answer within {timeout}s:\n{self.log_tail()}")
 
     def stop(self, timeout=30):
         """SIGTERM, then SIGKILL.  A clean stop takes ~10 s: the queue waits for the held recall."""
@@ -188,8 +204,21 @@ class Daemon:
             self.process.wait()
 
     def log_lines(self):
-        with open(self.logfile, errors="replace") as handle:
-            return sum(1 for _ in handle)
+        """Lines logged so far, rotated files included (twistd starts a new file every 1 MB)."""
+        directory, name = os.path.split(self.logfile)
+        total = 0
+        for entry in os.listdir(directory):
+            if entry == name or (entry.startswith(name + ".") and entry[len(name) + 1:].isdigit()):
+                with open(os.path.join(directory, entry), errors="replace") as handle:
+                    total += sum(1 for _ in handle)
+        return total
+
+    def log_tail(self):
+        text = []
+        for path in (self.logfile, self.logfile + ".stderr"):
+            with contextlib.suppress(OSError), open(path, errors="replace") as handle:
+                text.append(handle.read()[-2000:])
+        return "\n".join(text)
 
 
 def _free_port():
@@ -210,10 +239,11 @@ def _write_config(path, sections):
 
 
 class CPUMeter:
-    """CPU seconds used by the daemon, this process, MariaDB and RabbitMQ between start() and stop().
+    """CPU used by the daemon, this process (the load generator), MariaDB and RabbitMQ.
 
-    Tells which process was busy: with 2 cores, a process near 100% of one is
-    (or shares) the bottleneck.  Servers on another host are simply not shown.
+    Tells which process was busy: the daemon is one Python process, so near
+    100% of one core it is the bottleneck.  Servers on another host are
+    simply not shown.
     """
 
     def __init__(self, daemon_pid):
@@ -227,23 +257,23 @@ class CPUMeter:
         return {name: _cpu_seconds(pid) for name, pid in self.pids.items()}, time.monotonic()
 
     @staticmethod
-    def percent(before, after):
-        """{name: percent of one core} between two samples."""
+    def seconds(before, after):
+        """({name: CPU seconds}, wall seconds) between two samples."""
         (start, t0), (end, t1) = before, after
-        return {name: 100 * (end[name] - start[name]) / (t1 - t0) for name in start}
+        return {name: end[name] - start[name] for name in start}, t1 - t0
 
 
 def _find_process(commands):
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{entry}/comm") as handle:
-                    if handle.read().strip() in commands:
-                        return int(entry)
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as handle:
+                if handle.read().strip() in commands:
+                    return int(entry)
     return None
 
 
 def _cpu_seconds(pid):
+    """utime + stime of a process, all its threads included."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -253,8 +283,8 @@ def _cpu_seconds(pid):
 #
 # A minimal HTTP/1.1 keep-alive client on asyncio streams: C coroutines, each
 # with its own connection, sending pre-built requests one after the other.  It
-# costs a small fraction of what the daemon spends per request (see the
-# "loadgen" figures), so it is not what limits the measured rates.
+# costs a small fraction of what the daemon spends per request (the loadgen
+# figures say how much), so it is not what limits the measured rates.
 
 
 def _get(path):
@@ -285,16 +315,8 @@ async def _read_response(reader):
         body.append(chunk[:-2])
 
 
-async def _one_request(port, request):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        return await _read_response(reader)
-    finally:
-        writer.close()
-
-
 async def _client(port, requests, expected, latencies):
+    """One client: its own connection, one request at a time."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         for request in requests:
@@ -303,18 +325,17 @@ async def _client(port, requests, expected, latencies):
             status, body = await _read_response(reader)
             latencies.append(time.perf_counter() - start)
             if status not in expected:
-                raise RuntimeError(f"the daemon answered {status}: {body[:200]!r}")
+                raise RuntimeError(f"the daemon answered {status}: {body[:300]!r}")
     finally:
         writer.close()
 
 
-def drive(port, requests, concurrency):
+def drive(port, requests, concurrency, expected):
     """Send requests over `concurrency` connections; return (wall seconds, latencies, our CPU seconds)."""
-    shares = [requests[i::concurrency] for i in range(concurrency)]
-    expected = {200, 202, 404}
     latencies = []
 
     async def run():
+        shares = [requests[i::concurrency] for i in range(concurrency)]
         await asyncio.gather(*(_client(port, share, expected, latencies) for share in shares))
 
     cpu, start = time.process_time(), time.perf_counter()
@@ -323,25 +344,28 @@ def drive(port, requests, concurrency):
 
 
 class Load:
-    """One HTTP measurement's figures."""
+    """One HTTP measurement: rate, latencies, and the CPU each process spent on it."""
 
-    def __init__(self, count, wall, latencies, loadgen_cpu, cpu):
+    def __init__(self, count, wall, latencies, cpu):
         self.count = count
         self.rate = count / wall
         self.latencies = sorted(latencies)
-        self.loadgen_us = 1e6 * loadgen_cpu / count  # our CPU per request
-        self.cpu = cpu
+        self.cpu_percent = {name: 100 * seconds / wall for name, seconds in cpu.items()}
+        self.daemon_ms = 1000 * cpu["daemon"] / count  # daemon CPU per request
+        self.loadgen_us = 1e6 * cpu["loadgen"] / count  # load-generator CPU per request
 
     def percentile(self, p):
+        """The p-th percentile latency in ms."""
         return 1000 * self.latencies[min(len(self.latencies) - 1, int(p / 100 * len(self.latencies)))]
 
 
-def measure_http(daemon, meter, requests, concurrency):
-    """Warm up the connections' worth of requests, then time all of `requests`."""
-    drive(daemon.port, requests[:concurrency], concurrency)
+def measure_http(daemon, meter, requests, concurrency, expected):
+    """Warm up with one request per connection, then time the rest of `requests`."""
+    drive(daemon.port, requests[:concurrency], concurrency, expected)
     before = meter.sample()
-    wall, latencies, loadgen_cpu = drive(daemon.port, requests[concurrency:], concurrency)
-    return Load(len(requests) - concurrency, wall, latencies, loadgen_cpu, CPUMeter.percent(before, meter.sample()))
+    wall, latencies, _ = drive(daemon.port, requests[concurrency:], concurrency, expected)
+    cpu, _ = CPUMeter.seconds(before, meter.sample())
+    return Load(len(requests) - concurrency, wall, latencies, cpu)
 
 
 def submit_requests(daemon, count):
@@ -354,37 +378,34 @@ def submit_requests(daemon, count):
     ]
 
 
-def status_requests(job_ids, count, rng):
-    return [_get(f"/transferStatus?job_id={rng.choice(job_ids)}") for _ in range(count)]
-
-
 # -- the raw floor: the same work without transferd ------------------------------
+
+
+INSERT_JOB = ("INSERT INTO jobs_floor (job_id, product_id, destination_path, submitter, status, stage_attempts,"
+              " lease_owner, lease_until, time_submitted) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)")
 
 
 def _job_row(job_id):
     """The row store.create() inserts for a new job (same columns, same kinds of values)."""
     now = time.time()
-    return (job_id, PRODUCT, "file:///srv/deliveries/copy", None, "SUBMITTED", 0, "queued", now + 300,
+    return (job_id, PRODUCT, "file:///srv/deliveries/copy", None, "SUBMITTED", 0, "queued", now + 30,
             datetime.datetime.fromtimestamp(now, datetime.timezone.utc).replace(tzinfo=None))
 
 
-INSERT_JOB = ("INSERT INTO {table} (job_id, product_id, destination_path, submitter, status, stage_attempts,"
-              " lease_owner, lease_until, time_submitted) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)")
-
-
 def _publish(channel, queue, job_id):
-    """One persistent, mandatory publish, returning once RabbitMQ confirmed it (confirm mode)."""
-    channel.basic_publish("", queue, job_id.encode(), pika.BasicProperties(
-        delivery_mode=pika.DeliveryMode.Persistent, content_type="text/plain"), mandatory=True)
+    """One persistent, mandatory publish; in confirm mode it returns once RabbitMQ confirmed it."""
+    properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, content_type="text/plain")
+    channel.basic_publish("", queue, job_id.encode(), properties, mandatory=True)
 
 
 def run_threads(concurrency, count, open_worker):
-    """Run count items on `concurrency` threads, each with its own connections; return wall seconds.
+    """Do count items on `concurrency` threads; return the wall seconds.
 
-    open_worker() -> (do(item), close()) runs in the worker thread, so every
-    thread opens its own connections before the clock starts.
+    open_worker() -> (do(item), close()) runs in each thread, so every thread
+    opens its own connections before the clock starts.
     """
     ready = threading.Barrier(concurrency + 1)
+    stop = threading.Event()  # set when the main thread gives up (Ctrl-C, a failed worker)
     errors = []
 
     def worker(items):
@@ -397,9 +418,12 @@ def run_threads(concurrency, count, open_worker):
         try:
             ready.wait()
             for item in items:
+                if stop.is_set():
+                    break
                 do(item)
         except Exception as error:
             errors.append(error)
+            stop.set()
         finally:
             close()
 
@@ -407,11 +431,15 @@ def run_threads(concurrency, count, open_worker):
     threads = [threading.Thread(target=worker, args=(items[i::concurrency],), daemon=True) for i in range(concurrency)]
     for thread in threads:
         thread.start()
-    ready.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
+    try:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            ready.wait()
+        start = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - start
+    finally:
+        stop.set()
     if errors:
         raise errors[0]
     return wall
@@ -423,10 +451,9 @@ def floor_insert(backends, concurrency, count):
     def open_worker():
         connection = backends.connect()
         cursor = connection.cursor()
-        query = INSERT_JOB.format(table="jobs_floor")
 
         def do(job_id):
-            cursor.execute(query, _job_row(job_id))
+            cursor.execute(INSERT_JOB, _job_row(job_id))
             connection.commit()
 
         return do, connection.close
@@ -455,10 +482,9 @@ def floor_sequence(backends, concurrency, count):
         broker = amqp_connect(backends.amqp_url)
         channel = broker.channel()
         channel.confirm_delivery()
-        query = INSERT_JOB.format(table="jobs_floor")
 
         def do(job_id):
-            cursor.execute(query, _job_row(job_id))
+            cursor.execute(INSERT_JOB, _job_row(job_id))
             database.commit()
             _publish(channel, backends.floor_queue, job_id)
 
@@ -472,7 +498,7 @@ def floor_sequence(backends, concurrency, count):
 
 
 def prepare_floor(backends):
-    """A scratch copy of the jobs table and a scratch durable queue, so the daemon's stay untouched."""
+    """A scratch copy of the jobs table and a scratch durable queue: the daemon's stay untouched."""
     connection = backends.connect()
     connection.cursor().execute("CREATE TABLE jobs_floor LIKE jobs")
     connection.close()
@@ -482,12 +508,14 @@ def prepare_floor(backends):
 
 
 class Floor:
-    def __init__(self, insert, publish, sequence, cpu):
-        self.insert, self.publish, self.sequence, self.cpu = insert, publish, sequence, cpu
+    """The raw floor at one concurrency: inserts alone, publishes alone, and the two in sequence."""
+
+    def __init__(self, insert, publish, sequence, cpu_percent):
+        self.insert, self.publish, self.sequence, self.cpu_percent = insert, publish, sequence, cpu_percent
 
     @property
     def serial(self):
-        """The rate if each item waited for an insert, then for a publish, each at its own measured rate."""
+        """The rate if each item waited for an insert, then a publish, each at its measured rate."""
         return 1 / (1 / self.insert + 1 / self.publish)
 
 
@@ -496,7 +524,8 @@ def measure_floor(backends, meter, concurrency, count):
     publish = floor_publish(backends, concurrency, count)
     before = meter.sample()
     sequence = floor_sequence(backends, concurrency, count)
-    return Floor(insert, publish, sequence, CPUMeter.percent(before, meter.sample()))
+    cpu, wall = CPUMeter.seconds(before, meter.sample())
+    return Floor(insert, publish, sequence, {name: 100 * seconds / wall for name, seconds in cpu.items()})
 
 
 # -- filling the table ------------------------------------------------------------
@@ -505,7 +534,7 @@ def measure_floor(backends, meter, concurrency, count):
 def insert_finished_jobs(backends, count):
     """Add count finished (SUCCESS) jobs straight into the daemon's table; return their ids.
 
-    Finished jobs, so neither the workers nor the reconciler ever look at them.
+    Finished jobs, so that neither the workers nor the reconciler look at them.
     """
     now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
     query = ("INSERT INTO jobs (job_id, product_id, status, detailed_status, destination_path, stager_path,"
@@ -522,97 +551,104 @@ def insert_finished_jobs(backends, count):
                 when = now - datetime.timedelta(seconds=n)
                 rows.append((job_id, f"product-{n}", f"davs://dest.example.org/data/product-{n}",
                              f"/srv/staging/{job_id}/product-{n}", when, when, when, when, when))
-            cursor.executemany(query, rows)
+            cursor.executemany(query, rows)  # mysqlclient sends one multi-row INSERT per batch
             connection.commit()
     finally:
         connection.close()
     return job_ids
 
 
-def count_jobs(backends):
-    connection = backends.connect()
-    try:
-        cursor = connection.cursor()
-        cursor.execute("SELECT COUNT(*) FROM jobs")
-        return cursor.fetchone()[0]
-    finally:
-        connection.close()
-
-
 # -- the measurements ---------------------------------------------------------------
 
 
-def probe_ceiling(daemon, meter, work):
-    """GET /transferStatus of unknown job ids: one primary-key read, the cheapest useful request."""
+def loadgen_check(daemon, meter, work):
+    """GET /transferStatus of unknown job ids (one primary-key read): the cheapest request there is.
+
+    Its rate is what the daemon can do at best; the load generator's CPU per
+    request gives the load generator's own ceiling, to compare with it.
+    """
     results = {}
     for concurrency in LEVELS:
         requests = [_get(f"/transferStatus?job_id={uuid.uuid4()}") for _ in range(work["probe"][concurrency])]
-        results[concurrency] = measure_http(daemon, meter, requests, concurrency)
+        results[concurrency] = measure_http(daemon, meter, requests, concurrency, {404})
     return results
 
 
 def submit_throughput(daemon, backends, meter, work):
-    """POST /submitTransfer at each concurrency, each followed at once by the raw floor at the same one."""
+    """POST /submitTransfer and its raw floor at each concurrency, alternating, `rounds` times each.
+
+    Alternating puts the daemon and its floor in the same minute of a noisy
+    machine; the median round (by rate) of each is kept.
+    """
     prepare_floor(backends)
     results = {}
     for concurrency in LEVELS:
         count = work["submit"][concurrency]
-        load = measure_http(daemon, meter, submit_requests(daemon, count + concurrency), concurrency)
-        results[concurrency] = (load, measure_floor(backends, meter, concurrency, count))
+        loads, floors = [], []
+        for _ in range(work["rounds"]):
+            loads.append(measure_http(daemon, meter, submit_requests(daemon, count + concurrency), concurrency, {202}))
+            floors.append(measure_floor(backends, meter, concurrency, count))
+        results[concurrency] = (_median(loads, "rate"), _median(floors, "sequence"))
     return results
 
 
+def _median(items, attribute):
+    return sorted(items, key=lambda item: getattr(item, attribute))[len(items) // 2]
+
+
 def status_latency(daemon, meter, job_ids, work, rng):
-    """p50/p99 of GET /transferStatus of random existing jobs, at 1 and 16 clients."""
-    return {
-        concurrency: measure_http(daemon, meter, status_requests(job_ids, work["status"] + concurrency, rng), concurrency)
-        for concurrency in (1, 16)
-    }
+    """GET /transferStatus of random existing jobs, at 1 and 16 clients."""
+    results = {}
+    for concurrency in STATUS_LEVELS:
+        requests = [_get(f"/transferStatus?job_id={rng.choice(job_ids)}") for _ in range(work["status"] + concurrency)]
+        results[concurrency] = measure_http(daemon, meter, requests, concurrency, {200})
+    return results
 
 
 # -- the report -------------------------------------------------------------------
 
 
-ALL_CPU = ("daemon", "loadgen", "mariadb", "rabbitmq")
-FLOOR_CPU = ("loadgen", "mariadb", "rabbitmq")  # the daemon is idle during the floor
+def _cpu(percent, names=("daemon", "loadgen", "mariadb", "rabbitmq")):
+    return " ".join(f"{percent.get(name, float('nan')):4.0f}" for name in names)
 
 
-def _cpu(cpu, names=ALL_CPU):
-    return " ".join(f"{cpu.get(name, float('nan')):4.0f}" for name in names)
+def report(args, work, probe, submit, small, full, log_lines, submitted):
+    load_average = " ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(f"""
+transferd benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}{' --quick' if args.quick else ''}:\
+ {os.cpu_count()} cores, load average {load_average} at the end
+daemon: MySQL pool_max={args.pool_max or 'default'}, queue prefetch=1, stager delay=3600s
+CPU% = percent of one core used by: daemon, load generator (this process), mariadbd, rabbitmq
 
-
-def report(args, pool_max, probe, submit, empty, full, log_lines):
-    say = print
-    say()
-    say(f"transferd benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
-        f"{' (--quick)' if args.quick else ''}: {os.cpu_count()} cores, MySQL pool_max={pool_max},"
-        " queue prefetch=1, stager delay=3600s")
-    say("CPU columns: percent of one core used by daemon / load generator / mariadbd / rabbitmq")
-    say()
-    say("1. Load-generator check: GET /transferStatus of unknown job ids (one DB read)")
-    say("clients  requests     req/s   p50 ms   p99 ms   loadgen us/req  loadgen ceiling/s   CPU% dmn gen  db  mq")
+1. Load-generator check: GET /transferStatus of unknown job ids (one primary-key read each)
+clients requests    req/s  p50 ms  p99 ms  daemon CPU ms/req  loadgen CPU us/req  loadgen ceiling/s   CPU% dmn  gen   db   mq""")
     for concurrency, load in probe.items():
-        say(f"{concurrency:7d} {load.count:9d} {load.rate:9.0f} {load.percentile(50):8.2f} {load.percentile(99):8.2f}"
-            f" {load.loadgen_us:16.0f} {1e6 / load.loadgen_us:19.0f}        {_cpu(load.cpu)}")
-    say()
-    say("2. Submissions: POST /submitTransfer vs the raw floor (INSERT+COMMIT then publish+confirm, same concurrency)")
-    say("clients  requests  daemon/s   p50 ms   p99 ms  CPU% dmn gen  db  mq | insert/s publish/s"
-        "  serial/s  floor/s  CPU% gen  db  mq | daemon/floor")
+        print(f"{concurrency:7d} {load.count:8d} {load.rate:8.0f} {load.percentile(50):7.2f} {load.percentile(99):7.2f}"
+              f" {load.daemon_ms:18.2f} {load.loadgen_us:19.0f} {1e6 / load.loadgen_us:18.0f}      {_cpu(load.cpu_percent)}")
+    print(f"""
+2. Submissions: POST /submitTransfer vs the raw floor at the same concurrency (median of {work['rounds']} round(s))
+   floor = INSERT+COMMIT then persistent publish+confirm, per item, one MySQL and one AMQP connection per thread
+clients requests daemon/s  p50 ms  p99 ms  daemon CPU ms/req  CPU% dmn  gen   db   mq |\
+ insert/s publish/s serial/s  floor/s  CPU% gen   db   mq | daemon/floor""")
     for concurrency, (load, floor) in submit.items():
-        say(f"{concurrency:7d} {load.count:9d} {load.rate:9.0f} {load.percentile(50):8.2f} {load.percentile(99):8.2f}"
-            f"      {_cpu(load.cpu)} | {floor.insert:8.0f} {floor.publish:9.0f} {floor.serial:9.0f}"
-            f" {floor.sequence:8.0f}     {_cpu(floor.cpu, FLOOR_CPU)} | {load.rate / floor.sequence:12.2f}")
-    say()
-    say(f"3. GET /transferStatus of random existing jobs: latency with {EMPTY_ROWS} vs {STATUS_ROWS} jobs in the table")
-    say("clients  requests  p50 ms (small)  p99 ms (small)  p50 ms (full)  p99 ms (full)  p50 ratio  p99 ratio  req/s (full)")
-    for concurrency in empty:
-        small, large = empty[concurrency], full[concurrency]
-        say(f"{concurrency:7d} {large.count:9d} {small.percentile(50):15.2f} {small.percentile(99):15.2f}"
-            f" {large.percentile(50):14.2f} {large.percentile(99):14.2f}"
-            f" {large.percentile(50) / small.percentile(50):10.2f} {large.percentile(99) / small.percentile(99):10.2f}"
-            f" {large.rate:13.0f}")
-    say()
-    say(f"daemon log lines written during the run: {log_lines}")
+        print(f"{concurrency:7d} {load.count:8d} {load.rate:8.0f} {load.percentile(50):7.2f} {load.percentile(99):7.2f}"
+              f" {load.daemon_ms:18.2f}      {_cpu(load.cpu_percent)} |"
+              f" {floor.insert:8.0f} {floor.publish:9.0f} {floor.serial:8.0f} {floor.sequence:8.0f}     "
+              f"{_cpu(floor.cpu_percent, ('loadgen', 'mariadb', 'rabbitmq'))} | {load.rate / floor.sequence:12.2f}")
+    print(f"""
+3. GET /transferStatus of random existing jobs: {SMALL_ROWS} jobs in the table vs {STATUS_ROWS}
+clients requests  p50 ms  p99 ms  (with {SMALL_ROWS})  p50 ms  p99 ms  (with {STATUS_ROWS})  p50 ratio  p99 ratio  req/s""")
+    for concurrency, load in full.items():
+        before = small[concurrency]
+        print(f"{concurrency:7d} {load.count:8d} {before.percentile(50):7.2f} {before.percentile(99):7.2f}"
+              f" {'':11s} {load.percentile(50):7.2f} {load.percentile(99):7.2f} {'':14s}"
+              f" {load.percentile(50) / before.percentile(50):9.2f} {load.percentile(99) / before.percentile(99):10.2f}"
+              f" {load.rate:6.0f}")
+    load, floor = submit[max(LEVELS)]
+    print(f"""
+At {max(LEVELS)} clients the daemon used {load.cpu_percent['daemon']:.0f}% of a core, {load.daemon_ms:.2f} ms of CPU per\
+ submission: one process can do about {1000 / load.daemon_ms:.0f} submissions/s; the floor did {floor.sequence:.0f}/s.
+The daemon logged {log_lines} lines for {submitted} submissions ({log_lines / submitted:.1f} per submission).""", flush=True)
 
 
 # -- main -------------------------------------------------------------------------------
@@ -620,58 +656,62 @@ def report(args, pool_max, probe, submit, empty, full, log_lines):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller run (under a minute)")
-    parser.add_argument("--pool-max", type=int, default=POOL_MAX, help=f"the daemon's MySQL pool_max (default {POOL_MAX})")
-    parser.add_argument("--mysql-url", default=MYSQL_URL, help=f"MySQL server, no database (default {MYSQL_URL})")
-    parser.add_argument("--amqp-url", default=AMQP_URL, help=f"RabbitMQ (default {AMQP_URL})")
-    parser.add_argument("--keep-log", action="store_true", help="keep the work directory with the daemon's log")
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
+    parser.add_argument("--pool-max", type=int, help="give the daemon this MySQL pool_max (default: its own default)")
+    parser.add_argument("--mysql-url", default=MYSQL_URL, help=f"the MySQL server, without a database ({MYSQL_URL})")
+    parser.add_argument("--amqp-url", default=AMQP_URL, help=f"the RabbitMQ server ({AMQP_URL})")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the daemon's config and log")
     return parser.parse_args(argv)
+
+
+def step(what):
+    print(f"-- {what}", file=sys.stderr, flush=True)
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     work = QUICK if args.quick else FULL
     rng = random.Random(1)
-    # SIGTERM cleans up like Ctrl-C does.
+    # Clean up on Ctrl-C and SIGTERM, even when started in the background (where SIGINT starts ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = tempfile.mkdtemp(prefix="transferd-bench-")
     backends = daemon = None
     try:
         backends = Backends(args.mysql_url, args.amqp_url)
         daemon = Daemon(workdir, backends, args.pool_max)
-        step("starting the daemon")
+        step(f"starting the daemon (database {backends.database}, queue prefix {backends.prefix})")
         daemon.start()
+        step(f"the daemon runs as pid {daemon.process.pid} on port {daemon.port}")
         meter = CPUMeter(daemon.process.pid)
         step("load-generator check")
-        probe = probe_ceiling(daemon, meter, work)
-        step(f"/transferStatus latency, {EMPTY_ROWS} jobs")
-        job_ids = insert_finished_jobs(backends, EMPTY_ROWS)
-        empty = status_latency(daemon, meter, job_ids, work, rng)
+        probe = loadgen_check(daemon, meter, work)
+        step(f"/transferStatus latency with {SMALL_ROWS} jobs")
+        job_ids = insert_finished_jobs(backends, SMALL_ROWS)
+        small = status_latency(daemon, meter, job_ids, work, rng)
         step("submissions and the raw floor")
+        lines = daemon.log_lines()
         submit = submit_throughput(daemon, backends, meter, work)
-        step(f"filling the table to {STATUS_ROWS} jobs")
-        job_ids += insert_finished_jobs(backends, STATUS_ROWS - count_jobs(backends))
-        step(f"/transferStatus latency, {STATUS_ROWS} jobs")
+        submitted, log_lines = backends.count_jobs() - SMALL_ROWS, daemon.log_lines() - lines
+        step(f"filling the jobs table to {STATUS_ROWS} rows")
+        job_ids += insert_finished_jobs(backends, STATUS_ROWS - backends.count_jobs())
+        step(f"/transferStatus latency with {STATUS_ROWS} jobs")
         full = status_latency(daemon, meter, job_ids, work, rng)
-        report(args, args.pool_max, probe, submit, empty, full, daemon.log_lines())
+        report(args, work, probe, submit, small, full, log_lines, submitted)
         return 0
     except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
-        step("cleaning up")
+        step("cleaning up: stopping the daemon, dropping the database and the queues")
         if daemon is not None:
             daemon.stop()
         if backends is not None:
             backends.close()
-        if args.keep_log:
-            print(f"daemon log kept in {workdir}", file=sys.stderr)
+        if args.keep_workdir:
+            print(f"the daemon's config and log are in {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def step(what):
-    print(f"-- {what}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -165,12 +165,19 @@ class TransferdService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        # The stager first: it cancels pending recalls, so the queue does not
+        # wait for workers that would only wait for a simulated tape.
+        yield self._close(self.stager)
         if self._children_started:
             yield super().stopService()
         else:
             service.Service.stopService(self)
-        for resource in (self.stager, self.mover, self.store):
-            try:
-                yield resource.close()
-            except Exception:
-                self.log.failure("error while closing {resource}", resource=resource)
+        for resource in (self.mover, self.store):
+            yield self._close(resource)
+
+    @defer.inlineCallbacks
+    def _close(self, resource):
+        try:
+            yield resource.close()
+        except Exception:
+            self.log.failure("error while closing {resource}", resource=resource)
