@@ -276,3 +276,16 @@ class JobStoreContract:
         self.assertEqual(sorted(j.job_id for j in again), sorted(ids))
         self.assertTrue(all(j.poll_owner == "next" for j in again))
         self.assertNotIn("poll_owner", again[0].public_view())
+
+    @defer.inlineCallbacks
+    def test_hold_queued_marks_only_unheld_jobs_in_state(self):
+        """hold_queued() marks QUEUED the listed jobs still in the state, never one a worker holds."""
+        free, worked, moved = (yield self._submitted()), (yield self._submitted()), (yield self._submitted())
+        yield self.store.claim(worked.job_id, jobs.SUBMITTED, "worker", 30)
+        yield self.store.transition(moved.job_id, jobs.SUBMITTED, jobs.STAGING)
+        count = yield self.store.hold_queued(jobs.SUBMITTED, [free.job_id, worked.job_id, moved.job_id], 60)
+        self.assertEqual(count, 1)
+        got = yield self.store.get(free.job_id)
+        self.assertEqual((got.lease_owner, got.lease_until), (jobs.QUEUED, self.clock.seconds() + 60))
+        self.assertEqual((yield self.store.get(worked.job_id)).lease_owner, "worker")
+        self.assertEqual((yield self.store.hold_queued(jobs.SUBMITTED, [], 60)), 0)

@@ -26,6 +26,7 @@ class APITestCase(unittest.TestCase):
     def call(self, method, path, **kwargs):
         response = yield self.flushing(self.client.request(method, "http://transferd" + path, **kwargs))
         body = yield self.flushing(response.content())
+        yield self.h.pipeline.flush_holds()  # settle batched queued holds before tests look at jobs
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json; charset=utf-8"])
         data = json.loads(body)
         self.assertNotIn("Traceback", body.decode("utf-8"))

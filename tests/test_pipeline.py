@@ -89,6 +89,7 @@ class PipelineTests(unittest.TestCase):
     def submitted(self):
         job = jobs.Job(job_id=jobs.new_job_id(), product_id="p", destination_path="file:///d")
         yield self.pipeline.submit(job)
+        yield self.pipeline.flush_holds()
         return job.job_id
 
     def status(self, job_id):

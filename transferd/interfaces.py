@@ -46,6 +46,12 @@ class IJobStore(Interface):
         it expires.
         """
 
+    def hold_queued(status, job_ids, hold_for):
+        """Mark the jobs among job_ids still in status and not held by a worker QUEUED for hold_for seconds.
+
+        One statement for many jobs (their messages were just confirmed); fires with the count.
+        """
+
     def renew(owner, job_ids, hold_for):
         """Extend the leases that owner holds on job_ids; fire with the count renewed."""
 

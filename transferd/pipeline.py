@@ -62,6 +62,8 @@ class Pipeline(Service):
         self.requeue_after = requeue_after
         self.owner = f"worker-{uuid.uuid4()}"
         self.held = set()
+        self._holds_to_extend = {}  # status -> job ids whose message was just confirmed
+        self._hold_flush = None
         self._renewal = task.LoopingCall(self._renew_leases)
         self._renewal.clock = clock
 
@@ -78,6 +80,7 @@ class Pipeline(Service):
         super().stopService()
         if self._renewal.running:
             self._renewal.stop()
+        return self.flush_holds()
 
     async def _renew_leases(self):
         try:
@@ -113,11 +116,30 @@ class Pipeline(Service):
             )
             await self._best_effort("drop the queued hold", self.store.release, job_id, jobs.QUEUED)
             return False
-        # Fails harmlessly when a worker has already claimed the job.
-        await self._best_effort(
-            "extend the queued hold", self.store.claim, job_id, status, jobs.QUEUED, self.requeue_after
-        )
+        self._extend_hold(status, job_id)
         return True
+
+    def _extend_hold(self, status, job_id):
+        """Extend a published job's QUEUED hold to requeue_after, batched.
+
+        The holds of the jobs confirmed within a few milliseconds are extended
+        by one statement, and nobody waits for it: a daemon that dies first
+        leaves short holds, and the reconciler publishes those jobs again.
+        """
+        self._holds_to_extend.setdefault(status, set()).add(job_id)
+        if self._hold_flush is None or not self._hold_flush.active():
+            self._hold_flush = self.clock.callLater(0.005, self.flush_holds)
+
+    def flush_holds(self):
+        """Extend the pending QUEUED holds now; fires when the store has done it."""
+        if self._hold_flush is not None and self._hold_flush.active():
+            self._hold_flush.cancel()
+        batches, self._holds_to_extend = self._holds_to_extend, {}
+        done = []
+        for status, job_ids in batches.items():
+            d = self.store.hold_queued(status, sorted(job_ids), self.requeue_after)
+            done.append(d.addErrback(lambda failure: self.log.failure("could not extend queued holds", failure)))
+        return defer.DeferredList(done)
 
     # -- staging ----------------------------------------------------------
 

@@ -332,6 +332,7 @@ class MySQLJobStore(SQLJobStore):
 
     log = Logger()
     placeholder = "%s"
+    skip_locked = " FOR UPDATE SKIP LOCKED"  # MariaDB 10.6+, MySQL 8.0+
     migrations = [
         [SCHEMA_VERSION_TABLE, _ensure_jobs_table],
         [_add_polling_columns],

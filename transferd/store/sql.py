@@ -43,6 +43,10 @@ class SQLJobStore:
     log = Logger()
     placeholder = "?"
     migrations: list = []
+    # Appended to claim_batch's SELECT where the database can skip rows that
+    # another poller's transaction has locked, so concurrent pollers pick
+    # different candidates.
+    skip_locked = ""
 
     def __init__(self, pool, clock):
         self.pool = pool
@@ -202,6 +206,19 @@ class SQLJobStore:
         )
         return self._rowcount(query, [owner, now + hold_for, job_id, status, now, jobs.QUEUED])
 
+    def hold_queued(self, status, job_ids, hold_for):
+        job_ids = list(job_ids)
+        if not job_ids:
+            return defer.succeed(0)
+        now = self._now()
+        marks = ", ".join("?" for _ in job_ids)
+        query = self._sql(
+            f"UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE status = ? AND job_id IN ({marks})"
+            " AND (lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
+        )
+        params = [jobs.QUEUED, now + hold_for, status] + job_ids + [now, jobs.QUEUED]
+        return self._rowcount(query, params, counted=True, idempotent=True)
+
     def renew(self, owner, job_ids, hold_for):
         job_ids = list(job_ids)
         if not job_ids:
@@ -245,7 +262,7 @@ class SQLJobStore:
             raise ValueError(f"unknown job field {having!r}")
         select = self._sql(
             "SELECT job_id FROM jobs WHERE status = ? AND (poll_until IS NULL OR poll_until < ?)"
-            + condition + " ORDER BY poll_until LIMIT ?"
+            + condition + " ORDER BY poll_until LIMIT ?" + self.skip_locked
         )
 
         def interaction(cursor):
