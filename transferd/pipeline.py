@@ -158,6 +158,7 @@ class Pipeline(Service):
             return
         authcode = secrets.token_urlsafe(32)
         fields = {"stager_callback": hash_authcode(authcode), "stage_attempts": attempt}
+        asked_at = self.clock.seconds()  # the authcode expires at asked_at + stager.timeout
         if job.status == jobs.SUBMITTED:
             started = await self.store.transition(
                 job.job_id, jobs.SUBMITTED, jobs.STAGING, fields, hold_for=self.lease, owner=self.owner
@@ -171,8 +172,10 @@ class Pipeline(Service):
         job = dataclasses.replace(job, status=jobs.STAGING, stage_attempts=attempt, stager_callback=fields["stager_callback"])
         result = await self.stager.stage(job, authcode)
         if result is None:
-            # The stager reports later (callback or polling): it holds the job until its timeout.
-            await self.store.release(job.job_id, self.owner, hold_for=self.stager.timeout)
+            # The stager reports later (callback or polling): it holds the job
+            # until the authcode expires, then the reconciler stages it again.
+            left = max(0.0, self.stager.timeout - (self.clock.seconds() - asked_at))
+            await self.store.release(job.job_id, self.owner, hold_for=left)
             return
         await self.staging_done(job, result)
 
