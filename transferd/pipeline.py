@@ -51,13 +51,16 @@ class Pipeline(Service):
 
     log = Logger()
 
-    def __init__(self, store, queue, stager, mover, clock, prefetch=8, lease=30.0, requeue_after=300.0):
+    def __init__(self, store, queue, stager, mover, clock, prefetch=8, lease=30.0, requeue_after=300.0,
+                 stage_prefetch=None):
         self.store = store
         self.queue = queue
         self.stager = stager
         self.mover = mover
         self.clock = clock
         self.prefetch = prefetch
+        # A batching stager (Tape REST) can only batch the stage() calls in flight at once.
+        self.stage_prefetch = stage_prefetch or prefetch
         self.lease = lease
         self.requeue_after = requeue_after
         self.owner = f"worker-{uuid.uuid4()}"
@@ -72,7 +75,7 @@ class Pipeline(Service):
     def startService(self):
         super().startService()
         self.queue.on_dead_letter = self.dead_letter
-        self.queue.consume(STAGING_QUEUE, self.stage, self.prefetch)
+        self.queue.consume(STAGING_QUEUE, self.stage, self.stage_prefetch)
         self.queue.consume(TRANSFER_QUEUE, self.transfer, self.prefetch)
         self._renewal.start(self.lease / 3, now=False)
 

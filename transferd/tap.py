@@ -96,6 +96,7 @@ class TransferdService(service.MultiService):
         self.pipeline = Pipeline(
             store, queue, stager, mover, reactor,
             prefetch=config.queue.prefetch,
+            stage_prefetch=max(config.queue.prefetch, getattr(stager, "bulk_size", 0)),
             lease=config.reconciler.lease,
             requeue_after=config.reconciler.requeue_after,
         )

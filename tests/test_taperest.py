@@ -1,0 +1,595 @@
+"""The Tape REST stager through the real pipeline, against the fake Tape REST server over real HTTP.
+
+Each "daemon" (Rig) is a real store, an in-process queue, the Pipeline, the
+Tape REST stager with its poller, and the local mover.  Time (batch window,
+retries, polling, the fake's recalls, leases) runs on one task.Clock that
+the tests advance; only the network and the database run on the reactor.
+The tape paths are real files under the test's archive directory, so the
+local mover delivers them and the bytes are compared.
+"""
+
+import collections
+import os
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from transferd import jobs
+from transferd.movers.local import LocalMover
+from transferd.pipeline import Pipeline, Reconciler
+from transferd.queue.memory import MemoryJobQueue
+from transferd.stagers.taperest import ClientTLSPolicy, TapeRestStager
+from transferd.store import open_store
+from transferd.testing.taperest import FakeTapeRestServer, TestPKI
+from tests import mysql_support
+from tests.support import wait_for
+
+POLL = 10.0  # seconds between polls, on the clock
+
+
+class Rig:
+    """One transferd instance without its API: store, queue, pipeline, Tape REST stager and poller, local mover."""
+
+    def __init__(self, store_url, url, namespace, deliveries, clock, **stager_options):
+        self.clock = clock
+        self.store = open_store(store_url, clock)
+        self.queue = MemoryJobQueue(reactor, max_deliveries=3, retry_delay=0.01)
+        options = dict(bulk_size=20, poll_interval=POLL, timeout=100_000.0, retry_delay=2.0, max_attempts=3)
+        options.update(stager_options)
+        self.stager = TapeRestStager(url, namespace, self.store, clock, **options)
+        self.mover = LocalMover(file_roots=(deliveries,))
+        # prefetch above bulk_size: a POST can only batch the stage() calls in flight at once.
+        self.pipeline = Pipeline(self.store, self.queue, self.stager, self.mover, clock, prefetch=100, lease=30)
+        self.timers = self.stager.services(self.pipeline)
+        self.submitted = 0  # jobs submitted through this rig
+        self.stopped = False
+
+    @defer.inlineCallbacks
+    def start(self):
+        yield self.store.migrate()
+        self.queue.startService()
+        self.pipeline.startService()
+        for timer in self.timers:
+            timer.startService()
+        yield wait_for(lambda: self.stager.polls >= 1)  # the poll made at start
+
+    @defer.inlineCallbacks
+    def stop(self):
+        if self.stopped:
+            return
+        self.stopped = True
+        for timer in self.timers:
+            if timer.running:
+                yield timer.stopService()
+        yield self.pipeline.stopService()
+        yield self.queue.stopService()
+        yield self.stager.close()
+        yield self.mover.close()
+        yield self.store.close()
+
+
+class TapeRestTestBase(unittest.TestCase):
+    timeout = 60
+    fake_options: dict = {}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.base = os.path.abspath(self.mktemp())
+        self.archive = os.path.join(self.base, "archive")
+        self.deliveries = os.path.join(self.base, "deliveries")
+        os.makedirs(self.archive)
+        os.makedirs(self.deliveries)
+        self.store_url = "sqlite:///" + os.path.join(self.base, "jobs.sqlite")
+        self.fake = yield self.start_fake(**self.fake_options)
+
+    @defer.inlineCallbacks
+    def start_fake(self, **options):
+        options.setdefault("local_files", True)
+        fake = FakeTapeRestServer(clock=self.clock, seed=7, **options)
+        yield defer.Deferred.fromCoroutine(fake.start())
+        self.addCleanup(fake.stop)
+        return fake
+
+    @defer.inlineCallbacks
+    def rig(self, store_url=None, url=None, **options):
+        rig = Rig(store_url or self.store_url, url or self.fake.url, self.archive, self.deliveries, self.clock,
+                  **options)
+        self.addCleanup(rig.stop)
+        yield rig.start()
+        return rig
+
+    def products(self, count, prefix="p"):
+        names = []
+        for n in range(count):
+            name = f"{prefix}-{n:03d}"
+            with open(os.path.join(self.archive, name), "wb") as handle:
+                handle.write(f"product {name}\n".encode() * (n + 1))
+            names.append(name)
+        return names
+
+    def path(self, product_id):
+        return os.path.join(self.archive, product_id)
+
+    @defer.inlineCallbacks
+    def submit(self, rig, products):
+        ids = []
+        for product_id in products:
+            job = jobs.Job(job_id=jobs.new_job_id(), product_id=product_id,
+                           destination_path="file://" + self.deliveries)
+            yield rig.pipeline.submit(job)
+            rig.submitted += 1
+            ids.append(job.job_id)
+        return ids
+
+    @defer.inlineCallbacks
+    def jobs_of(self, rig, ids):
+        found = {}
+        for job_id in ids:
+            found[job_id] = yield rig.store.get(job_id)
+        return found
+
+    def statuses(self, rig, ids):
+        return self.jobs_of(rig, ids).addCallback(lambda found: {i: j.status for i, j in found.items()})
+
+    def all_in(self, rig, ids, *states):
+        return self.statuses(rig, ids).addCallback(lambda s: all(v in states for v in s.values()))
+
+    def all_requested(self, rig, ids):
+        return self.jobs_of(rig, ids).addCallback(lambda found: all(j.stager_request for j in found.values()))
+
+    @defer.inlineCallbacks
+    def send_batches(self, rig, ids):
+        """Wait until the stager has every job submitted, close the batch window, wait for the request ids."""
+        yield wait_for(lambda: rig.stager.accepted >= rig.submitted)
+        self.clock.advance(0.2)
+        yield wait_for(lambda: self.all_requested(rig, ids))
+
+    def advance_until(self, predicate, step=POLL, timeout=20):
+        """Advance the clock by step every few milliseconds until predicate() is true."""
+
+        def tick():
+            self.clock.advance(step)
+            return defer.maybeDeferred(predicate)
+
+        return wait_for(tick, timeout=timeout, interval=0.02)
+
+    @defer.inlineCallbacks
+    def cycle(self, *rigs):
+        """One polling period: every rig's poller runs once, and finishes."""
+        before = [rig.stager.polls for rig in rigs]
+        self.clock.advance(POLL)
+        yield wait_for(lambda: all(rig.stager.polls > n for rig, n in zip(rigs, before)))
+
+    def status_gets(self):
+        """GET /stage/<id> calls so far, per request id."""
+        return collections.Counter(seen.path.rsplit("/", 1)[-1] for seen in self.fake.requests
+                                   if seen.endpoint == "status")
+
+    def retry_pending(self, low, high):
+        """A call is scheduled between low and high seconds from now (the stager's retry)."""
+        now = self.clock.seconds()
+        return any(now + low <= call.getTime() <= now + high for call in self.clock.getDelayedCalls())
+
+    def assertDelivered(self, product_id):
+        with open(self.path(product_id), "rb") as source, \
+                open(os.path.join(self.deliveries, product_id), "rb") as delivered:
+            self.assertEqual(source.read(), delivered.read())
+
+
+class BulkStagingTests(TapeRestTestBase):
+    fake_options = {"recall_seconds": 30.0, "queue_seconds": 5.0}
+
+    @defer.inlineCallbacks
+    def test_fifty_jobs_in_three_posts_then_delivered_and_released(self):
+        """50 jobs go out in ceil(50/20) = 3 POST /stage calls, are polled to SUCCESS, and their files released."""
+        rig = yield self.rig()
+        products = self.products(50)
+        ids = yield self.submit(rig, products)
+        yield wait_for(lambda: self.fake.calls["stage"] == 2 and rig.stager.queued == 10)
+        self.clock.advance(0.2)  # the batch window ends: the last 10 go out together
+        yield wait_for(lambda: self.all_requested(rig, ids))
+        self.assertEqual(self.fake.calls["stage"], 3)
+        self.assertEqual(sorted(len(r.files) for r in self.fake.stage_requests.values()), [10, 20, 20])
+        found = yield self.jobs_of(rig, ids)
+        for job in found.values():  # each job's request id is the one holding its file
+            self.assertIn(self.path(job.product_id), self.fake.stage_requests[job.stager_request].files)
+
+        yield self.cycle(rig)  # the recalls are still running
+        self.assertEqual(set((yield self.statuses(rig, ids)).values()), {jobs.STAGING})
+        self.assertEqual(sorted(self.status_gets().values()), [1, 1, 1])
+
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS))
+        for product_id in products:
+            self.assertDelivered(product_id)
+        found = yield self.jobs_of(rig, ids)
+        job = found[ids[0]]
+        self.assertEqual((job.stager_hostname, job.stager_path), ("127.0.0.1", self.path(products[0])))
+        self.assertEqual(job.files(), (jobs.StagedFile(products[0]),))
+        self.assertEqual(self.fake.calls["stage"], 3)
+        self.assertEqual(self.fake.calls["discovery"], 1)  # discovered once, then cached
+        yield wait_for(lambda: len(self.fake.released) == 50)
+        self.assertEqual(sorted(self.fake.released),
+                         sorted((j.stager_request, self.path(j.product_id)) for j in found.values()))
+
+    @defer.inlineCallbacks
+    def test_one_failing_file(self):
+        """A file the tape system fails ends its job in ERROR with the tape system's error; the others succeed."""
+        rig = yield self.rig()
+        products = self.products(5)
+        self.fake.fail_path(self.path(products[2]), "tape VOL042 is unreadable")
+        ids = yield self.submit(rig, products)
+        yield self.send_batches(rig, ids)
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS, jobs.ERROR))
+        found = yield self.jobs_of(rig, ids)
+        failed = found[ids[2]]
+        self.assertEqual(failed.status, jobs.ERROR)
+        self.assertIn("tape VOL042 is unreadable", failed.detailed_status)
+        self.assertIn(self.path(products[2]), failed.detailed_status)
+        self.assertEqual([j.status for i, j in found.items() if i != ids[2]], [jobs.SUCCESS] * 4)
+        self.assertEqual(self.fake.calls["stage"], 1)
+
+    @defer.inlineCallbacks
+    def check_restart(self, store_url):
+        rig = yield self.rig(store_url=store_url)
+        products = self.products(10)
+        ids = yield self.submit(rig, products)
+        yield self.send_batches(rig, ids)
+        yield self.cycle(rig)
+        self.assertEqual(set((yield self.statuses(rig, ids)).values()), {jobs.STAGING})
+        yield rig.stop()
+
+        again = yield self.rig(store_url=store_url)
+        # The jobs wait on the tape system: the reconciler leaves them alone.
+        self.assertEqual((yield Reconciler(again.store, again.pipeline, queued_lost=True).run_once()), 0)
+        yield self.advance_until(lambda: self.all_in(again, ids, jobs.SUCCESS))
+        self.assertEqual(self.fake.calls["stage"], 1)
+        for product_id in products:
+            self.assertDelivered(product_id)
+
+    def test_restart_resumes_polling_sqlite(self):
+        """A new pipeline and stager over the same SQLite store poll the stored request ids to SUCCESS, posting nothing again."""
+        return self.check_restart(self.store_url)
+
+    def test_restart_resumes_polling_mariadb(self):
+        """A new pipeline and stager over the same MariaDB database poll the stored request ids to SUCCESS, posting nothing again."""
+        return self.check_restart(mysql_support.fresh_database(self))
+
+    @defer.inlineCallbacks
+    def test_same_product_twice_goes_in_two_requests(self):
+        """Two jobs for one file are staged in different requests, so releasing one never unpins the other."""
+        rig = yield self.rig()
+        (product,) = self.products(1)
+        ids = yield self.submit(rig, [product, product])
+        yield self.send_batches(rig, ids)
+        found = yield self.jobs_of(rig, ids)
+        self.assertEqual(len({j.stager_request for j in found.values()}), 2)
+        self.assertEqual(self.fake.calls["stage"], 2)
+
+
+class SeveralPollersTests(TapeRestTestBase):
+    fake_options = {"recall_seconds": 1000.0, "token": "s3cret"}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        self.token_file = os.path.join(self.base, "token")
+        with open(self.token_file, "w") as handle:
+            handle.write("s3cret\n")
+
+    @defer.inlineCallbacks
+    def test_each_request_polled_once_per_cycle(self):
+        """Two daemons polling the same jobs GET each staging request once per cycle between them, with the bearer token."""
+        one = yield self.rig(bulk_size=5, token_file=self.token_file)
+        two = yield self.rig(bulk_size=5, token_file=self.token_file)
+        products = self.products(30)
+        ids_one = yield self.submit(one, products[:15])
+        ids_two = yield self.submit(two, products[15:])
+        yield wait_for(lambda: one.stager.accepted == 15 and two.stager.accepted == 15)
+        self.clock.advance(0.2)  # nothing waits for the window: 15 is a multiple of bulk_size
+        yield wait_for(lambda: self.all_requested(one, ids_one + ids_two))
+        self.assertEqual(self.fake.calls["stage"], 6)
+        for n in (1, 2, 3):
+            yield self.cycle(one, two)
+            self.assertEqual(self.status_gets(), {rid: n for rid in self.fake.stage_requests})
+        self.assertEqual({seen.authorization for seen in self.fake.requests if seen.endpoint != "discovery"},
+                         {"Bearer s3cret"})
+        self.clock.advance(1000)
+        ids = ids_one + ids_two
+        yield self.advance_until(lambda: self.all_in(one, ids, jobs.SUCCESS))
+
+    @defer.inlineCallbacks
+    def test_cancel_sends_the_cancel_call(self):
+        """Cancelling a staging job cancels its file on the tape system; the other jobs go on."""
+        rig = yield self.rig(token_file=self.token_file)
+        products = self.products(3)
+        ids = yield self.submit(rig, products)
+        yield self.send_batches(rig, ids)
+        job = yield rig.store.get(ids[0])
+        yield rig.pipeline.cancel(ids[0])
+        yield wait_for(lambda: self.fake.cancelled)
+        self.assertEqual(self.fake.cancelled, [(job.stager_request, self.path(products[0]))])
+        self.assertEqual(self.fake.state_of(job.stager_request, self.path(products[0])), "CANCELLED")
+        self.clock.advance(1000)
+        yield self.advance_until(lambda: self.all_in(rig, ids[1:], jobs.SUCCESS))
+        self.assertEqual((yield rig.store.get(ids[0])).status, jobs.CANCELLED)
+
+    @defer.inlineCallbacks
+    def test_cancel_before_the_post(self):
+        """A job cancelled while it waits for the batch window never reaches the tape system."""
+        rig = yield self.rig(token_file=self.token_file)
+        (job_id,) = yield self.submit(rig, self.products(1))
+        yield wait_for(lambda: rig.stager.queued == 1)
+        yield rig.pipeline.cancel(job_id)
+        self.assertEqual(rig.stager.queued, 0)
+        self.clock.advance(1)
+        self.assertEqual(self.fake.calls["stage"], 0)
+        self.assertEqual((yield rig.store.get(job_id)).status, jobs.CANCELLED)
+
+    @defer.inlineCallbacks
+    def test_wrong_token_is_an_error_with_the_problem(self):
+        """A 401 problem+json answer to POST /stage ends the job in ERROR with its title and detail."""
+        with open(self.token_file, "w") as handle:
+            handle.write("stale")
+        rig = yield self.rig(token_file=self.token_file)
+        (job_id,) = yield self.submit(rig, self.products(1))
+        yield wait_for(lambda: rig.stager.queued == 1)
+        self.clock.advance(0.2)
+        yield wait_for(lambda: self.all_in(rig, [job_id], jobs.ERROR))
+        job = yield rig.store.get(job_id)
+        self.assertIn("HTTP 401", job.detailed_status)
+        self.assertIn("Unauthorized: the bearer token is not valid", job.detailed_status)
+        self.assertEqual(self.fake.calls["stage"], 1)  # not retried
+
+    @defer.inlineCallbacks
+    def test_token_file_read_again_when_it_changes(self):
+        """A rewritten token file is used from the next request on."""
+        rig = yield self.rig(token_file=self.token_file)
+        first = yield self.submit(rig, self.products(1, "a"))
+        yield self.send_batches(rig, first)
+        os.replace(self._write(self.base, "new-token", "r0tated"), self.token_file)
+        self.fake.tape.token = "r0tated"
+        second = yield self.submit(rig, self.products(1, "b"))
+        yield self.send_batches(rig, second)
+        self.assertEqual(self.fake.requests[-1].authorization, "Bearer r0tated")
+
+    @staticmethod
+    def _write(directory, name, text):
+        path = os.path.join(directory, name)
+        with open(path, "w") as handle:
+            handle.write(text)
+        return path
+
+
+class FailureTests(TapeRestTestBase):
+    fake_options = {"recall_seconds": 5.0}
+
+    @defer.inlineCallbacks
+    def test_5xx_retried_with_backoff(self):
+        """POST /stage answered 503 twice is sent a third time after retry_delay, then 2 x retry_delay."""
+        rig = yield self.rig()
+        self.fake.respond_next(503, 2, endpoint="stage")
+        ids = yield self.submit(rig, self.products(2))
+        yield wait_for(lambda: rig.stager.queued == 2)
+        self.clock.advance(0.2)
+        yield wait_for(lambda: self.fake.calls["stage"] == 1 and self.retry_pending(2.0, 3.0))
+        self.clock.advance(1.9)  # less than retry_delay: no retry yet
+        self.assertEqual(self.fake.calls["stage"], 1)
+        yield self.advance_until(lambda: self.all_requested(rig, ids), step=0.5)
+        self.assertEqual(self.fake.calls["stage"], 3)
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS))
+
+    @defer.inlineCallbacks
+    def test_unreachable_after_max_attempts(self):
+        """When every attempt gets 5xx the jobs end in ERROR saying the endpoint could not be reached."""
+        rig = yield self.rig(max_attempts=3)
+        self.fake.respond_next(500, 3, endpoint="stage", title="Internal Server Error", detail="database down")
+        ids = yield self.submit(rig, self.products(1))
+        yield wait_for(lambda: rig.stager.queued == 1)
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.ERROR), step=1)
+        job = yield rig.store.get(ids[0])
+        self.assertIn("could not be reached after 3 attempt(s)", job.detailed_status)
+        self.assertIn("database down", job.detailed_status)
+        self.assertEqual(self.fake.calls["stage"], 3)
+
+    @defer.inlineCallbacks
+    def test_connection_refused(self):
+        """An endpoint nobody listens on fails the job after max_attempts, saying so."""
+        port = self.fake.port.getHost().port
+        yield self.fake.stop()
+        rig = yield self.rig(url=f"http://127.0.0.1:{port}/api/v1", max_attempts=2)
+        ids = yield self.submit(rig, self.products(1))
+        yield wait_for(lambda: rig.stager.queued == 1)
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.ERROR), step=1)
+        job = yield rig.store.get(ids[0])
+        self.assertIn(f"the Tape REST endpoint http://127.0.0.1:{port}/api/v1 could not be reached after 2",
+                      job.detailed_status)
+
+    @defer.inlineCallbacks
+    def test_timeout_then_retry(self):
+        """A POST /stage that gets no answer within request_timeout is sent again."""
+        rig = yield self.rig(request_timeout=0.3)
+        self.fake.hang_next(1, endpoint="stage")
+        ids = yield self.submit(rig, self.products(1))
+        yield wait_for(lambda: rig.stager.queued == 1)
+        yield self.advance_until(lambda: self.all_requested(rig, ids), step=0.5)
+        self.assertEqual(self.fake.calls["stage"], 2)
+
+    @defer.inlineCallbacks
+    def test_refused_batch_is_split(self):
+        """A batch refused with 400 is sent again file by file, so the good files still stage."""
+        rig = yield self.rig()
+        self.fake.respond_next(400, 1, endpoint="stage", title="Invalid request", detail="one path is bad")
+        ids = yield self.submit(rig, self.products(3))
+        yield self.send_batches(rig, ids)
+        self.assertEqual(self.fake.calls["stage"], 4)
+        found = yield self.jobs_of(rig, ids)
+        self.assertEqual(len({j.stager_request for j in found.values()}), 3)
+
+    @defer.inlineCallbacks
+    def test_single_file_refused(self):
+        """A single file refused with 400 ends its job in ERROR with the problem's title and detail."""
+        rig = yield self.rig()
+        self.fake.respond_next(400, 1, endpoint="stage", title="Invalid request", detail="path not allowed")
+        ids = yield self.submit(rig, self.products(1))
+        yield wait_for(lambda: rig.stager.queued == 1)
+        self.clock.advance(0.2)
+        yield wait_for(lambda: self.all_in(rig, ids, jobs.ERROR))
+        job = yield rig.store.get(ids[0])
+        self.assertIn("Invalid request: path not allowed", job.detailed_status)
+
+    @defer.inlineCallbacks
+    def test_lost_request(self):
+        """A request the tape system no longer knows (404) ends its jobs in ERROR."""
+        rig = yield self.rig()
+        ids = yield self.submit(rig, self.products(2))
+        yield self.send_batches(rig, ids)
+        self.fake.forget((yield rig.store.get(ids[0])).stager_request)
+        yield self.cycle(rig)
+        yield wait_for(lambda: self.all_in(rig, ids, jobs.ERROR))
+        job = yield rig.store.get(ids[0])
+        self.assertIn("staging request lost by the tape system", job.detailed_status)
+
+    @defer.inlineCallbacks
+    def test_poll_5xx_waits_for_next_cycle(self):
+        """A 5xx answer to GET /stage/<id> leaves the jobs staging; the next cycle finishes them."""
+        rig = yield self.rig()
+        ids = yield self.submit(rig, self.products(2))
+        yield self.send_batches(rig, ids)
+        self.fake.respond_next(503, 1, endpoint="status")
+        yield self.cycle(rig)
+        self.assertEqual(set((yield self.statuses(rig, ids)).values()), {jobs.STAGING})
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS))
+
+    @defer.inlineCallbacks
+    def test_missing_file_fails(self):
+        """A product the tape system does not have ends in ERROR with the tape system's reason."""
+        rig = yield self.rig()
+        ids = yield self.submit(rig, ["not-archived"])
+        yield self.send_batches(rig, ids)
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.ERROR))
+        job = yield rig.store.get(ids[0])
+        self.assertIn("No such file or directory", job.detailed_status)
+
+
+class EndpointTests(TapeRestTestBase):
+    @defer.inlineCallbacks
+    def test_endpoint_url_used_without_discovery(self):
+        """A url with a path is the endpoint itself: no discovery document is fetched."""
+        rig = yield self.rig(url=self.fake.endpoint_url)
+        ids = yield self.submit(rig, self.products(2))
+        yield self.send_batches(rig, ids)
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS))
+        self.assertEqual(self.fake.calls["discovery"], 0)
+
+    @defer.inlineCallbacks
+    def test_on_disk_without_state(self):
+        """A file described only by "onDisk": true counts as staged."""
+        fake = yield self.start_fake(omit_state_on_disk=True)
+        rig = yield self.rig(url=fake.url)
+        ids = yield self.submit(rig, self.products(2))
+        yield wait_for(lambda: rig.stager.queued == 2)
+        self.clock.advance(0.2)
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS))
+
+    @defer.inlineCallbacks
+    def test_close_with_work_waiting(self):
+        """Closing the stager fails the stage() calls still waiting and leaves no timer behind."""
+        store = open_store(self.store_url, self.clock)
+        yield store.migrate()
+        self.addCleanup(store.close)
+        stager = TapeRestStager(self.fake.url, self.archive, store, self.clock)
+        pending = stager.stage(jobs.Job(job_id=jobs.new_job_id(), product_id="p", destination_path="file:///d"), "c")
+        yield stager.close()
+        with self.assertRaises(defer.CancelledError):
+            yield pending
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class X509Tests(TapeRestTestBase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        self.pki = TestPKI(os.path.join(self.base, "pki"))
+        self.tls_fake = yield self.start_fake(tls=self.pki, require_client_certificate=True)
+
+    @defer.inlineCallbacks
+    def check_stages_with(self, policy):
+        rig = yield self.rig(url=self.tls_fake.url, tls_policy=policy)
+        ids = yield self.submit(rig, self.products(2))
+        yield wait_for(lambda: rig.stager.queued == 2)
+        self.clock.advance(0.2)
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS))
+        self.assertEqual({seen.client for seen in self.tls_fake.requests}, {"transferd test client"})
+
+    def test_client_certificate_and_key(self):
+        """Over HTTPS, the server is verified against ca_path and our certificate and key authenticate us."""
+        return self.check_stages_with(ClientTLSPolicy(self.pki.ca_path, self.pki.client_cert, self.pki.client_key))
+
+    def test_proxy_file(self):
+        """A proxy-style file (certificate and key in one) works as cert alone; a CA directory works as ca_path."""
+        return self.check_stages_with(ClientTLSPolicy(os.path.dirname(self.pki.ca_path), self.pki.client_proxy))
+
+    def test_certificate_chain_sent(self):
+        """The certificates after the first in cert (a proxy's issuer, an intermediate CA) are sent along."""
+        return self.check_stages_with(ClientTLSPolicy(self.pki.ca_path, self.pki.client_chain))
+
+    @defer.inlineCallbacks
+    def test_without_client_certificate(self):
+        """A server that demands a client certificate we lack fails the job, saying it could not be reached."""
+        rig = yield self.rig(url=self.tls_fake.url, tls_policy=ClientTLSPolicy(self.pki.ca_path), max_attempts=1)
+        ids = yield self.submit(rig, self.products(1))
+        yield wait_for(lambda: rig.stager.queued == 1)
+        self.clock.advance(0.2)
+        yield wait_for(lambda: self.all_in(rig, ids, jobs.ERROR))
+        self.assertIn("could not be reached", (yield rig.store.get(ids[0])).detailed_status)
+
+
+class ConfigTests(unittest.TestCase):
+    def setUp(self):
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        self.store = open_store("sqlite:///" + os.path.join(self.base, "jobs.sqlite"), task.Clock())
+        self.addCleanup(self.store.close)
+
+    def build(self, **stager):
+        from transferd.config import load_config
+        from transferd.tap import build_stager
+
+        values = {"backend": "taperest", "url": "https://tape.example.org:8443", "archive_root": "/pnfs/example/meerkat"}
+        values.update(stager)
+        config = load_config(None, {("stager", key): value for key, value in values.items()})
+        stager = build_stager(config, task.Clock(), self.store)
+        self.addCleanup(stager.close)
+        return stager
+
+    def test_from_config(self):
+        """backend = taperest builds the Tape REST stager with the [stager] settings; products are files under archive_root."""
+        token = os.path.join(self.base, "token")
+        with open(token, "w") as handle:
+            handle.write("t")
+        stager = self.build(bulk_size="7", poll_interval="5", timeout="900", max_attempts="4", retry_delay="1.5",
+                            token_file=token, archive_root="/pnfs/example/meerkat/")
+        self.assertIsInstance(stager, TapeRestStager)
+        self.assertEqual((stager.bulk_size, stager.poll_interval, stager.timeout, stager.max_attempts,
+                          stager.retry_delay), (7, 5.0, 900.0, 4, 1.5))
+        self.assertEqual(stager.path_for("prod-1"), "/pnfs/example/meerkat/prod-1")
+
+    def test_refusals(self):
+        """A missing url, a relative archive_root, a key without cert or a missing token file stop start-up."""
+        from transferd.config import ConfigError
+
+        for settings, words in (({"url": ""}, "url"), ({"archive_root": "transferd-data/archive"}, "archive_root"),
+                                ({"key": "/k.pem"}, "key"), ({"token_file": "/no/such/token"}, "token_file"),
+                                ({"ca_path": "/no/such/ca"}, "ca_path")):
+            with self.assertRaises(ConfigError) as caught:
+                self.build(**settings)
+            self.assertIn(words, str(caught.exception))
+
+    def test_tls_settings(self):
+        """cert, key and ca_path load at start-up into the client TLS policy."""
+        pki = TestPKI(os.path.join(self.base, "pki"))
+        stager = self.build(cert=pki.client_cert, key=pki.client_key, ca_path=pki.ca_path)
+        client, chain = stager.tls_policy.client_certificate()
+        self.assertIsNotNone(client)
