@@ -7,13 +7,13 @@ import json
 import os
 
 from twisted.internet import defer, reactor, ssl, task
-from twisted.protocols.policies import WrappingFactory
 from twisted.trial import unittest
 from twisted.web import resource, server
 
 from transferd.config import ConfigError, load_config
 from transferd.stagers import callback
 from transferd.stagers.callback import CallbackStager
+from transferd.testing.servers import QuietSite, TrackingFactory
 from tests.contract_stager import a_job
 from tests.daemon import free_port
 from tests.support import wait_for
@@ -60,32 +60,11 @@ class Recorder(resource.Resource):
         return [seen for seen in self.requests if seen.method == method]
 
 
-class _Tracking(WrappingFactory):
-    """Knows its open connections so that stop() can close them and wait (no dirty reactor)."""
-
-    def __init__(self, wrapped):
-        super().__init__(wrapped)
-        self.lost = {}
-
-    def registerProtocol(self, protocol):
-        super().registerProtocol(protocol)
-        self.lost[protocol] = defer.Deferred()
-
-    def unregisterProtocol(self, protocol):
-        super().unregisterProtocol(protocol)
-        lost = self.lost.pop(protocol, None)
-        if lost is not None:
-            lost.callback(None)
-
-
 class Served:
     """A resource listening on 127.0.0.1 (a free port, or the one given); stop() closes everything."""
 
     def __init__(self, root, port=0, tls=None):
-        site = server.Site(root)
-        site.noisy = False
-        site.log = lambda request: None
-        self.factory = _Tracking(site)
+        self.factory = TrackingFactory(QuietSite(root))
         if tls is None:
             self.port = reactor.listenTCP(port, self.factory, interface="127.0.0.1")
         else:
@@ -94,11 +73,7 @@ class Served:
         self.url = f"{scheme}://127.0.0.1:{self.port.getHost().port}"
 
     def stop(self):
-        waits = [defer.maybeDeferred(self.port.stopListening)]
-        for connection, lost in list(self.factory.lost.items()):
-            waits.append(lost)
-            connection.transport.abortConnection()
-        return defer.gatherResults(waits, consumeErrors=True)
+        return self.factory.close_all(self.port)
 
 
 def serve(test, root, port=0, tls=None):

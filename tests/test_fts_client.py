@@ -15,9 +15,9 @@ from transferd.fts.client import (
     FTSRefused,
     FTSUnavailable,
     deterministic_job_id,
-    load_trust_root,
 )
 from transferd.testing.fakefts import FakeFTSServer, TestPKI
+from transferd.tls import load_trust_root
 
 TOKEN = "token-one"
 

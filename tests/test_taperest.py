@@ -18,9 +18,10 @@ from transferd import jobs
 from transferd.movers.local import LocalMover
 from transferd.pipeline import Pipeline, Reconciler
 from transferd.queue.memory import MemoryJobQueue
-from transferd.stagers.taperest import ClientTLSPolicy, TapeRestStager
+from transferd.stagers.taperest import TapeRestStager
 from transferd.store import open_store
 from transferd.testing.taperest import FakeTapeRestServer, TestPKI
+from transferd.tls import client_tls_policy
 from tests import mysql_support
 from tests.support import wait_for
 
@@ -525,20 +526,20 @@ class X509Tests(TapeRestTestBase):
 
     def test_client_certificate_and_key(self):
         """Over HTTPS, the server is verified against ca_path and our certificate and key authenticate us."""
-        return self.check_stages_with(ClientTLSPolicy(self.pki.ca_path, self.pki.client_cert, self.pki.client_key))
+        return self.check_stages_with(client_tls_policy(self.pki.ca_path, self.pki.client_cert, self.pki.client_key))
 
     def test_proxy_file(self):
         """A proxy-style file (certificate and key in one) works as cert alone; a CA directory works as ca_path."""
-        return self.check_stages_with(ClientTLSPolicy(os.path.dirname(self.pki.ca_path), self.pki.client_proxy))
+        return self.check_stages_with(client_tls_policy(os.path.dirname(self.pki.ca_path), self.pki.client_proxy))
 
     def test_certificate_chain_sent(self):
         """The certificates after the first in cert (a proxy's issuer, an intermediate CA) are sent along."""
-        return self.check_stages_with(ClientTLSPolicy(self.pki.ca_path, self.pki.client_chain))
+        return self.check_stages_with(client_tls_policy(self.pki.ca_path, self.pki.client_chain))
 
     @defer.inlineCallbacks
     def test_without_client_certificate(self):
         """A server that demands a client certificate we lack fails the job, saying it could not be reached."""
-        rig = yield self.rig(url=self.tls_fake.url, tls_policy=ClientTLSPolicy(self.pki.ca_path), max_attempts=1)
+        rig = yield self.rig(url=self.tls_fake.url, tls_policy=client_tls_policy(self.pki.ca_path), max_attempts=1)
         ids = yield self.submit(rig, self.products(1))
         yield wait_for(lambda: rig.stager.queued == 1)
         self.clock.advance(0.2)
@@ -591,5 +592,4 @@ class ConfigTests(unittest.TestCase):
         """cert, key and ca_path load at start-up into the client TLS policy."""
         pki = TestPKI(os.path.join(self.base, "pki"))
         stager = self.build(cert=pki.client_cert, key=pki.client_key, ca_path=pki.ca_path)
-        client, chain = stager.tls_policy.client_certificate()
-        self.assertIsNotNone(client)
+        self.assertIsNotNone(stager.tls_policy.credential.load().tls_certificate)

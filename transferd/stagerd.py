@@ -78,7 +78,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from transferd import jobs, validation
-from transferd.stagers.callback import StagerTLSPolicy, load_trust_root
+from transferd.http import describe
+from transferd.tls import client_tls_policy
 from transferd.web import LimitedSite
 
 MAX_BODY_BYTES = 65536
@@ -196,14 +197,6 @@ def _json(request, code, body):
     request.setResponseCode(code)
     request.setHeader("Content-Type", "application/json; charset=utf-8")
     return (json.dumps(body) + "\n").encode("utf-8")
-
-
-def _describe(error):
-    """A short description of why a request failed (treq wraps the real causes in .reasons)."""
-    reasons = getattr(error, "reasons", None)
-    if reasons:
-        return "; ".join(_describe(reason.value) for reason in reasons)
-    return str(error) or type(error).__name__
 
 
 def _message(body):
@@ -497,7 +490,7 @@ class ReferenceStager:
             except defer.CancelledError:
                 raise
             except Exception as error:
-                problem = _describe(error)
+                problem = describe(error)
             else:
                 if 200 <= code < 300:
                     staging.state = "done"
@@ -606,7 +599,7 @@ class Options(usage.Options):
         self["tls-policy"] = None
         if self["callback-ca"]:
             try:
-                self["tls-policy"] = StagerTLSPolicy(load_trust_root(self["callback-ca"]))
+                self["tls-policy"] = client_tls_policy(self["callback-ca"])
             except (OSError, ValueError) as error:
                 raise usage.UsageError(f"--callback-ca {self['callback-ca']}: {error}") from None
 

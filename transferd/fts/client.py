@@ -30,16 +30,16 @@ that cannot be read) are ``FTSCredentialsError``, a kind of
 import dataclasses
 import datetime
 import json
-import os
-import re
 import uuid
 from urllib.parse import quote
 
-from twisted.internet import defer, ssl
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import implementer
+
+from transferd import tls
+from transferd.http import describe
+from transferd.tls import ClientTLSPolicy, WatchedFile, load_trust_root
 
 # fts-rest-flask's namespace for deterministic job ids: a job submitted with
 # id_generator "deterministic" gets uuid5(uuid5(BASE_ID, vo), sid).
@@ -56,8 +56,6 @@ FILE_FIELDS = (
     "file_metadata", "start_time", "finish_time",
 )
 
-PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
-HASHED_CA = re.compile(r"[0-9a-f]{8}\.\d+\Z")
 
 
 def deterministic_job_id(vo, sid):
@@ -128,157 +126,27 @@ def _clip(text, limit=1000):
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _describe(error):
-    """A short human description of a connection-level failure."""
-    reasons = getattr(error, "reasons", None)  # ResponseNeverReceived, RequestTransmissionFailed...
-    if reasons:
-        return "; ".join(reason.getErrorMessage() or reason.type.__name__ for reason in reasons)
-    return str(error) or type(error).__name__
-
-
-def pem_blocks(data, kinds):
-    """The PEM blocks in data whose type ends with one of kinds (e.g. b"CERTIFICATE", b"PRIVATE KEY")."""
-    return [m.group(0) if m.group(0).endswith(b"\n") else m.group(0) + b"\n"
-            for m in PEM_BLOCK.finditer(data) if m.group(1).endswith(kinds)]
-
-
-def _stamp(path):
-    st = os.stat(path)
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 # -- credentials ------------------------------------------------------------
 
 
-class TokenFile:
+class TokenFile(WatchedFile):
     """A bearer token kept in a file something else renews; read again whenever the file changes."""
-
-    def __init__(self, path):
-        self.path = path
-        self._stamp = None
-        self._token = None
-
-    def invalidate(self):
-        """Read the file again next time (FTS refused the token)."""
-        self._stamp = None
 
     def header(self):
         try:
-            stamp = _stamp(self.path)
-            if stamp != self._stamp:
-                with open(self.path, encoding="utf-8") as handle:
-                    token = handle.read().strip()
-                if not token:
-                    raise FTSCredentialsError(f"the FTS token file {self.path} is empty")
-                self._token, self._stamp = token, stamp
-        except OSError as error:
-            raise FTSCredentialsError(f"cannot read the FTS token file {self.path}: {error.strerror}") from None
-        return b"Bearer " + self._token.encode("utf-8")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedCredential:
-    cert_pem: bytes  # our certificate (or proxy)
-    key_pem: bytes  # its private key
-    chain_pem: bytes  # the certificates that signed it, if we have them
-    tls_certificate: ssl.PrivateCertificate
-    tls_chain: tuple  # of OpenSSL X509, sent after our certificate
-
-
-class X509Credential:
-    """Our certificate and key: cert + key files, or one proxy file (proxy, key, chain).
-
-    The files are read again when they change (proxies are renewed in place).
-    """
-
-    def __init__(self, cert=None, key=None, proxy=None):
-        if proxy:
-            self.cert_path = self.key_path = proxy
-        elif cert:
-            self.cert_path, self.key_path = cert, key or cert
-        else:
-            raise ValueError("an X.509 credential needs a proxy file, or a certificate and a key")
-        self._stamps = None
-        self._loaded = None
-
-    def load(self):
-        try:
-            stamps = (_stamp(self.cert_path), _stamp(self.key_path))
-            if stamps != self._stamps:
-                self._loaded = self._read()
-                self._stamps = stamps
-        except OSError as error:
+            token = self.read().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
             raise FTSCredentialsError(
-                f"cannot read the X.509 credential {error.filename or self.cert_path}: {error.strerror}") from None
-        return self._loaded
-
-    def _read(self):
-        from OpenSSL import crypto
-
-        with open(self.cert_path, "rb") as handle:
-            cert_data = handle.read()
-        key_data = cert_data
-        if self.key_path != self.cert_path:
-            with open(self.key_path, "rb") as handle:
-                key_data = handle.read()
-        certificates = pem_blocks(cert_data, (b"CERTIFICATE",))
-        keys = pem_blocks(key_data, (b"PRIVATE KEY",))
-        if not certificates:
-            raise FTSCredentialsError(f"no certificate found in {self.cert_path}")
-        if not keys:
-            raise FTSCredentialsError(f"no private key found in {self.key_path}")
-        if b"ENCRYPTED" in keys[0].split(b"\n", 1)[0] or b"Proc-Type: 4,ENCRYPTED" in keys[0]:
-            raise FTSCredentialsError(
-                f"the private key in {self.key_path} is encrypted; use an unencrypted key or a proxy")
-        try:
-            tls_certificate = ssl.PrivateCertificate.loadPEM(certificates[0] + keys[0])
-            chain = tuple(crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in certificates[1:])
-        except Exception as error:
-            raise FTSCredentialsError(f"cannot use the X.509 credential {self.cert_path}: {error}") from None
-        return LoadedCredential(certificates[0], keys[0], b"".join(certificates[1:]), tls_certificate, chain)
+                f"cannot read the FTS token file {self.path}: {getattr(error, 'strerror', None) or error}") from None
+        if not token:
+            raise FTSCredentialsError(f"the FTS token file {self.path} is empty")
+        return b"Bearer " + token.encode("utf-8")
 
 
-def load_trust_root(ca_path):
-    """The CAs to verify FTS with, from a PEM file or a hashed directory (/etc/grid-security/certificates)."""
-    files = []
-    if os.path.isdir(ca_path):
-        for name in sorted(os.listdir(ca_path)):
-            if HASHED_CA.match(name) or name.endswith((".pem", ".crt")):
-                files.append(os.path.join(ca_path, name))
-    else:
-        files.append(ca_path)
-    seen, certificates = set(), []
-    for path in files:
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read()
-        except OSError:
-            continue
-        for block in pem_blocks(data, (b"CERTIFICATE",)):
-            if block not in seen:
-                seen.add(block)
-                certificates.append(ssl.Certificate.loadPEM(block))
-    if not certificates:
-        raise ValueError(f"no CA certificates found in {ca_path}")
-    return ssl.trustRootFromCertificates(certificates)
+class X509Credential(tls.X509Credential):
+    """Our certificate and key (see transferd.tls.X509Credential); problems are FTSCredentialsErrors."""
 
-
-@implementer(IPolicyForHTTPS)
-class FTSTLSPolicy:
-    """Verify FTS against ca_path (or the platform's CAs) and present our certificate, if any."""
-
-    def __init__(self, trust_root=None, credential=None):
-        self.trust_root = trust_root
-        self.credential = credential
-
-    def creatorForNetloc(self, hostname, port):
-        kwargs = {}
-        if self.credential is not None:
-            loaded = self.credential.load()
-            kwargs["clientCertificate"] = loaded.tls_certificate
-            if loaded.tls_chain:
-                kwargs["extraCertificateOptions"] = {"extraCertChain": list(loaded.tls_chain)}
-        return ssl.optionsForClientTLS(hostname.decode("idna"), trustRoot=self.trust_root, **kwargs)
+    error = FTSCredentialsError
 
 
 def parse_time(text):
@@ -328,7 +196,7 @@ class FTSClient:
         self.pool = pool if pool is not None else HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max(self.pool.maxPersistentPerHost, 8)
         self.pool._factory = _QuietHTTP11ClientFactory  # no "Starting factory" line per connection
-        agent = Agent(reactor, contextFactory=FTSTLSPolicy(trust_root, self.credential), pool=self.pool)
+        agent = Agent(reactor, contextFactory=ClientTLSPolicy(trust_root, self.credential), pool=self.pool)
         self.http = treq.client.HTTPClient(agent)
         self.request_timeout = request_timeout
         self.delegation_min_lifetime = delegation_min_lifetime
@@ -543,7 +411,7 @@ class FTSClient:
         except FTSError:
             raise
         except Exception as error:
-            raise FTSUnavailable(f"{shown}: {_describe(error)}") from None
+            raise FTSUnavailable(f"{shown}: {describe(error)}") from None
         if answer.code == 401 and self.token is not None:
             self.token.invalidate()
         return answer

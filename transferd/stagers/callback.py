@@ -21,35 +21,25 @@ protocol.
 """
 
 import json
-import os
 import random
-import re
 from urllib.parse import quote
 
 import treq
-from twisted.internet import defer, ssl, task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from transferd.http import describe
 from transferd.interfaces import IStager
 from transferd.jobs import StageResult
+from transferd.tls import client_tls_policy
 
 RETRYABLE_STATUS = frozenset({408, 429})  # 4xx answers that mean "try again later"
-PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.+?-----END \1-----\s*", re.DOTALL)
 
 
 class StagerTimeout(Exception):
     """The stager gave no complete answer in time."""
-
-
-def _describe(error):
-    """A short human description of why a request failed."""
-    reasons = getattr(error, "reasons", None)  # treq/Agent wrap the real causes in a list
-    if reasons:
-        return "; ".join(_describe(reason.value) for reason in reasons)
-    return str(error) or type(error).__name__
 
 
 def _message(body):
@@ -62,70 +52,6 @@ def _message(body):
     if isinstance(data, dict) and isinstance(data.get("msg"), str):
         text = data["msg"]
     return text[:500] or "(no message)"
-
-
-# -- TLS ------------------------------------------------------------------------
-
-
-def _pem_blocks(data, kinds):
-    return [m.group(0) for m in PEM_BLOCK.finditer(data) if m.group(1).decode("ascii") in kinds]
-
-
-def load_trust_root(ca_path):
-    """The CA certificates in a PEM file, or in the files of a (hashed) directory, as a trust root."""
-    names = [ca_path]
-    if os.path.isdir(ca_path):
-        names = [os.path.join(ca_path, name) for name in sorted(os.listdir(ca_path))]
-    certificates = []
-    for name in names:
-        if not os.path.isfile(name):
-            continue
-        with open(name, "rb") as handle:
-            for block in _pem_blocks(handle.read(), ("CERTIFICATE", "TRUSTED CERTIFICATE")):
-                try:
-                    certificates.append(ssl.Certificate.loadPEM(block))
-                except Exception:
-                    continue  # grid CA directories hold other files too (.signing_policy, CRLs)
-    if not certificates:
-        raise ValueError(f"no CA certificate found in {ca_path}")
-    return ssl.trustRootFromCertificates(certificates)
-
-
-def load_client_certificate(cert, key=None):
-    """(PrivateCertificate, [chain X509s]) from a PEM certificate file and its key.
-
-    cert holds the certificate first, then any chain (a grid proxy file holds
-    proxy, key and user certificate); key may be omitted when it is in cert.
-    """
-    with open(cert, "rb") as handle:
-        cert_data = handle.read()
-    key_data = cert_data
-    if key:
-        with open(key, "rb") as handle:
-            key_data = handle.read()
-    certificates = _pem_blocks(cert_data, ("CERTIFICATE",))
-    keys = _pem_blocks(key_data, ("PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"))
-    if not certificates or not keys:
-        raise ValueError(f"{cert} must hold a PEM certificate, and {key or cert} its private key")
-    private = ssl.PrivateCertificate.loadPEM(certificates[0] + keys[0])
-    chain = [ssl.Certificate.loadPEM(block).original for block in certificates[1:]]
-    return private, chain
-
-
-@implementer(IPolicyForHTTPS)
-class StagerTLSPolicy:
-    """Verifies the stager against trust_root (None: the system's CAs); presents a client certificate if given."""
-
-    def __init__(self, trust_root=None, client_certificate=None, chain=()):
-        self.trust_root = trust_root
-        self.client_certificate = client_certificate
-        self.chain = list(chain)
-
-    def creatorForNetloc(self, hostname, port):
-        return ssl.optionsForClientTLS(
-            hostname.decode("idna"), trustRoot=self.trust_root, clientCertificate=self.client_certificate,
-            extraCertificateOptions={"extraCertChain": self.chain} if self.chain else None,
-        )
 
 
 # -- the stager -------------------------------------------------------------------
@@ -212,7 +138,7 @@ class CallbackStager:
             except Exception as error:
                 if self._closed:  # the request was cut short by close(), not by the stager
                     raise defer.CancelledError() from error
-                problem = _describe(error)
+                problem = describe(error)
             else:
                 if 200 <= code < 300:
                     self.log.info("job {job_id}: the stager at {url} accepted the staging request "
@@ -279,7 +205,7 @@ class CallbackStager:
                 return
             except Exception as error:
                 self.log.warn("job {job_id} ({why}): could not tell the stager at {url} to forget it: {error}",
-                              job_id=job.job_id, why=why, url=target, error=_describe(error))
+                              job_id=job.job_id, why=why, url=target, error=describe(error))
                 return
             if 200 <= code < 300 or code == 404:
                 self.log.info("job {job_id} ({why}): the stager at {url} has forgotten it (HTTP {code})",
@@ -301,11 +227,9 @@ def from_config(config, clock, store):
     tls_policy = None
     if section.url.startswith("https:"):
         try:
-            trust_root = load_trust_root(section.ca_path) if section.ca_path else None
-            client, chain = load_client_certificate(section.cert, section.key) if section.cert else (None, ())
+            tls_policy = client_tls_policy(section.ca_path, section.cert, section.key)
         except (OSError, ValueError) as error:
             raise ConfigError(f"[stager] ca_path/cert/key cannot be used: {error}") from None
-        tls_policy = StagerTLSPolicy(trust_root, client, chain)
     return CallbackStager(
         url=section.url,
         public_url=config.api.public_url,

@@ -80,16 +80,17 @@ import treq
 from OpenSSL import SSL, crypto
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet import defer, ssl, task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from transferd import jobs
+from transferd.http import describe
 from transferd.interfaces import IStager
 from transferd.jobs import StagedFile, StageResult
 from transferd.stagers.local import is_plain_name
+from transferd.tls import WatchedFile, client_tls_policy
 
 WELL_KNOWN = "/.well-known/wlcg-tape-rest-api"
 API_VERSION = "v1"
@@ -101,7 +102,6 @@ POLL_CONCURRENCY = 8  # GET /stage/<id> in flight at once per poller
 MAX_BODY = 16 << 20  # larger answers are refused
 RETRYABLE_STATUS = frozenset({408, 425, 429})
 COMPLETED, FAILED, CANCELLED = "COMPLETED", "FAILED", "CANCELLED"
-PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.+?-----END \1-----\s*", re.S)
 
 
 class Unreachable(Exception):
@@ -155,94 +155,6 @@ def normalize(path):
     return posixpath.normpath(re.sub("/+", "/", path)) if path else path
 
 
-# -- credentials ------------------------------------------------------------
-
-
-class _WatchedFile:
-    """A small file read again whenever it changes on disk (mtime, size or inode)."""
-
-    def __init__(self, path):
-        self.path = path
-        self._stamp = None
-        self._data = None
-
-    def read(self):
-        info = os.stat(self.path)
-        stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
-        if stamp != self._stamp:
-            with open(self.path, "rb") as handle:
-                self._data = handle.read()
-            self._stamp = stamp
-        return self._data
-
-
-def _pem_blocks(data, kinds):
-    return [m.group(0) for m in PEM_BLOCK.finditer(data) if m.group(1).decode() in kinds]
-
-
-def load_trust_root(ca_path):
-    """The CA certificates in a PEM file or in the files of a directory, as a trust root."""
-    names = [ca_path]
-    if os.path.isdir(ca_path):
-        names = [os.path.join(ca_path, name) for name in sorted(os.listdir(ca_path))]
-    certificates = []
-    for name in names:
-        if not os.path.isfile(name):
-            continue
-        with open(name, "rb") as handle:
-            for block in _pem_blocks(handle.read(), ("CERTIFICATE", "TRUSTED CERTIFICATE")):
-                try:
-                    certificates.append(ssl.Certificate.loadPEM(block))
-                except Exception:
-                    continue  # not a certificate OpenSSL can use; a CA directory holds other files
-    if not certificates:
-        raise ValueError(f"no CA certificate found in {ca_path}")
-    return ssl.trustRootFromCertificates(certificates)
-
-
-@implementer(IPolicyForHTTPS)
-class ClientTLSPolicy:
-    """Verifies servers against ca_path (or the system's CAs); presents a client certificate if given.
-
-    cert: a PEM file with the certificate first, then its chain (a grid
-    proxy: proxy, key and user certificate in one file).  key: the PEM
-    private key, when it is not in cert.  Both are read again when they
-    change on disk (a renewed proxy).
-    """
-
-    def __init__(self, ca_path=None, cert=None, key=None):
-        self.trust_root = load_trust_root(ca_path) if ca_path else None
-        self._cert = _WatchedFile(cert) if cert else None
-        self._key = _WatchedFile(key) if key else None
-        self._loaded = None  # (cert bytes, key bytes) -> (PrivateCertificate, chain)
-        if self._cert is not None:
-            self.client_certificate()  # fail at start-up, not at the first request
-
-    def client_certificate(self):
-        """(PrivateCertificate, [chain X509s]) from the current files, or (None, [])."""
-        if self._cert is None:
-            return None, []
-        cert_data = self._cert.read()
-        key_data = self._key.read() if self._key is not None else cert_data
-        if self._loaded is None or self._loaded[0] != (cert_data, key_data):
-            certificates = _pem_blocks(cert_data, ("CERTIFICATE",))
-            keys = _pem_blocks(key_data, ("PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"))
-            if not certificates or not keys:
-                where = self._key.path if self._key is not None else self._cert.path
-                raise ValueError(f"{self._cert.path} must hold a PEM certificate, and {where} its private key")
-            private = ssl.PrivateCertificate.loadPEM(certificates[0] + keys[0])
-            chain = [ssl.Certificate.loadPEM(block).original for block in certificates[1:]]
-            self._loaded = ((cert_data, key_data), (private, chain))
-        return self._loaded[1]
-
-    def creatorForNetloc(self, hostname, port):
-        client, chain = self.client_certificate()
-        return ssl.optionsForClientTLS(
-            hostname.decode("ascii"), trustRoot=self.trust_root, clientCertificate=client,
-            extraCertificateOptions={"extraCertChain": chain} if chain else None,
-        )
-
-
 # -- the stager ---------------------------------------------------------------
 
 
@@ -261,7 +173,7 @@ class TapeRestStager:
         store: the IJobStore (request ids are stored there, and polled jobs claimed from it).
         clock: drives batching, retries and polling (default: the reactor).
         reactor: does the network I/O and times it out (default: the global reactor).
-        tls_policy: an IPolicyForHTTPS (ClientTLSPolicy) for https URLs.
+        tls_policy: an IPolicyForHTTPS (transferd.tls.ClientTLSPolicy) for https URLs.
         name: names this instance's poller in the store (default: a fresh uuid).
         """
         if reactor is None:
@@ -281,7 +193,7 @@ class TapeRestStager:
         self.poll_limit = poll_limit
         self.poll_concurrency = poll_concurrency
         self.poller = name or f"taperest-{uuid.uuid4()}"
-        self._token = _WatchedFile(token_file) if token_file else None
+        self._token = WatchedFile(token_file) if token_file else None
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = poll_concurrency
         self.tls_policy = tls_policy or BrowserLikePolicyForHTTPS()
@@ -657,7 +569,7 @@ class TapeRestStager:
         except (Unreachable, Refused):
             raise
         except Exception as error:
-            raise Unreachable(f"{method} {url} failed: {_describe(error)}") from None
+            raise Unreachable(f"{method} {url} failed: {describe(error)}") from None
 
     async def _exchange(self, method, url, body):
         kwargs = {"headers": self._headers()}
@@ -716,14 +628,6 @@ class _StagerService(MultiService):
         return super().stopService()
 
 
-def _describe(error):
-    """A short description of a connection-level error (treq/twisted wrap the cause in lists)."""
-    reasons = getattr(error, "reasons", None)
-    if reasons:
-        return "; ".join(failure.getErrorMessage() or failure.type.__name__ for failure in reasons)
-    return str(error) or type(error).__name__
-
-
 def from_config(config, clock, store):
     """The Tape REST stager from [stager]: url and an absolute archive_root are required."""
     from transferd.config import ConfigError
@@ -743,7 +647,7 @@ def from_config(config, clock, store):
     tls_policy = None
     if section.cert or section.ca_path:
         try:
-            tls_policy = ClientTLSPolicy(ca_path=section.ca_path, cert=section.cert, key=section.key)
+            tls_policy = client_tls_policy(section.ca_path, section.cert, section.key)
         except (OSError, ValueError, SSL.Error, crypto.Error) as error:
             raise ConfigError(f"[stager] cert/key/ca_path cannot be used: {error}") from None
     return TapeRestStager(

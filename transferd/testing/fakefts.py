@@ -65,11 +65,12 @@ from klein import Klein
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, ssl, task, threads
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web import resource, server
+
+from transferd.testing.servers import QuietSite, TrackingFactory
 
 # fts-rest-flask's namespace for deterministic ids (JobBuilder_utils.BASE_ID).
 FTS_BASE_ID = uuid.UUID("01874efb-4735-4595-bc9c-591aef8240c9")
@@ -816,31 +817,6 @@ class _Gate(resource.Resource):
         return self.inner.render(request)
 
 
-class _QuietSite(server.Site):
-    noisy = False
-
-    def log(self, request):
-        """No access log in tests."""
-
-
-class _Tracking(WrappingFactory):
-    """Knows the open connections, so that stop() can close them all and wait."""
-
-    def __init__(self, wrapped):
-        super().__init__(wrapped)
-        self.lost = {}
-
-    def registerProtocol(self, protocol):
-        super().registerProtocol(protocol)
-        self.lost[protocol] = defer.Deferred()
-
-    def unregisterProtocol(self, protocol):
-        super().unregisterProtocol(protocol)
-        lost = self.lost.pop(protocol, None)
-        if lost is not None:
-            lost.callback(None)
-
-
 class ProxyAwareOptions(ssl.CertificateOptions):
     """Server TLS options that accept RFC 3820 proxy certificates from clients."""
 
@@ -864,7 +840,7 @@ def server_tls_options(cert_path, key_path, client_ca_path=None):
     protocols = [b"http/1.1"]
     if not client_ca_path:
         return ssl.CertificateOptions(privateKey=key, certificate=certificate, acceptableProtocols=protocols)
-    from transferd.fts.client import pem_blocks
+    from transferd.tls import pem_blocks
 
     with open(client_ca_path, "rb") as handle:
         blocks = pem_blocks(handle.read(), (b"CERTIFICATE",))
@@ -881,9 +857,9 @@ class FakeFTSServer:
             from twisted.internet import reactor
         self.reactor = reactor
         self.fake = fake if fake is not None else FakeFTS(**fake_options)
-        self.site = _QuietSite(self.fake.resource())
+        self.site = QuietSite(self.fake.resource())
         self.tls_options = tls_options
-        self._connections = _Tracking(self.site)
+        self._connections = TrackingFactory(self.site)
         self.port_number = port
         self.port = None
         self.url = None
@@ -904,11 +880,7 @@ class FakeFTSServer:
         Clients then see "connection refused"; start() listens again on the same port.
         """
         port, self.port = self.port, None
-        waits = [defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)]
-        for connection, lost in list(self._connections.lost.items()):
-            waits.append(lost)
-            connection.transport.abortConnection()
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
+        return self._connections.close_all(port)
 
     def stop(self):
         """Stop listening, close every connection and stop the fake's timers; fires when all is done."""

@@ -58,10 +58,11 @@ import uuid
 from typing import Any, Optional
 from urllib.parse import unquote
 
-from twisted.internet import defer, ssl
+from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
-from twisted.protocols.policies import WrappingFactory
 from twisted.web import resource, server
+
+from transferd.testing.servers import QuietSite, TrackingFactory
 
 WELL_KNOWN = "/.well-known/wlcg-tape-rest-api"
 MAX_BODY = 1 << 20
@@ -426,31 +427,6 @@ class FakeTapeRest(resource.Resource):
         return 200, answer, {}
 
 
-class _QuietSite(server.Site):
-    noisy = False
-
-    def log(self, request):
-        """No access log in test output."""
-
-
-class _Connections(WrappingFactory):
-    """Knows the open connections, so that stop() can close them and wait."""
-
-    def __init__(self, wrapped):
-        super().__init__(wrapped)
-        self.lost = {}
-
-    def registerProtocol(self, protocol):
-        super().registerProtocol(protocol)
-        self.lost[protocol] = defer.Deferred()
-
-    def unregisterProtocol(self, protocol):
-        super().unregisterProtocol(protocol)
-        lost = self.lost.pop(protocol, None)
-        if lost is not None:
-            lost.callback(None)
-
-
 class FakeTapeRestServer:
     """FakeTapeRest on 127.0.0.1 (a free port), over HTTP, or HTTPS with a TestPKI.
 
@@ -464,7 +440,7 @@ class FakeTapeRestServer:
             from twisted.internet import reactor
         self.reactor = reactor
         self.tape = FakeTapeRest(clock if clock is not None else reactor, **options)
-        self._connections = _Connections(_QuietSite(self.tape))
+        self._connections = TrackingFactory(QuietSite(self.tape))
         self.tls = tls
         self.require_client_certificate = require_client_certificate
         self.port = None
@@ -486,14 +462,8 @@ class FakeTapeRestServer:
 
     def stop(self):
         """Stop listening and close every connection (hanging requests too); fires when all are gone."""
-        waits = []
-        if self.port is not None:
-            waits.append(defer.maybeDeferred(self.port.stopListening))
-            self.port = None
-        for connection, lost in list(self._connections.lost.items()):
-            waits.append(lost)
-            connection.transport.abortConnection()
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
+        port, self.port = self.port, None
+        return self._connections.close_all(port)
 
     def __getattr__(self, name):
         """The fake's counters and set-up methods (calls, requests, fail_path...) straight from the server."""

@@ -23,14 +23,14 @@ import shutil
 from typing import Optional
 from urllib.parse import unquote
 
-from twisted.internet import defer, ssl
-from twisted.internet.interfaces import IProtocolNegotiationFactory
+from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
-from twisted.protocols.policies import WrappingFactory
 from twisted.web import http, resource, server
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
+
+from transferd.testing.servers import QuietSite, TrackingFactory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,40 +137,6 @@ class FakeWebDAV(resource.Resource):
         return self._status(request, http.NO_CONTENT)
 
 
-class _QuietSite(server.Site):
-    noisy = False
-
-    def log(self, request):
-        """Keep test logs quiet: no access log."""
-
-
-@implementer(IProtocolNegotiationFactory)
-class _Tracking(WrappingFactory):
-    """Knows the open connections, so that stop() can close them all and wait.
-
-    It also answers TLS's ALPN question itself: behind a wrapper, Twisted finds
-    no protocols to offer and clients that send ALPN (curl, requests) fail.
-    HTTP/1.1 only: no h2 (request.transport is None there).
-    """
-
-    def acceptableProtocols(self):
-        return [b"http/1.1"]
-
-    def __init__(self, wrapped):
-        super().__init__(wrapped)
-        self.lost = {}  # ProtocolWrapper -> Deferred fired when its connection is lost
-
-    def registerProtocol(self, protocol):
-        super().registerProtocol(protocol)
-        self.lost[protocol] = defer.Deferred()
-
-    def unregisterProtocol(self, protocol):
-        super().unregisterProtocol(protocol)
-        lost = self.lost.pop(protocol, None)
-        if lost is not None:
-            lost.callback(None)
-
-
 @implementer(IPolicyForHTTPS)
 class TrustOnly:
     """A client TLS policy that trusts exactly one certificate (the fake server's)."""
@@ -218,8 +184,8 @@ class FakeWebDAVServer:
             from twisted.internet import reactor
         self.reactor = reactor
         self.dav = FakeWebDAV(root, strict=strict)
-        self.site = _QuietSite(self.dav)
-        self._connections = _Tracking(self.site)
+        self.site = QuietSite(self.dav)
+        self._connections = TrackingFactory(self.site)
         self.tls = tls
         self.port = None
         self.url = self.davs_url = None
@@ -243,14 +209,8 @@ class FakeWebDAVServer:
 
     def stop(self):
         """Stop listening and close every open connection; fires when all are gone."""
-        waits = []
-        if self.port is not None:
-            waits.append(defer.maybeDeferred(self.port.stopListening))
-            self.port = None
-        for connection, lost in list(self._connections.lost.items()):
-            waits.append(lost)
-            connection.transport.abortConnection()
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
+        port, self.port = self.port, None
+        return self._connections.close_all(port)
 
     # conveniences for tests
 
