@@ -94,6 +94,30 @@ def _whole_number(text):
     return value
 
 
+def _lines(text):
+    """One item per line (indented continuation lines in the INI file); empty lines dropped."""
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _case_list(text):
+    """A comma-separated list, case kept (audiences, host names are compared as given)."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _issuer_lines(text):
+    """Lines "ISSUER JWKS": a trusted token issuer and where its keys are (https:// URL or a file)."""
+    issuers = {}
+    for line in _lines(text):
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"each line must be 'ISSUER JWKS' (issuer, space, JWKS URL or file), not {line!r}")
+        issuer, jwks = parts
+        if issuer in issuers:
+            raise ValueError(f"issuer {issuer} is listed twice")
+        issuers[issuer] = jwks
+    return issuers
+
+
 def _choice(*choices):
     def parse(text):
         text = text.strip()
@@ -110,6 +134,22 @@ SCHEMA = {
         "endpoint": (_text, "tcp:8080:interface=127.0.0.1"),
         "public_url": (_url("http", "https"), "http://127.0.0.1:8080"),
         "max_body_bytes": (_positive_int, "65536"),
+        "max_header_bytes": (_positive_int, "16384"),
+        "idle_timeout": (_positive_float, "60"),
+        "connection_timeout": (_positive_float, "600"),
+        "max_connections_per_peer": (_positive_int, "100"),
+        "tls_cert": (_optional_text, ""),
+        "tls_key": (_optional_text, ""),
+        "access_log": (_boolean, "true"),
+    },
+    "auth": {
+        "x509_ca_path": (_optional_text, ""),
+        "token_issuers": (_issuer_lines, ""),
+        "token_audiences": (_case_list, ""),
+        "jwks_refresh": (_positive_float, "3600"),
+        "admins": (_lines, ""),
+        "stager_dns": (_lines, ""),
+        "audit_log": (_optional_text, ""),
     },
     "database": {
         "url": (_url("sqlite", "mysql"), "sqlite:///transferd-data/transferd.sqlite"),
@@ -139,6 +179,8 @@ SCHEMA = {
         "backend": (_choice("local", "fts"), "local"),
         "allowed_schemes": (_word_list, "file, http, https, davs"),
         "file_roots": (_path_list, "/tmp/deliveries"),
+        "allowed_hosts": (_case_list, ""),
+        "denied_hosts": (_case_list, ""),
     },
     "fts": {
         "endpoint": (_optional_url("https", "http"), ""),
