@@ -298,7 +298,9 @@ class LostConnectionTests(StoreFixture, unittest.TestCase):
 
     async def test_transition_after_kill(self):
         """When the pooled connections were KILLed while idle, a transition pings, reconnects and succeeds."""
+        self.store.ping_idle_after = 0.2
         mysql_support.kill_connections(await self.pool_connection_ids())
+        await task.deferLater(reactor, 0.3, lambda: None)  # idle past ping_idle_after
         self.assertTrue(await self.store.transition(self.job.job_id, jobs.SUBMITTED, jobs.STAGING))
         self.assertTrue(await self.store.claim(self.job.job_id, jobs.STAGING, "w", 30))
         self.assertEqual((await self.store.get(self.job.job_id)).status, jobs.STAGING)

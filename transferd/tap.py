@@ -112,7 +112,7 @@ class TransferdService(service.MultiService):
         except (ValueError, TypeError, KeyError) as error:
             raise ConfigError(f"bad value for [api] endpoint = {config.api.endpoint!r}: {error}") from None
         self.http = StreamServerEndpointService(
-            endpoint, LimitedSite(self.api.resource(), config.api.max_body_bytes)
+            endpoint, LimitedSite(self.api.resource(), config.api.max_body_bytes, access_log=config.api.access_log)
         )
         self.reconcile_timer = TimerService(config.reconciler.interval, self.reconciler.run_once)
         self.reconcile_timer.clock = reactor

@@ -9,6 +9,7 @@ the caller (or the reconciler) re-drives the job.
 """
 
 import contextlib
+import time
 from collections import namedtuple
 from datetime import timezone
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -201,8 +202,18 @@ class _Connection(adbapi.Connection):
         if raw is not None and self._pool.connections.get(self._pool.threadID()) is raw:
             self._pool.disconnect(raw)
 
-    def verify(self):
-        """Ping, and reconnect when the server has dropped us: nothing has been sent yet."""
+    last_used = 0.0  # time.monotonic() when this connection last ran an interaction
+
+    def verify(self, idle_after):
+        """Ping when idle longer than idle_after seconds, and reconnect when the server has dropped us.
+
+        Nothing has been sent yet, so reconnecting is always safe.  Connections
+        in steady use are not pinged: a ping is a round trip per statement,
+        and the server drops connections mostly while they sit idle
+        (wait_timeout, a restart between bursts).
+        """
+        if time.monotonic() - self.last_used <= idle_after:
+            return
         try:
             self._connection.ping()
         except MySQLdb.Error:
@@ -340,6 +351,10 @@ class MySQLJobStore(SQLJobStore):
     # Seconds to wait before each retry of an operation whose connection was
     # lost; when they are used up the operation fails with DatabaseUnavailable.
     retry_delays = (0.0, 0.25, 1.0, 3.0)
+    # A non-idempotent operation pings its connection first when it has been
+    # idle this long.  A connection lost while in steady use fails such an
+    # operation with DatabaseUnavailable instead (the reconciler re-drives).
+    ping_idle_after = 1.0
     # Seconds a daemon waits for another one's schema migration to finish.
     migration_lock_timeout = 600
 
@@ -379,7 +394,8 @@ class MySQLJobStore(SQLJobStore):
         """Run interaction(cursor, *args) in one transaction, surviving lost connections.
 
         When the connection is lost before anything was sent (connecting, or
-        the ping that precedes every non-idempotent operation), or while an
+        the ping that precedes a non-idempotent operation on a connection
+        idle for more than ping_idle_after seconds), or while an
         idempotent operation ran, the operation is retried on a fresh
         connection.  A non-idempotent one that lost its connection mid-way
         fails with DatabaseUnavailable: it may or may not have committed.
@@ -388,10 +404,11 @@ class MySQLJobStore(SQLJobStore):
 
     async def _attempts(self, interaction, args, idempotent):
         delays = list(self.retry_delays)
-        verify = not idempotent
+        # Seconds of idleness after which the connection is pinged first (None: never).
+        ping_after = None if idempotent else self.ping_idle_after
         while True:
             try:
-                return await self.pool.runWithConnection(self._interact, interaction, args, verify)
+                return await self.pool.runWithConnection(self._interact, interaction, args, ping_after)
             except _Unsent as unsent:
                 error = unsent.error
                 if not _is_lost(error):
@@ -414,13 +431,13 @@ class MySQLJobStore(SQLJobStore):
             self.log.warn(
                 "database connection failed ({error}); retrying in {delay}s", error=error, delay=delay
             )
-            verify = True
+            ping_after = 0.0  # after a failure, always
             await task.deferLater(self.reactor, delay, lambda: None)
 
-    def _interact(self, conn, interaction, args, verify):
-        """In a pool thread: run one interaction on conn (pinged first when verify); the pool commits."""
-        if verify:
-            conn.verify()
+    def _interact(self, conn, interaction, args, ping_after):
+        """In a pool thread: run one interaction on conn (pinged first if idle past ping_after); the pool commits."""
+        if ping_after is not None:
+            conn.verify(ping_after)
         cursor = conn.cursor()
         try:
             return interaction(cursor, *args)
@@ -429,6 +446,7 @@ class MySQLJobStore(SQLJobStore):
                 conn.discard()
             raise
         finally:
+            conn.last_used = time.monotonic()
             with contextlib.suppress(MySQLdb.Error):
                 cursor.close()
 
