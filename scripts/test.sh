@@ -4,8 +4,9 @@
 # Python packages, and starts MariaDB and RabbitMQ when they are stopped.
 # With arguments, runs just pytest with them (e.g. scripts/test.sh tests/test_api.py -x).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-# swig and libssl-dev build M2Crypto, needed by the official FTS3 client (PyPI fts3) the tests run.
-apt_install build-essential pkg-config libmariadb-dev python3-dev curl swig libssl-dev
+# swig and libssl-dev build M2Crypto, needed by the official FTS3 client (PyPI fts3) the tests run;
+# the openssl command checks the tests' certificate hashes and DNs against OpenSSL's own.
+apt_install build-essential pkg-config libmariadb-dev python3-dev curl swig libssl-dev openssl
 ensure_venv "[mysql,test]"
 ensure_mariadb
 ensure_rabbitmq

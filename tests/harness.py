@@ -11,6 +11,7 @@ from transferd.pipeline import Pipeline, Reconciler
 from transferd.queue.memory import MemoryJobQueue
 from transferd.stagers.local import LocalStager
 from transferd.store.sqlite import SQLiteJobStore
+from transferd.validation import DestinationRules
 
 SAMPLE = b"sample product bytes\n" * 100
 
@@ -18,7 +19,7 @@ SAMPLE = b"sample product bytes\n" * 100
 class Harness:
     """Builds the pieces in a temporary directory; call close() in cleanup."""
 
-    def __init__(self, base, max_body_bytes=16384, stager_delay=0.0, timeout=3600.0):
+    def __init__(self, base, max_body_bytes=16384, stager_delay=0.0, timeout=3600.0, access=None, audit=None):
         self.base = base = os.path.abspath(base)
         self.archive = os.path.join(base, "archive")
         self.staging = os.path.join(base, "staging")
@@ -39,9 +40,10 @@ class Harness:
         self.reconciler = Reconciler(self.store, self.pipeline)
         self.api = TransferAPI(
             self.store, self.pipeline, self.stager, reactor,
-            allowed_schemes=("file", "http", "https", "davs"),
-            file_roots=(self.deliveries,),
+            destinations=DestinationRules(("file", "http", "https", "davs"), (self.deliveries,)),
             max_body_bytes=max_body_bytes,
+            access=access,
+            audit=audit,
         )
         self.client = StubTreq(self.api.resource())
 

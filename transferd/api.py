@@ -12,12 +12,17 @@ from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from transferd import jobs, validation
+from transferd.audit import AuditLog
+from transferd.auth.access import Access, Forbidden, Unauthenticated
 from transferd.jobs import StagedFile, StageResult
 from transferd.pipeline import JobFinished, JobNotFound, authcode_matches
 from transferd.validation import BadRequest
 
 MAX_TEXT = 4096
 MAX_FILES = 100_000
+# Our JSON bodies are flat objects, or an object holding a list of objects
+# (/doneStaging's files); anything nested deeper is refused before parsing.
+MAX_JSON_DEPTH = 4
 
 
 class HTTPError(Exception):
@@ -26,6 +31,29 @@ class HTTPError(Exception):
         self.code = code
         self.msg = msg
         self.job_id = job_id
+
+
+def json_depth_exceeds(text, limit):
+    """True when the JSON text nests arrays/objects deeper than limit (a linear scan, strings skipped)."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
 
 
 def _json(request, code, body):
@@ -43,14 +71,15 @@ class TransferAPI:
     app = Klein()
     log = Logger()
 
-    def __init__(self, store, pipeline, stager, clock, allowed_schemes, file_roots, max_body_bytes):
+    def __init__(self, store, pipeline, stager, clock, destinations, max_body_bytes, access=None, audit=None):
         self.store = store
         self.pipeline = pipeline
         self.stager = stager
         self.clock = clock
-        self.allowed_schemes = allowed_schemes
-        self.file_roots = file_roots
+        self.destinations = destinations  # validation.DestinationRules
         self.max_body_bytes = max_body_bytes
+        self.access = access or Access()
+        self.audit = audit or AuditLog()
 
     def resource(self):
         return self.app.resource()
@@ -65,7 +94,10 @@ class TransferAPI:
         content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
         if content_type == "application/json":
             try:
-                data = json.loads(body.decode("utf-8"))
+                text = body.decode("utf-8")
+                if json_depth_exceeds(text, MAX_JSON_DEPTH):
+                    raise HTTPError(400, f"JSON request body is nested deeper than {MAX_JSON_DEPTH} levels")
+                data = json.loads(text)
             except (UnicodeDecodeError, ValueError):
                 raise HTTPError(400, "request body is not valid JSON") from None
             if not isinstance(data, dict):
@@ -92,6 +124,36 @@ class TransferAPI:
             raise HTTPError(400, "job_id must be a job id as returned by /submitTransfer (a UUID)")
         return value
 
+    async def _identify(self, request, action=None):
+        """Who is asking (None when authentication is off); also marks the request for the audit trail."""
+        request.audit_action = action
+        request.identity = await self.access.identify(request)
+        return request.identity
+
+    def _audit(self, request, code, msg, job_id=None):
+        """Record submissions and cancels whatever their outcome, and every 401 or 403."""
+        action = getattr(request, "audit_action", None)
+        if action is None and code not in (401, 403):
+            return
+        identity = getattr(request, "identity", None)
+        peer = request.getClientAddress()
+        self.audit.record(
+            action or request.path.decode("ascii", "replace").lstrip("/"), code,
+            identity.name if identity is not None else None,
+            getattr(peer, "host", None) or str(peer), job_id, msg,
+        )
+
+    async def _visible_job(self, request, job_id, action):
+        """The job, if it exists (404) and the caller may `action` it (403)."""
+        job = await self.store.get(job_id)
+        if job is None:
+            raise HTTPError(404, f"no job {job_id}", job_id)
+        try:
+            self.access.check_job(request.identity, job, action)
+        except Forbidden as refused:
+            raise HTTPError(403, str(refused), job_id) from None
+        return job
+
     @staticmethod
     def _allow(request, *methods):
         if request.method.decode("ascii", "replace") not in methods:
@@ -102,51 +164,56 @@ class TransferAPI:
 
     @app.route("/submitTransfer", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def submit_transfer(self, request):
+        identity = await self._identify(request, "submit")
         self._allow(request, "POST")
         params = self._params(request, ["product_id", "destination_path"])
         try:
             product_id = validation.product_id(params["product_id"])
-            destination = validation.destination(
-                params["destination_path"], self.allowed_schemes, self.file_roots
-            )
+            destination = self.destinations.check(params["destination_path"])
         except BadRequest as error:
             raise HTTPError(400, str(error)) from None
         if await self.stager.check(product_id) is False:
             raise HTTPError(404, f"product {product_id!r} is not in the archive")
-        job = jobs.Job(job_id=jobs.new_job_id(), product_id=product_id, destination_path=destination)
+        job = jobs.Job(
+            job_id=jobs.new_job_id(), product_id=product_id, destination_path=destination,
+            submitter=identity.name if identity is not None else None,
+        )
         await self.pipeline.submit(job)
-        return _json(request, 202, {
-            "job_id": job.job_id,
-            "error": False,
-            "msg": f"transfer of {product_id} to {destination} accepted",
-        })
+        msg = f"transfer of {product_id} to {destination} accepted"
+        self._audit(request, 202, msg, job.job_id)
+        return _json(request, 202, {"job_id": job.job_id, "error": False, "msg": msg})
 
     @app.route("/transferStatus", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def transfer_status(self, request):
+        await self._identify(request)
         self._allow(request, "GET", "HEAD")
         job_id = self._job_id(self._query_param(request, "job_id"))
-        job = await self.store.get(job_id)
-        if job is None:
-            raise HTTPError(404, f"no job {job_id}", job_id)
+        job = await self._visible_job(request, job_id, "see")
         return _json(request, 200, job.public_view())
 
     @app.route("/cancelTransfer", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def cancel_transfer(self, request):
+        await self._identify(request, "cancel")
         self._allow(request, "POST")
         job_id = self._job_id(self._params(request, ["job_id"])["job_id"])
+        await self._visible_job(request, job_id, "cancel")
         try:
             await self.pipeline.cancel(job_id)
         except JobNotFound:
             raise HTTPError(404, f"no job {job_id}", job_id) from None
         except JobFinished as finished:
             raise HTTPError(409, f"job {job_id} has already ended ({finished.job.status})", job_id) from None
-        return _json(request, 200, {
-            "job_id": job_id, "error": False, "status": jobs.CANCELLED, "msg": f"job {job_id} cancelled",
-        })
+        msg = f"job {job_id} cancelled"
+        self._audit(request, 200, msg, job_id)
+        return _json(request, 200, {"job_id": job_id, "error": False, "status": jobs.CANCELLED, "msg": msg})
 
     @app.route("/doneStaging", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def done_staging(self, request):
         self._allow(request, "POST")
+        try:
+            self.access.check_stager(request)
+        except Forbidden as refused:
+            raise HTTPError(403, str(refused)) from None
         names = ["job_id", "product_id", "authcode", "success", "staged_to", "path", "msg", "files"]
         params = self._params(request, names)
         job_id = self._job_id(params["job_id"])
@@ -249,7 +316,16 @@ class TransferAPI:
     @app.handle_errors(HTTPError)
     def http_error(self, request, failure):
         error = failure.value
+        self._audit(request, error.code, error.msg, error.job_id)
         return _error(request, error.code, error.msg, error.job_id)
+
+    @app.handle_errors(Unauthenticated)
+    def unauthenticated(self, request, failure):
+        challenge = self.access.challenge()
+        if challenge is not None:
+            request.setHeader("WWW-Authenticate", challenge)
+        self._audit(request, 401, str(failure.value))
+        return _error(request, 401, str(failure.value))
 
     @app.handle_errors(NotFound)
     def not_found(self, request, failure):

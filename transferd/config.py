@@ -104,6 +104,16 @@ def _case_list(text):
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
+def _host_list(text):
+    """Destination host patterns (see transferd.validation.DestinationRules), checked at start-up."""
+    from transferd.validation import host_pattern
+
+    patterns = _case_list(text)
+    for pattern in patterns:
+        host_pattern(pattern)
+    return patterns
+
+
 def _issuer_lines(text):
     """Lines "ISSUER JWKS": a trusted token issuer and where its keys are (https:// URL or a file)."""
     issuers = {}
@@ -179,8 +189,8 @@ SCHEMA = {
         "backend": (_choice("local", "fts"), "local"),
         "allowed_schemes": (_word_list, "file, http, https, davs"),
         "file_roots": (_path_list, "/tmp/deliveries"),
-        "allowed_hosts": (_case_list, ""),
-        "denied_hosts": (_case_list, ""),
+        "allowed_hosts": (_host_list, ""),
+        "denied_hosts": (_host_list, ""),
     },
     "fts": {
         "endpoint": (_optional_url("https", "http"), ""),

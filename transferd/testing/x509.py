@@ -7,6 +7,9 @@
     host = make_host(ca, "localhost")              # for a TLS server on 127.0.0.1
     paths = write_credentials(directory, ca=ca, user=user, proxy=proxy)
     paths.proxy   # one file: proxy certificate, its key, then user certificate
+    crl = make_crl(ca, revoked=[user])             # the CA's revocation list
+    write_ca_dir(directory, cas=[ca], crls=[crl])  # <hash>.0 and <hash>.r0, as fetch-crl leaves them
+    forged = make_forged_proxy(other_user, user)   # claims user's name, signed with other_user's key
 
 Everything is made in memory with `cryptography`; nothing here is fit for
 anything but tests (keys are unencrypted, the CA is trusted by nobody).
@@ -222,6 +225,107 @@ def make_proxy(signer: Credential, lifetime_seconds: int = 12 * 3600, key_kind: 
     return Credential(certs[0], key, certs[1:])
 
 
+def make_forged_proxy(
+    signer: Credential,
+    claimed: Credential,
+    claimed_issuer: bool = True,
+    lifetime_seconds: int = 12 * 3600,
+    key_kind: str = "rsa",
+    now=None,
+):
+    """A proxy that claims to speak for `claimed` but is signed with signer's key: a forgery.
+
+    It is a genuine proxy of signer, renamed to claimed's subject plus the
+    proxy's CN.  With claimed_issuer, its issuer (name and key identifier) is
+    claimed's certificate, which is sent as the chain, as a thief holding
+    only claimed's public certificate would; so the signature does not
+    verify.  Without, its issuer is signer's certificate, sent as the chain:
+    the signature verifies but the subject is not the issuer's plus one CN.
+    """
+    genuine = make_proxy(signer, lifetime_seconds=lifetime_seconds, key_kind=key_kind, now=now)
+    issuer = claimed if claimed_issuer else signer
+    subject = x509.Name(list(claimed.subject.rdns) + [genuine.cert.subject.rdns[-1]])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject)
+        .public_key(genuine.key.public_key())
+        .serial_number(genuine.cert.serial_number)
+        .not_valid_before(genuine.cert.not_valid_before_utc)
+        .not_valid_after(genuine.cert.not_valid_after_utc)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.cert.public_key()), critical=False)
+    )
+    for extension in genuine.cert.extensions:
+        if not isinstance(extension.value, x509.AuthorityKeyIdentifier):
+            builder = builder.add_extension(extension.value, critical=extension.critical)
+    cert = builder.sign(signer.key, hashes.SHA256())
+    return Credential(cert, genuine.key, [issuer.cert] + issuer.chain)
+
+
+def make_crl(ca: Credential, revoked=(), lifetime_seconds: int = 86400, now=None) -> x509.CertificateRevocationList:
+    """ca's certificate revocation list, revoking the certificates of the credentials in revoked.
+
+    It is valid from now - 5 min to now + lifetime_seconds; pass a now in the
+    past for an expired list.
+    """
+    this_update, next_update = _window(now, lifetime_seconds)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(this_update)
+        .next_update(next_update)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+        .add_extension(x509.CRLNumber(int(this_update.timestamp())), critical=False)
+    )
+    for credential in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(credential.cert.serial_number)
+            .revocation_date(this_update)
+            .build()
+        )
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def subject_hash(cert: x509.Certificate) -> str:
+    """OpenSSL's hash of cert's subject (X509_NAME_hash, as `openssl x509 -hash` prints it): 8 hex digits."""
+    from OpenSSL import crypto
+
+    return "%08x" % crypto.X509.from_cryptography(cert).subject_name_hash()
+
+
+def write_ca_dir(directory: str, cas=(), crls=(), policy_files: bool = False) -> str:
+    """Write CAs and CRLs in the grid layout (/etc/grid-security/certificates); return directory.
+
+    Each CA goes to <subject hash>.0, each CRL to <its CA's hash>.r0 (the CA
+    that issued it must be among cas).  Files are replaced by rename, as
+    fetch-crl does, so a server reading the directory never sees half a file.
+    With policy_files, each CA also gets the .signing_policy and .namespaces
+    files IGTF bundles ship, which hold no certificate.
+    """
+    os.makedirs(directory, exist_ok=True)
+    hashes_by_subject = {}
+    for ca in cas:
+        name_hash = hashes_by_subject[ca.subject] = subject_hash(ca.cert)
+        _replace(os.path.join(directory, name_hash + ".0"), ca.cert_pem)
+        if policy_files:
+            subject = "/" + "/".join(attribute.rfc4514_string() for attribute in ca.subject)
+            _replace(
+                os.path.join(directory, name_hash + ".signing_policy"),
+                f"access_id_CA X509 '{subject}'\npos_rights globus CA:sign\n".encode(),
+            )
+            _replace(
+                os.path.join(directory, name_hash + ".namespaces"),
+                f'TO Issuer "{subject}" PERMIT Subject "/DC=org/DC=transferd-test/.*"\n'.encode(),
+            )
+    for crl in crls:
+        if crl.issuer not in hashes_by_subject:
+            raise ValueError(f"the CRL of {crl.issuer.rfc4514_string()} is not from one of the CAs written")
+        _replace(os.path.join(directory, hashes_by_subject[crl.issuer] + ".r0"),
+                 crl.public_bytes(serialization.Encoding.PEM))
+    return directory
+
+
 @dataclasses.dataclass
 class CredentialPaths:
     """Where write_credentials put each file (None for what was not asked)."""
@@ -243,6 +347,12 @@ def _write(path, data: bytes, private=False):
     if private:
         os.chmod(path, 0o600)  # grid tools refuse keys others can read
     return path
+
+
+def _replace(path, data: bytes):
+    temporary = path + ".new"
+    _write(temporary, data)
+    os.replace(temporary, path)
 
 
 def write_credentials(
@@ -267,10 +377,7 @@ def write_credentials(
         paths.ca_dir = os.path.join(directory, "certificates")
         os.makedirs(paths.ca_dir, exist_ok=True)
         try:
-            from OpenSSL import crypto
-
-            name_hash = crypto.X509.from_cryptography(ca.cert).subject_name_hash()
-            _write(os.path.join(paths.ca_dir, "%08x.0" % name_hash), ca.cert_pem)
+            _write(os.path.join(paths.ca_dir, subject_hash(ca.cert) + ".0"), ca.cert_pem)
         except ImportError:  # the CA file still works; only the hashed directory is missing
             pass
     if user is not None:
