@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import json
 import os
 import random
 import shutil
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 from urllib.parse import quote, unquote, urlencode, urlsplit, urlunsplit
 
@@ -42,10 +44,26 @@ STATUS_ROWS = 100_000  # jobs in the table for the /transferStatus latency figur
 SMALL_ROWS = 100  # "nearly empty": the jobs table before any load
 BATCH = 5_000  # rows per executemany when filling the table
 
+# The end-to-end and memory measurements: transferd with [transfer] backend = fts
+# against `twistd -n transferd-fakefts`, the local stager staging a small file.
+SMALL_PRODUCT = "bench-small"
+SMALL_PRODUCT_BYTES = 4096
+FTS_TOKEN = "bench-fts-token"
+E2E_CLIENTS = 16  # concurrent clients submitting
+E2E_FTS = {"poll_interval": 0.5, "bulk_size": 100}
+RSS_FTS = {"poll_interval": 1, "bulk_size": 100}
+RSS_PREFETCH = 32
+THROUGHPUT_GOAL = 100  # jobs/s, submit to SUCCESS
+RSS_GOAL_MIB = 200  # daemon RSS with RSS jobs TRANSFERRING
+
 # How much work each measurement does.  Submissions and their floor are
 # measured `rounds` times, alternating, and the median round is reported.
-FULL = dict(rounds=3, submit={1: 400, 16: 2000, 64: 3000}, probe={1: 500, 16: 2000, 64: 3000}, status=2000)
-QUICK = dict(rounds=1, submit={1: 100, 16: 400, 64: 640}, probe={1: 100, 16: 400, 64: 640}, status=400)
+# e2e: jobs submitted per end-to-end run, one run per prefetch; rss: jobs TRANSFERRING.
+FULL = dict(rounds=3, submit={1: 400, 16: 2000, 64: 3000}, probe={1: 500, 16: 2000, 64: 3000}, status=2000,
+            e2e=2000, prefetch=(8, 32), rss=10_000)
+QUICK = dict(rounds=1, submit={1: 100, 16: 400, 64: 640}, probe={1: 100, 16: 400, 64: 640}, status=400,
+             e2e=300, prefetch=(32,), rss=3000)
+SECTIONS = ("backends", "e2e", "rss")
 
 
 # -- the backends -------------------------------------------------------------
@@ -144,19 +162,23 @@ class Backends:
 class Daemon:
     """The real `twistd -n transferd`, in its own session so that Ctrl-C here does not reach it.
 
-    The defaults keep the workers idle (see the config below); a measurement
-    of whole transfers would pass prefetch=8, stager_delay=0.
+    The defaults keep the workers idle (see the config below).  The
+    end-to-end and memory measurements pass stager_delay=0, a larger prefetch
+    and fts=(a running FakeFTS, {[fts] settings}): [transfer] backend = fts.
     """
 
-    def __init__(self, workdir, backends, pool_max=None, prefetch=1, stager_delay=3600):
+    def __init__(self, workdir, backends, pool_max=None, prefetch=1, stager_delay=3600, fts=None, reconciler=None):
         self.workdir = workdir
         self.port = _free_port()
         self.logfile = os.path.join(workdir, "transferd.log")
         self.deliveries = os.path.join(workdir, "deliveries")
         self.config = os.path.join(workdir, "transferd.ini")
-        sample.create(os.path.join(workdir, "archive"))
+        self.archive = os.path.join(workdir, "archive")
+        sample.create(self.archive)
+        with open(os.path.join(self.archive, SMALL_PRODUCT), "wb") as handle:
+            handle.write(bytes(range(256)) * (SMALL_PRODUCT_BYTES // 256))
         os.makedirs(self.deliveries)
-        _write_config(self.config, {
+        sections = {
             "api": {"endpoint": f"tcp:{self.port}:interface=127.0.0.1", "public_url": f"http://127.0.0.1:{self.port}"},
             "database": {"url": backends.database_url(pool_max)},
             # Prefetch 1 and an hour-long simulated tape recall: the staging
@@ -164,14 +186,24 @@ class Daemon:
             # database or broker work while submissions are measured.
             "queue": {"url": backends.queue_url(), "prefetch": prefetch},
             "stager": {
-                "archive_root": os.path.join(workdir, "archive"),
+                "archive_root": self.archive,
                 "staging_root": os.path.join(workdir, "staging"),
                 "delay": stager_delay,
             },
             "transfer": {"allowed_schemes": "file", "file_roots": self.deliveries},
             # No reconciler pass (beyond the one at start) and no requeueing during the run.
-            "reconciler": {"interval": 3600, "requeue_after": 3600},
-        })
+            "reconciler": {"interval": 3600, "requeue_after": 3600} if reconciler is None else reconciler,
+        }
+        if fts is not None:
+            fake, settings = fts
+            token_file = os.path.join(workdir, "fts-token")
+            with open(token_file, "w") as handle:
+                handle.write(FTS_TOKEN + "\n")
+            sections["transfer"] = {"backend": "fts", "allowed_schemes": "gsiftp"}
+            # The fake FTS does not copy (no --copy): the source and destination URLs are only recorded.
+            sections["fts"] = {"endpoint": fake.url, "auth": "token", "token_file": token_file,
+                               "source_template": "gsiftp://{staged_to}{path}", **settings}
+        _write_config(self.config, sections)
         self.process = None
 
     def start(self, timeout=60):
@@ -235,6 +267,69 @@ def _write_config(path, sections):
             handle.write("\n")
 
 
+class FakeFTS:
+    """`twistd -n transferd-fakefts` (transferd.testing.fakefts) on a free port, with a bearer token.
+
+    Every file of a job takes `duration` seconds, then the job is FINISHED:
+    0 for the end-to-end measurement, days for the memory one (the jobs stay
+    ACTIVE).  No --copy: the fake only records the URLs.
+    """
+
+    def __init__(self, workdir, duration):
+        self.workdir = workdir
+        self.duration = duration
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.logfile = os.path.join(workdir, "fakefts.log")
+        self.process = None
+
+    def start(self, timeout=30):
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(self.logfile + ".stderr", "w") as stderr:
+            self.process = subprocess.Popen(
+                [TWISTD, "--pidfile=", "-n", "--logfile", self.logfile, "transferd-fakefts",
+                 "--endpoint", f"tcp:{self.port}:interface=127.0.0.1", "--token", FTS_TOKEN,
+                 "--duration", str(self.duration)],
+                cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                with open(self.logfile + ".stderr", errors="replace") as handle:
+                    raise RuntimeError(f"transferd-fakefts exited with {self.process.returncode}: {handle.read()}")
+            with contextlib.suppress(OSError):
+                drive(self.port, [_get("/")], 1, {200})
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"transferd-fakefts did not answer within {timeout}s")
+
+    def requests(self):
+        """How many requests of each kind ("POST /jobs", "GET /jobs/{ids}") the fake has seen."""
+        request = b"GET /_fake/state HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+        async def fetch():
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            try:
+                writer.write(request)
+                return await _read_response(reader)
+            finally:
+                writer.close()
+
+        status, body = asyncio.run(fetch())
+        return json.loads(body)["requests"] if status == 200 else {}
+
+    def stop(self, timeout=10):
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 # -- CPU accounting -------------------------------------------------------------
 
 
@@ -246,8 +341,8 @@ class CPUMeter:
     simply not shown.
     """
 
-    def __init__(self, daemon_pid):
-        self.pids = {"daemon": daemon_pid, "loadgen": os.getpid()}
+    def __init__(self, daemon_pid, **others):
+        self.pids = {"daemon": daemon_pid, "loadgen": os.getpid(), **others}
         for name, commands in (("mariadb", ("mariadbd", "mysqld")), ("rabbitmq", ("beam.smp",))):
             pid = _find_process(commands)
             if pid is not None:
@@ -277,6 +372,17 @@ def _cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kib(pid):
+    """VmRSS, VmHWM (peak RSS), RssAnon, RssFile (KiB) and Threads of a process, from /proc/<pid>/status."""
+    values = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
+                values[key] = int(rest.split()[0])
+    return values
 
 
 # -- the HTTP load generator ----------------------------------------------------
@@ -592,6 +698,33 @@ def submit_throughput(daemon, backends, meter, work):
     return results
 
 
+def measure_http_pair(daemons, meter, count, concurrency):
+    """Submissions to two daemons sharing the database and the queues, concurrency/2 clients each, at once."""
+    share = concurrency // 2
+    requests = [submit_requests(daemon, count // 2 + share) for daemon in daemons]
+    for daemon, mine in zip(daemons, requests):
+        drive(daemon.port, mine[:share], share, {202})
+    before = meter.sample()
+    start = time.perf_counter()
+    runs = [Background(daemon.port, mine[share:], share, {202}) for daemon, mine in zip(daemons, requests)]
+    latencies = [latency for run in runs for latency in run.join()[1]]
+    wall = time.perf_counter() - start
+    cpu, _ = CPUMeter.seconds(before, meter.sample())
+    cpu["daemon"] += cpu.pop("daemon2")  # both daemons' CPU, per submission
+    return Load(len(latencies), wall, latencies, cpu)
+
+
+def submit_two_daemons(daemons, backends, meter, work):
+    """The highest concurrency again, spread over two daemons (as behind a load balancer), against the floor."""
+    concurrency = max(LEVELS)
+    count = work["submit"][concurrency]
+    loads, floors = [], []
+    for _ in range(work["rounds"]):
+        loads.append(measure_http_pair(daemons, meter, count, concurrency))
+        floors.append(measure_floor(backends, meter, concurrency, count))
+    return _median(loads, "rate"), _median(floors, "sequence")
+
+
 def _median(items, attribute):
     return sorted(items, key=lambda item: getattr(item, attribute))[len(items) // 2]
 
@@ -605,6 +738,224 @@ def status_latency(daemon, meter, job_ids, work, rng):
     return results
 
 
+# -- end to end and memory: transferd with FTS3 (the fake) ------------------------------
+
+
+class Watch:
+    """Reads a daemon's jobs table on a connection of its own (one GROUP BY instead of N status requests)."""
+
+    def __init__(self, backends):
+        self.connection = backends.connect()
+
+    def query(self, statement, params=()):
+        cursor = self.connection.cursor()
+        cursor.execute(statement, params)
+        rows = cursor.fetchall()
+        self.connection.commit()  # the next query sees what has been committed since
+        return rows
+
+    def counts(self):
+        return dict(self.query("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
+
+    def close(self):
+        with contextlib.suppress(MySQLdb.Error):
+            self.connection.close()
+
+
+def wait_for_jobs(watch, daemon, done, what, timeout, stall=60, interval=0.1):
+    """Poll the jobs table until done(counts by status); fail on ERROR jobs, a dead daemon or a stall."""
+    start = changed = time.monotonic()
+    last = None
+    while True:
+        counts = watch.counts()
+        if done(counts):
+            return counts
+        if counts.get("ERROR"):
+            reason = watch.query("SELECT detailed_status FROM jobs WHERE status = 'ERROR' LIMIT 1")[0][0]
+            raise RuntimeError(f"{counts['ERROR']} job(s) ended in ERROR, for example: {reason}")
+        if daemon.process.poll() is not None:
+            raise RuntimeError(f"transferd exited with {daemon.process.returncode}:\n{daemon.log_tail()}")
+        now = time.monotonic()
+        if counts != last:
+            last, changed = counts, now
+        if now - changed > stall or now - start > timeout:
+            raise RuntimeError(f"gave up waiting for {what} after {now - start:.0f}s"
+                               f" (no change for {now - changed:.0f}s); jobs by status: {counts}\n{daemon.log_tail()}")
+        time.sleep(interval)
+
+
+def wait_until(check, what, timeout, interval=0.2):
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gave up waiting for {what} after {timeout}s")
+        time.sleep(interval)
+
+
+class Background:
+    """drive() in a thread, while this thread watches the jobs table."""
+
+    def __init__(self, port, requests, concurrency, expected):
+        self.result = self.error = None
+
+        def run():
+            try:
+                self.result = drive(port, requests, concurrency, expected)
+            except BaseException as error:  # re-raised by join()
+                self.error = error
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def fts_requests(daemon, count, prefix):
+    """Submissions of the small product to gsiftp://localhost/<deliveries>/<prefix>-<i>."""
+    return [
+        _post_form("/submitTransfer", {
+            "product_id": SMALL_PRODUCT,
+            "destination_path": "gsiftp://localhost" + quote(os.path.join(daemon.deliveries, f"{prefix}-{i}")),
+        })
+        for i in range(count)
+    ]
+
+
+def start_with_fts(args, stack, workdir, duration, prefetch, fts_settings):
+    """A fresh database and queue prefix, the fake FTS and transferd on them; the stack undoes all three."""
+    backends = Backends(args.mysql_url, args.amqp_url)
+    stack.callback(backends.close)
+    fake = FakeFTS(workdir, duration)
+    stack.callback(fake.stop)
+    fake.start()
+    # transferd's own reconciler settings (interval 30 s, lease 30 s, requeue_after 300 s).
+    daemon = Daemon(workdir, backends, args.pool_max, prefetch=prefetch, stager_delay=0,
+                    fts=(fake, fts_settings), reconciler={})
+    stack.callback(daemon.stop)
+    stack.callback(step, f"stopping the daemon and the fake FTS, dropping database {backends.database}")
+    daemon.start()
+    step(f"transferd pid {daemon.process.pid} (port {daemon.port}, database {backends.database},"
+         f" queue prefix {backends.prefix}), fake FTS pid {fake.process.pid} (port {fake.port})")
+    return backends, fake, daemon
+
+
+def _utc(seconds):
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).replace(tzinfo=None)
+
+
+def _epoch(moment):
+    return moment.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+WAITS = (  # (label, from column, to column) of the end-to-end wait figures
+    ("queued for staging", "time_submitted", "time_staging"),
+    ("staging", "time_staging", "time_staged"),
+    ("queued + FTS submission", "time_staged", "time_transferring"),
+    ("FTS + poll", "time_transferring", "time_success"),
+    ("submit to SUCCESS", "time_submitted", "time_success"),
+)
+
+
+def end_to_end(args, work, root, prefetch):
+    """Jobs per second from the first submission to the last SUCCESS: local stager, fake FTS finishing at once."""
+    count = work["e2e"]
+    with contextlib.ExitStack() as stack:
+        workdir = os.path.join(root, f"e2e-prefetch-{prefetch}")
+        backends, fake, daemon = start_with_fts(args, stack, workdir, 0, prefetch, E2E_FTS)
+        watch = Watch(backends)
+        stack.callback(watch.close)
+        meter = CPUMeter(daemon.process.pid, fakefts=fake.process.pid)
+        # Warm-up: a few jobs all the way through (connections, the FTS client's whoami), not measured.
+        warm = E2E_CLIENTS
+        drive(daemon.port, fts_requests(daemon, warm, "warm"), E2E_CLIENTS, {202})
+        wait_for_jobs(watch, daemon, lambda c: c.get("SUCCESS", 0) >= warm, "the warm-up jobs", 60)
+        time.sleep(1)
+        requests = fts_requests(daemon, count, "copy")
+        lines, fts_before = daemon.log_lines(), fake.requests()
+        step(f"end to end, prefetch {prefetch}: {count} jobs at {E2E_CLIENTS} clients")
+        before, start = meter.sample(), time.time()
+        submitter = Background(daemon.port, requests, E2E_CLIENTS, {202})
+        wait_for_jobs(watch, daemon, lambda c: c.get("SUCCESS", 0) >= warm + count, f"{count} jobs to succeed",
+                      timeout=120 + count / 5)
+        cpu, wall = CPUMeter.seconds(before, meter.sample())
+        submit_wall = submitter.join()[0]
+        fts_after = fake.requests()
+        columns = sorted({column for _, *pair in WAITS for column in pair})
+        rows = watch.query(f"SELECT {', '.join(columns)} FROM jobs WHERE status = 'SUCCESS' AND time_submitted >= %s",
+                           (_utc(start),))
+        if len(rows) != count:
+            raise RuntimeError(f"{len(rows)} measured jobs succeeded, not {count}")
+        times = {column: [_epoch(row[i]) for row in rows] for i, column in enumerate(columns)}
+        end = max(times["time_success"])
+        waits = {label: sorted(b - a for a, b in zip(times[first], times[then])) for label, first, then in WAITS}
+        return types.SimpleNamespace(
+            prefetch=prefetch, count=count, rate=count / (end - start), submit_rate=count / submit_wall,
+            submit_wall=submit_wall, elapsed=end - start,
+            last={state: max(times[column]) - start for state, column in
+                  (("STAGED", "time_staged"), ("TRANSFERRING", "time_transferring"), ("SUCCESS", "time_success"))},
+            waits=waits, daemon_ms=1000 * cpu["daemon"] / count,
+            cpu_percent={name: 100 * seconds / wall for name, seconds in cpu.items()},
+            log_lines=(daemon.log_lines() - lines) / count,
+            fts={key: fts_after.get(key, 0) - fts_before.get(key, 0) for key in ("POST /jobs", "GET /jobs/{ids}")},
+        )
+
+
+def daemon_memory(args, work, root):
+    """The daemon's RSS at idle, then with `rss` jobs TRANSFERRING, each polled at least twice."""
+    count = work["rss"]
+    interval = RSS_FTS["poll_interval"]
+    with contextlib.ExitStack() as stack:
+        workdir = os.path.join(root, "rss")
+        # The fake FTS's files take 30 days: every job stays ACTIVE.
+        backends, fake, daemon = start_with_fts(args, stack, workdir, 30 * 86400, RSS_PREFETCH, RSS_FTS)
+        watch = Watch(backends)
+        stack.callback(watch.close)
+        pid = daemon.process.pid
+        time.sleep(2)
+        idle = memory_kib(pid)
+        step(f"memory: {count} jobs to TRANSFERRING at {E2E_CLIENTS} clients")
+        start = time.monotonic()
+        submitter = Background(daemon.port, fts_requests(daemon, count, "copy"), E2E_CLIENTS, {202})
+        wait_for_jobs(watch, daemon, lambda c: c.get("TRANSFERRING", 0) >= count, f"{count} jobs TRANSFERRING",
+                      timeout=120 + count / 5, interval=0.5)
+        filled = time.monotonic() - start
+        submit_wall = submitter.join()[0]
+        at_fill = memory_kib(pid)
+
+        def unpolled():
+            return watch.query("SELECT COUNT(*) FROM jobs WHERE status = 'TRANSFERRING' AND poll_until IS NULL")[0][0]
+
+        step("memory: waiting until the poller has covered every job, then once more")
+        wait_until(lambda: unpolled() == 0, "every job polled once", 300)
+        first_cover = time.monotonic() - start
+        mark = time.time()
+        # poll_until = claim time + 0.9 interval: every job claimed again after `mark`.
+        wait_until(lambda: watch.query("SELECT MIN(poll_until) FROM jobs WHERE status = 'TRANSFERRING'")[0][0]
+                   > mark + 0.9 * interval, "every job polled a second time", 300)
+        second_cover = time.monotonic() - start - first_cover
+        time.sleep(2 * interval)  # the last claimed batch has been asked about and settled
+        meter = CPUMeter(pid)
+        before = meter.sample()
+        samples = []
+        for _ in range(20):
+            samples.append(memory_kib(pid)["VmRSS"])
+            time.sleep(0.5)
+        cpu, wall = CPUMeter.seconds(before, meter.sample())
+        final = memory_kib(pid)
+        counts = watch.counts()
+        if counts.get("TRANSFERRING", 0) != count:
+            raise RuntimeError(f"jobs by status changed while measuring: {counts}")
+        return types.SimpleNamespace(
+            count=count, idle=idle, at_fill=at_fill, final=final, samples=samples, filled=filled,
+            submit_wall=submit_wall, first_cover=first_cover, second_cover=second_cover,
+            polling_cpu=100 * cpu["daemon"] / wall,
+        )
+
+
 # -- the report -------------------------------------------------------------------
 
 
@@ -612,7 +963,7 @@ def _cpu(percent, names=("daemon", "loadgen", "mariadb", "rabbitmq")):
     return " ".join(f"{percent.get(name, float('nan')):4.0f}" for name in names)
 
 
-def report(args, work, probe, submit, small, full, log_lines, submitted):
+def report(args, work, probe, submit, pair, small, full, log_lines, submitted, memory):
     load_average = " ".join(f"{value:.1f}" for value in os.getloadavg())
     print(f"""
 transferd benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}{' --quick' if args.quick else ''}:\
@@ -635,6 +986,13 @@ clients requests daemon/s  p50 ms  p99 ms  daemon CPU ms/req  CPU% dmn  gen   db
               f" {load.daemon_ms:18.2f}      {_cpu(load.cpu_percent)} |"
               f" {floor.insert:8.0f} {floor.publish:9.0f} {floor.serial:8.0f} {floor.sequence:8.0f}     "
               f"{_cpu(floor.cpu_percent, ('loadgen', 'mariadb', 'rabbitmq'))} | {load.rate / floor.sequence:12.2f}")
+    load, floor = pair
+    print(f"""\
+{max(LEVELS)} clients over two daemons sharing the database and the queues, {max(LEVELS) // 2} each (daemon CPU = both):
+{max(LEVELS):7d} {load.count:8d} {load.rate:8.0f} {load.percentile(50):7.2f} {load.percentile(99):7.2f}\
+ {load.daemon_ms:18.2f}      {_cpu(load.cpu_percent)} |\
+ {floor.insert:8.0f} {floor.publish:9.0f} {floor.serial:8.0f} {floor.sequence:8.0f}     \
+{_cpu(floor.cpu_percent, ('loadgen', 'mariadb', 'rabbitmq'))} | {load.rate / floor.sequence:12.2f}""")
     print(f"""
 3. GET /transferStatus of random existing jobs: {SMALL_ROWS} jobs in the table vs {STATUS_ROWS}
 clients requests  p50 ms  p99 ms  (with {SMALL_ROWS})  p50 ms  p99 ms  (with {STATUS_ROWS})  p50 ratio  p99 ratio  req/s""")
@@ -648,7 +1006,72 @@ clients requests  p50 ms  p99 ms  (with {SMALL_ROWS})  p50 ms  p99 ms  (with {ST
     print(f"""
 At {max(LEVELS)} clients the daemon used {load.cpu_percent['daemon']:.0f}% of a core, {load.daemon_ms:.2f} ms of CPU per\
  submission: one process can do about {1000 / load.daemon_ms:.0f} submissions/s; the floor did {floor.sequence:.0f}/s.
-The daemon logged {log_lines} lines for {submitted} submissions ({log_lines / submitted:.1f} per submission).""", flush=True)
+The daemon logged {log_lines} lines for {submitted} submissions ({log_lines / submitted:.1f} per submission).
+Its memory at the end: VmRSS {_mib(memory['VmRSS']):.1f} MiB, peak (VmHWM) {_mib(memory['VmHWM']):.1f} MiB.""", flush=True)
+
+
+def _mib(kib):
+    return kib / 1024
+
+
+def _spread(values):
+    """p50 / p90 / max of sorted values, in seconds."""
+    def at(p):
+        return values[min(len(values) - 1, int(p / 100 * len(values)))]
+    return f"{at(50):6.2f} {at(90):6.2f} {values[-1]:6.2f}"
+
+
+def _heading(title):
+    load_average = " ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(f"\n{title}, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}: load average {load_average}")
+
+
+def report_e2e(results, pool_max):
+    _heading(f"4. End to end: jobs/s from the first submission to the last SUCCESS (goal {THROUGHPUT_GOAL}/s)")
+    print(f"""\
+   local stager (delay 0, a {SMALL_PRODUCT_BYTES}-byte file, fsync'd), [transfer] backend = fts against
+   `twistd -n transferd-fakefts --duration 0` (token auth, no --copy), [fts] poll_interval={E2E_FTS['poll_interval']}s\
+ bulk_size={E2E_FTS['bulk_size']},
+   MySQL pool_max={pool_max or 'default'}, reconciler defaults; {E2E_CLIENTS} clients submit; SUCCESS counted in MySQL
+   last X s = seconds from the first submission to the last job reaching X
+prefetch  jobs submit/s  jobs/s  of goal | last STAGED s  TRANSFERRING s  SUCCESS s |\
+ daemon CPU ms/job  CPU% dmn  fts   db   mq  gen | FTS POST/job  GET/job  log lines/job""")
+    for r in results:
+        print(f"{r.prefetch:8d} {r.count:5d} {r.submit_rate:8.0f} {r.rate:7.1f} {r.rate / THROUGHPUT_GOAL:7.2f} |"
+              f" {r.last['STAGED']:13.1f} {r.last['TRANSFERRING']:15.1f} {r.last['SUCCESS']:9.1f} |"
+              f" {r.daemon_ms:17.2f}      {_cpu(r.cpu_percent, ('daemon', 'fakefts', 'mariadb', 'rabbitmq', 'loadgen'))} |"
+              f" {r.fts['POST /jobs'] / r.count:12.2f} {r.fts['GET /jobs/{ids}'] / r.count:8.3f} {r.log_lines:14.1f}")
+    print("\nwaits per job, seconds: p50 p90 max")
+    print("prefetch " + " ".join(f"{label:>22s}" for label, _, _ in WAITS))
+    for r in results:
+        print(f"{r.prefetch:8d} " + " ".join(f"{_spread(r.waits[label]):>22s}" for label, _, _ in WAITS))
+    best = max(results, key=lambda r: r.rate)
+    print(f"\nBest: {best.rate:.1f} jobs/s at prefetch {best.prefetch}, {best.rate / THROUGHPUT_GOAL:.2f} of the goal;"
+          f" the daemon used {best.cpu_percent['daemon']:.0f}% of a core, {best.daemon_ms:.1f} ms of CPU per job"
+          f" (one process: at most about {1000 / best.daemon_ms:.0f} jobs/s).", flush=True)
+
+
+def report_memory(m):
+    goal = RSS_GOAL_MIB
+
+    def _row(label, memory):
+        return (f"{label:44s} {_mib(memory['VmRSS']):9.1f} {_mib(memory['VmHWM']):10.1f} {_mib(memory['RssAnon']):12.1f}"
+                f" {memory['Threads']:8d} {_mib(memory['VmRSS']) / goal:8.2f}")
+
+    _heading(f"5. Daemon memory with {m.count} jobs TRANSFERRING (goal: at most {goal} MiB)")
+    print(f"""\
+   `twistd -n transferd-fakefts --duration {30 * 86400}` keeps every job ACTIVE; [queue] prefetch={RSS_PREFETCH},
+   [fts] poll_interval={RSS_FTS['poll_interval']}s bulk_size={RSS_FTS['bulk_size']}; MiB = 1,048,576 bytes, from /proc/<pid>/status
+when                                           VmRSS MiB  VmHWM MiB  RssAnon MiB  threads  of goal
+{_row("idle, 2 s after start", m.idle)}
+{_row(f"all {m.count} jobs TRANSFERRING", m.at_fill)}
+{_row("... polled twice more, then 10 s", m.final)}
+
+{m.count} submissions took {m.submit_wall:.1f} s ({m.count / m.submit_wall:.0f}/s); all TRANSFERRING after {m.filled:.1f} s;\
+ every job polled once {m.first_cover - m.filled:.1f} s later, and again {m.second_cover:.1f} s after that.
+VmRSS over the last 10 s: {_mib(min(m.samples)):.1f} to {_mib(max(m.samples)):.1f} MiB. Peak (VmHWM):\
+ {_mib(m.final['VmHWM']):.1f} MiB, {_mib(m.final['VmHWM']) / goal:.2f} of the goal. Daemon CPU while only polling:\
+ {m.polling_cpu:.0f}% of a core.""", flush=True)
 
 
 # -- main -------------------------------------------------------------------------------
@@ -656,11 +1079,17 @@ The daemon logged {log_lines} lines for {submitted} submissions ({log_lines / su
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
+    parser.add_argument("--only", action="append", choices=SECTIONS,
+                        help="run only this part (repeatable): backends (sections 1-3), e2e (4), rss (5)")
+    parser.add_argument("--prefetch", type=int, action="append",
+                        help="end to end with this [queue] prefetch (repeatable; default 8 and 32, --quick 32)")
+    parser.add_argument("--e2e-jobs", type=int, help="jobs per end-to-end run (default 2000, --quick 300)")
+    parser.add_argument("--rss-jobs", type=int, help="jobs TRANSFERRING for the memory figure (default 10000)")
     parser.add_argument("--pool-max", type=int, help="give the daemon this MySQL pool_max (default: its own default)")
     parser.add_argument("--mysql-url", default=MYSQL_URL, help=f"the MySQL server, without a database ({MYSQL_URL})")
     parser.add_argument("--amqp-url", default=AMQP_URL, help=f"the RabbitMQ server ({AMQP_URL})")
-    parser.add_argument("--keep-workdir", action="store_true", help="keep the daemon's config and log")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the daemons' configs and logs")
     return parser.parse_args(argv)
 
 
@@ -668,18 +1097,17 @@ def step(what):
     print(f"-- {what}", file=sys.stderr, flush=True)
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    work = QUICK if args.quick else FULL
+def backends_benchmark(args, work, root):
+    """Sections 1 to 3: the API alone (workers idle) on MySQL and RabbitMQ, and the raw floor."""
     rng = random.Random(1)
-    # Clean up on Ctrl-C and SIGTERM, even when started in the background (where SIGINT starts ignored).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    workdir = tempfile.mkdtemp(prefix="transferd-bench-")
-    backends = daemon = None
-    try:
+    workdir = os.path.join(root, "backends")
+    os.makedirs(workdir)
+    with contextlib.ExitStack() as stack:
         backends = Backends(args.mysql_url, args.amqp_url)
+        stack.callback(backends.close)
         daemon = Daemon(workdir, backends, args.pool_max)
+        stack.callback(daemon.stop)
+        stack.callback(step, "cleaning up: stopping the daemon, dropping the database and the queues")
         step(f"starting the daemon (database {backends.database}, queue prefix {backends.prefix})")
         daemon.start()
         step(f"the daemon runs as pid {daemon.process.pid} on port {daemon.port}")
@@ -693,25 +1121,53 @@ def main(argv=None):
         lines = daemon.log_lines()
         submit = submit_throughput(daemon, backends, meter, work)
         submitted, log_lines = backends.count_jobs() - SMALL_ROWS, daemon.log_lines() - lines
+        step("a second daemon on the same database and queues; submissions spread over both")
+        second = Daemon(os.path.join(workdir, "second"), backends, args.pool_max)
+        stack.callback(second.stop)
+        second.start()
+        pair = submit_two_daemons((daemon, second), backends, CPUMeter(daemon.process.pid, daemon2=second.process.pid),
+                                  work)
+        second.stop()
         step(f"filling the jobs table to {STATUS_ROWS} rows")
         job_ids += insert_finished_jobs(backends, STATUS_ROWS - backends.count_jobs())
         step(f"/transferStatus latency with {STATUS_ROWS} jobs")
         full = status_latency(daemon, meter, job_ids, work, rng)
-        report(args, work, probe, submit, small, full, log_lines, submitted)
+        report(args, work, probe, submit, pair, small, full, log_lines, submitted, memory_kib(daemon.process.pid))
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    work = dict(QUICK if args.quick else FULL)
+    if args.prefetch:
+        work["prefetch"] = tuple(args.prefetch)
+    if args.e2e_jobs:
+        work["e2e"] = args.e2e_jobs
+    if args.rss_jobs:
+        work["rss"] = args.rss_jobs
+    sections = args.only or SECTIONS
+    # Clean up on Ctrl-C and SIGTERM, even when started in the background (where SIGINT starts ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    root = tempfile.mkdtemp(prefix="transferd-bench-")
+    started = time.monotonic()
+    try:
+        if "backends" in sections:
+            backends_benchmark(args, work, root)
+        if "e2e" in sections:
+            report_e2e([end_to_end(args, work, root, prefetch) for prefetch in work["prefetch"]], args.pool_max)
+        if "rss" in sections:
+            report_memory(daemon_memory(args, work, root))
+        print(f"\nThe whole run took {time.monotonic() - started:.0f} s.", flush=True)
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
-        step("cleaning up: stopping the daemon, dropping the database and the queues")
-        if daemon is not None:
-            daemon.stop()
-        if backends is not None:
-            backends.close()
+        # Each measurement has stopped its daemons and dropped its database and queues on its way out.
         if args.keep_workdir:
-            print(f"the daemon's config and log are in {workdir}", file=sys.stderr)
+            print(f"the daemons' configs and logs are in {root}", file=sys.stderr)
         else:
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
