@@ -135,6 +135,19 @@ class SubmitTransferTests(APITestCase):
                                                 headers=json_headers), "product_id")
 
     @defer.inlineCallbacks
+    def test_deeply_nested_json(self):
+        """JSON nested deeper than MAX_JSON_DEPTH answers 400 before it is parsed (no RecursionError, no 500)."""
+        json_headers = {"Content-Type": "application/json"}
+        for body in (b"[" * 5000 + b"]" * 5000, b'{"a":' * 5 + b"1" + b"}" * 5,
+                     json.dumps({"product_id": [[[["x"]]]], "destination_path": "x"}).encode()):
+            yield self.assertRefused(400, self.call("POST", "/submitTransfer", data=body, headers=json_headers),
+                                     "nested deeper than 4 levels")
+        # Brackets inside strings are text, not nesting.
+        body = json.dumps({"product_id": "[[[[[[", "destination_path": self.h.destination + "/{{{{{{"}).encode()
+        yield self.assertRefused(400, self.call("POST", "/submitTransfer", data=body, headers=json_headers),
+                                 "product_id must be a plain name")
+
+    @defer.inlineCallbacks
     def test_wrong_method_and_unknown_path(self):
         """GET on a POST endpoint answers 405 JSON with Allow; an unknown path answers 404 JSON."""
         yield self.assertRefused(405, self.call("GET", "/submitTransfer"), "POST")

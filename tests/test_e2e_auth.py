@@ -17,6 +17,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.daemon import TWISTD, Daemon, daemon_config, free_port
+from tests.test_e2e_staging import StagerDaemon
 from tests.support import wait_for
 from transferd import jobs, sample
 from transferd.testing import x509 as testx509
@@ -24,6 +25,7 @@ from transferd.testing.tokens import AUDIENCE, TokenIssuer
 from transferd.tls import client_tls_policy
 
 ISS = "https://iam.example.org/"
+STAGER_HOST = "stager.test"
 
 
 class Credentials:
@@ -44,6 +46,8 @@ class Credentials:
             "bob-proxy": testx509.write_credentials(os.path.join(directory, "bob"),
                                                     proxy=testx509.make_proxy(self.bob, key_kind="ec")),
             "mallory": testx509.write_credentials(os.path.join(directory, "mallory"), user=self.mallory),
+            "stager": testx509.write_credentials(os.path.join(directory, "stager"),
+                                                 host=testx509.make_host(ca, STAGER_HOST, key_kind="ec")),
         }
         self.issuer = TokenIssuer(ISS, kind="ec")
         self.jwks = os.path.join(directory, "jwks.json")
@@ -64,24 +68,27 @@ def dn(credential):
     return "/DC=org/DC=transferd-test/OU=Users/CN=" + credential.cert.subject.rfc4514_string().split("CN=")[1].split(",")[0]
 
 
-class ExposedDaemonTests(unittest.TestCase):
+class ExposedDaemonTestCase(unittest.TestCase):
+    """Starts one transferd with TLS and the given [auth] settings (plus any other sections)."""
+
     timeout = 90
 
-    @defer.inlineCallbacks
     def setUp(self):
         self.workdir = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(self.workdir, "deliveries"))
         sample.create(os.path.join(self.workdir, "archive"))
         self.creds = Credentials(os.path.join(self.workdir, "credentials"))
         self.audit = os.path.join(self.workdir, "audit.log")
+
+    @defer.inlineCallbacks
+    def start_transferd(self, auth, **sections):
         port = free_port()
         config = daemon_config(
             self.workdir, port,
             api={"public_url": f"https://localhost:{port}", "tls_cert": self.creds.paths.host_cert,
                  "tls_key": self.creds.paths.host_key},
-            auth={"x509_ca_path": self.creds.ca_dir, "token_audiences": AUDIENCE,
-                  "token_issuers": f"{ISS} {self.creds.jwks}", "admins": f"SUB=operator, ISS={ISS}",
-                  "audit_log": self.audit},
+            auth={"x509_ca_path": self.creds.ca_dir, "audit_log": self.audit, **auth},
+            **sections,
         )
         self.daemon = Daemon(self.workdir, config, port)
         self.daemon.url = f"https://localhost:{port}"
@@ -105,8 +112,8 @@ class ExposedDaemonTests(unittest.TestCase):
             if daemon.process.poll() is not None:
                 raise AssertionError(f"transferd exited with {daemon.process.returncode}:\n{daemon.logs()[-3000:]}")
             try:
-                code, _ = yield self.call(None, "GET", "/transferStatus?job_id=" + jobs.new_job_id())
-                return code == 401
+                code, _ = yield self.call("alice", "GET", "/transferStatus?job_id=" + jobs.new_job_id())
+                return code == 404
             except Exception:
                 return False
 
@@ -127,6 +134,30 @@ class ExposedDaemonTests(unittest.TestCase):
                                      data={"product_id": "sample-001", "destination_path": destination})
         self.assertEqual(code, 202, data)
         return data["job_id"]
+
+
+    @defer.inlineCallbacks
+    def daemon_wait(self, owners):
+        """Every job's final view, each read by its owner."""
+        views = {}
+
+        @defer.inlineCallbacks
+        def done():
+            for job_id, (who, token) in owners.items():
+                _, views[job_id] = yield self.call(who, "GET", f"/transferStatus?job_id={job_id}", token=token)
+            return all(view["status"] in jobs.TERMINAL for view in views.values())
+
+        yield wait_for(done, 30, interval=0.2)
+        return list(views.values())
+
+
+class ExposedDaemonTests(ExposedDaemonTestCase):
+    """Certificates, proxies and tokens accepted; an admin by token."""
+
+    def setUp(self):
+        super().setUp()
+        return self.start_transferd({"token_audiences": AUDIENCE, "token_issuers": f"{ISS} {self.creds.jwks}",
+                                     "admins": f"SUB=operator, ISS={ISS}"})
 
     @defer.inlineCallbacks
     def test_identities_and_authorization(self):
@@ -158,24 +189,8 @@ class ExposedDaemonTests(unittest.TestCase):
         self.assertEqual([(r["action"], r["outcome"], r["identity"]) for r in records if r["action"] == "submit"],
                          [("submit", 202, expected[job]) for job in (alice_job, bob_job, carol_job)])
         refused = [(r["action"], r["outcome"]) for r in records if r["outcome"] in (401, 403)]
-        # The first refusal is start_tls's probe, made without a credential.
-        self.assertEqual(refused, [("transferStatus", 401), ("transferStatus", 403), ("cancel", 403),
-                                   ("transferStatus", 401)])
+        self.assertEqual(refused, [("transferStatus", 403), ("cancel", 403), ("transferStatus", 401)])
         self.assertTrue(all(r["peer"] == "127.0.0.1" for r in records))
-
-    @defer.inlineCallbacks
-    def daemon_wait(self, owners):
-        """Every job's final view, each read by its owner."""
-        views = {}
-
-        @defer.inlineCallbacks
-        def done():
-            for job_id, (who, token) in owners.items():
-                _, views[job_id] = yield self.call(who, "GET", f"/transferStatus?job_id={job_id}", token=token)
-            return all(view["status"] in jobs.TERMINAL for view in views.values())
-
-        yield wait_for(done, 30, interval=0.2)
-        return list(views.values())
 
     @defer.inlineCallbacks
     def test_revoked_certificate_refused_at_handshake(self):
@@ -191,6 +206,32 @@ class ExposedDaemonTests(unittest.TestCase):
             response = yield treq.get(f"http://127.0.0.1:{self.daemon.port}/transferStatus?job_id=x",
                                       timeout=5, persistent=False)
             yield response.content()
+
+
+class StagerCertificateTests(ExposedDaemonTestCase):
+    """[auth] stager_dns: /doneStaging needs the stager's certificate as well as the job's authcode."""
+
+    @defer.inlineCallbacks
+    def test_only_the_stager_reports(self):
+        """The reference stager, presenting its certificate, reports; the job's owner cannot report for it."""
+        paths = self.creds.files["stager"]
+        stager = StagerDaemon(self.workdir, free_port(), "--callback-ca", self.creds.paths.ca_cert,
+                              "--callback-cert", paths.host_cert, "--callback-key", paths.host_key)
+        self.addCleanup(stager.stop)
+        yield stager.start()
+        yield self.start_transferd(
+            {"stager_dns": f"/DC=org/DC=transferd-test/CN={STAGER_HOST}"},
+            stager={"backend": "callback", "url": stager.url + "/stage", "timeout": "20", "retry_delay": "0.2"},
+        )
+        job_id = yield self.submit("alice")
+        code, data = yield self.call("alice", "POST", "/doneStaging", data={
+            "job_id": job_id, "product_id": "sample-001", "authcode": "0" * 32, "success": "true",
+            "staged_to": "elsewhere.test", "path": "/etc"})
+        self.assertEqual(code, 403, data)
+        self.assertIn("configured stagers", data["msg"])
+        views = yield self.daemon_wait({job_id: ("alice", None)})
+        self.assertEqual(views[0]["status"], jobs.SUCCESS, views)
+        self.assertEqual(views[0]["stager_hostname"], STAGER_HOST)
 
 
 class SecureByDefaultTests(unittest.TestCase):

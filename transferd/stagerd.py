@@ -568,6 +568,9 @@ class Options(usage.Options):
         ["hostname", None, None, "host name reported as staged_to (default: this host's FQDN)"],
         ["callback-ca", None, None, "CA certificates (PEM file or hashed directory) to verify an https "
                                     "callback_url (default: the system's CAs)"],
+        ["callback-cert", None, None, "certificate (or proxy) to present when calling back, for a transferd "
+                                      "that requires client certificates ([auth] stager_dns)"],
+        ["callback-key", None, None, "the key of --callback-cert, when not in the same file"],
         ["delay", None, "0", "seconds to wait before staging, like a tape recall"],
         ["callback-retry", None, "1", "seconds before the first retry of a failed callback (doubles)"],
         ["callback-retry-max", None, "30", "at most this many seconds between callback retries"],
@@ -597,11 +600,13 @@ class Options(usage.Options):
             raise usage.UsageError("--callback-retry must be greater than zero")
         self["fail-products"] = tuple(p.strip() for p in self["fail-products"].split(",") if p.strip())
         self["tls-policy"] = None
-        if self["callback-ca"]:
+        if self["callback-key"] and not self["callback-cert"]:
+            raise usage.UsageError("--callback-key needs --callback-cert")
+        if self["callback-ca"] or self["callback-cert"]:
             try:
-                self["tls-policy"] = client_tls_policy(self["callback-ca"])
+                self["tls-policy"] = client_tls_policy(self["callback-ca"], self["callback-cert"], self["callback-key"])
             except (OSError, ValueError) as error:
-                raise usage.UsageError(f"--callback-ca {self['callback-ca']}: {error}") from None
+                raise usage.UsageError(f"--callback-ca / --callback-cert: {error}") from None
 
 
 class StagerService(service.MultiService):
