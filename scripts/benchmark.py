@@ -225,15 +225,7 @@ class Daemon:
         raise RuntimeError(f"transferd did not answer within {timeout}s:\n{self.log_tail()}")
 
     def stop(self, timeout=30):
-        """SIGTERM, then SIGKILL.  A clean stop takes ~10 s: the queue waits for the held recall."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        _terminate(self.process, timeout)
 
     def log_lines(self):
         """Lines logged so far, rotated files included (twistd starts a new file every 1 MB)."""
@@ -251,6 +243,18 @@ class Daemon:
             with contextlib.suppress(OSError), open(path, errors="replace") as handle:
                 text.append(handle.read()[-2000:])
         return "\n".join(text)
+
+
+def _terminate(process, timeout):
+    """SIGTERM, then SIGKILL after timeout seconds (a process not started or already gone: nothing)."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _free_port():
@@ -320,14 +324,7 @@ class FakeFTS:
         return json.loads(body)["requests"] if status == 200 else {}
 
     def stop(self, timeout=10):
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        _terminate(self.process, timeout)
 
 
 # -- CPU accounting -------------------------------------------------------------
