@@ -78,7 +78,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from transferd import jobs, validation
-from transferd.http import describe
+from transferd.http import answer_message, describe
 from transferd.tls import client_tls_policy
 from transferd.web import LimitedSite
 
@@ -197,18 +197,6 @@ def _json(request, code, body):
     request.setResponseCode(code)
     request.setHeader("Content-Type", "application/json; charset=utf-8")
     return (json.dumps(body) + "\n").encode("utf-8")
-
-
-def _message(body):
-    """transferd's "msg" from an answer body, else the body's text, shortened."""
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    if isinstance(data, dict) and isinstance(data.get("msg"), str):
-        text = data["msg"]
-    return text[:300]
 
 
 def _after(deferred):
@@ -500,9 +488,9 @@ class ReferenceStager:
                 if code < 500 and code not in RETRYABLE_STATUS:
                     staging.state = "refused"
                     self.log.warn("job {job_id}: transferd refused the staging report (HTTP {code}: {msg}); "
-                                  "giving up", job_id=staging.job_id, code=code, msg=_message(answer))
+                                  "giving up", job_id=staging.job_id, code=code, msg=answer_message(answer))
                     return False
-                problem = f"HTTP {code}: {_message(answer)}"
+                problem = f"HTTP {code}: {answer_message(answer)}"
             wait = ceiling * self.random()
             if self.clock.seconds() + wait > deadline:
                 staging.state = "given up"

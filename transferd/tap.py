@@ -19,6 +19,8 @@ from twisted.python import usage
 from transferd.api import TransferAPI
 from transferd.audit import AuditLog
 from transferd.auth.access import Access
+from transferd.auth.tokens import TokenVerifier
+from transferd.auth.x509 import ServerTLS
 from transferd.config import ConfigError, load_config
 from transferd.pipeline import Pipeline, Reconciler
 from transferd.queue import open_queue
@@ -123,8 +125,6 @@ def build_listener(config, reactor, site):
     """The factory to listen with: the site, inside TLS when configured, inside the connection limits."""
     factory = site
     if config.api.tls_cert:
-        from transferd.auth.x509 import ServerTLS
-
         try:
             tls = ServerTLS(
                 config.api.tls_cert, config.api.tls_key, ca_path=config.auth.x509_ca_path,
@@ -140,8 +140,6 @@ def build_access(config, reactor):
     """The Access rules, and the token verifier (a service to start) when tokens are accepted."""
     tokens = None
     if config.auth.token_issuers:
-        from transferd.auth.tokens import TokenVerifier
-
         tokens = TokenVerifier(
             config.auth.token_issuers, config.auth.token_audiences, reactor, refresh=config.auth.jwks_refresh,
         )

@@ -20,7 +20,6 @@ transferd-stager (transferd.stagerd) is a reference stager speaking this
 protocol.
 """
 
-import json
 import random
 from urllib.parse import quote
 
@@ -30,7 +29,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
-from transferd.http import describe
+from transferd.http import answer_message, describe
 from transferd.interfaces import IStager
 from transferd.jobs import StageResult
 from transferd.tls import client_tls_policy
@@ -40,18 +39,6 @@ RETRYABLE_STATUS = frozenset({408, 429})  # 4xx answers that mean "try again lat
 
 class StagerTimeout(Exception):
     """The stager gave no complete answer in time."""
-
-
-def _message(body):
-    """The stager's own words from an answer body: its JSON "msg", else the text, shortened."""
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    if isinstance(data, dict) and isinstance(data.get("msg"), str):
-        text = data["msg"]
-    return text[:500] or "(no message)"
 
 
 # -- the stager -------------------------------------------------------------------
@@ -146,10 +133,10 @@ class CallbackStager:
                                   job_id=job.job_id, url=self.url, code=code)
                     return None
                 if code < 500 and code not in RETRYABLE_STATUS:
-                    msg = f"the stager at {self.url} refused the request: HTTP {code}: {_message(answer)}"
+                    msg = f"the stager at {self.url} refused the request: HTTP {code}: {answer_message(answer)}"
                     self.log.warn("job {job_id}: {msg}", job_id=job.job_id, msg=msg)
                     return StageResult(success=False, msg=msg)
-                problem = f"HTTP {code}: {_message(answer)}"
+                problem = f"HTTP {code}: {answer_message(answer)}"
             if attempt < self.max_attempts:
                 self.log.warn("job {job_id}: the stager at {url} could not take the request ({problem}); "
                               "attempt {attempt} of {attempts}, trying again",
@@ -212,7 +199,7 @@ class CallbackStager:
                               job_id=job.job_id, why=why, url=target, code=code)
             else:
                 self.log.warn("job {job_id} ({why}): the stager at {url} answered HTTP {code}: {msg}",
-                              job_id=job.job_id, why=why, url=target, code=code, msg=_message(answer))
+                              job_id=job.job_id, why=why, url=target, code=code, msg=answer_message(answer))
 
         defer.Deferred.fromCoroutine(notify())
 
