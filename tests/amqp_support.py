@@ -17,6 +17,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 
+from transferd.config import parse_queue_url
 from transferd.queue import STAGING_QUEUE, TRANSFER_QUEUE
 from transferd.queue.amqp import DEAD_SUFFIX, AMQPSettings
 
@@ -130,7 +131,7 @@ class TestBroker:
 
     async def _with_channel(self, work):
         """Run work(channel) on a short-lived connection of our own, closed afterwards."""
-        settings = AMQPSettings(self.url)
+        settings = AMQPSettings(parse_queue_url(self.url))
         connection = TwistedProtocolConnection(settings.parameters)
         await connectProtocol(settings.endpoint(reactor), connection)
         try:

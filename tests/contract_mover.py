@@ -1,8 +1,8 @@
 """The Mover contract: every IMover implementation must pass these.
 
 A concrete test case mixes MoverContract into trial's TestCase and provides
-make_mover(file_roots), returning a mover that may write file:// URLs under
-file_roots.  An asynchronous mover (transfer() fires None, a poller reports
+make_mover(file_roots), returning a mover (a service, not yet started) that
+may write file:// URLs under file_roots.  An asynchronous mover (transfer() fires None, a poller reports
 later) overrides finish(mover, job, result) to fire with the final
 TransferResult, polling as it needs to.
 """
@@ -17,7 +17,9 @@ from zope.interface.verify import verifyObject
 
 from transferd import jobs
 from transferd.interfaces import IMover
-from tests.contract_stager import DIR_CONTENT, DIR_PRODUCT, FILE_CONTENT, FILE_PRODUCT, read_tree, write_archive
+from tests.contract_stager import (
+    DIR_CONTENT, DIR_PRODUCT, FILE_CONTENT, FILE_PRODUCT, check_pollers, read_tree, write_archive,
+)
 
 
 def staged_files(product_root, name):
@@ -53,7 +55,8 @@ class MoverContract:
         self.root = os.path.abspath(self.mktemp())
         os.makedirs(self.root)
         self.mover = self.make_mover([self.root])
-        self.addCleanup(self.mover.close)
+        self.mover.startService()
+        self.addCleanup(lambda: self.mover.running and self.mover.stopService())
 
     def job(self, product_id, destination, record_files=True, **overrides):
         """A TRANSFERRING job whose product was staged under self.staged."""
@@ -159,8 +162,12 @@ class MoverContract:
         yield self.mover.cancel(self.job(FILE_PRODUCT, file_url(self.root)))
 
     @defer.inlineCallbacks
-    def test_close_after_work(self):
-        """Closing after a transfer fires and leaves the reactor clean."""
+    def test_stop_after_work(self):
+        """Stopping after a transfer fires and leaves the reactor clean."""
         result = yield self._transfer(self.job(FILE_PRODUCT, file_url(self.root)))
         self.assertTrue(result.success, result.msg)
-        yield self.mover.close()
+        yield self.mover.stopService()
+
+    def test_pollers_are_new_services(self):
+        """pollers() gives new services each time, none of them running yet."""
+        check_pollers(self, self.mover)

@@ -12,6 +12,10 @@ from transferd.interfaces import IJobQueue
 from tests.support import wait_for
 
 
+def NO_DEAD_LETTERS(queue, job_id, reason):
+    raise AssertionError(f"{job_id} was dead-lettered from {queue}: {reason}")
+
+
 class JobQueueContract:
     redelivery_wait = 10.0
 
@@ -35,8 +39,8 @@ class JobQueueContract:
         """Every published job id reaches the consumer of its queue, and only that one."""
         queue = yield self._queue()
         seen, other = [], []
-        queue.consume("staging", lambda job_id: seen.append(job_id), 4)
-        queue.consume("transfer", lambda job_id: other.append(job_id), 4)
+        queue.consume("staging", lambda job_id: seen.append(job_id), 4, NO_DEAD_LETTERS)
+        queue.consume("transfer", lambda job_id: other.append(job_id), 4, NO_DEAD_LETTERS)
         for i in range(20):
             yield queue.publish("staging", f"job-{i}")
         yield wait_for(lambda: len(seen) == 20, self.redelivery_wait)
@@ -49,7 +53,7 @@ class JobQueueContract:
         queue = yield self._queue()
         yield queue.publish("staging", "early")
         seen = []
-        queue.consume("staging", seen.append, 1)
+        queue.consume("staging", seen.append, 1, NO_DEAD_LETTERS)
         yield wait_for(lambda: seen == ["early"], self.redelivery_wait)
 
     @defer.inlineCallbacks
@@ -66,7 +70,7 @@ class JobQueueContract:
             running[0] -= 1
             done.append(job_id)
 
-        queue.consume("staging", handler, 3)
+        queue.consume("staging", handler, 3, NO_DEAD_LETTERS)
         for i in range(12):
             yield queue.publish("staging", f"job-{i}")
         yield wait_for(lambda: len(done) == 12, self.redelivery_wait)
@@ -77,13 +81,13 @@ class JobQueueContract:
         """A handler failure redelivers the id; after max_deliveries it is dead-lettered once."""
         queue = yield self._queue(max_deliveries=3)
         attempts, dead = [], []
-        queue.on_dead_letter = lambda name, job_id, reason: dead.append((name, job_id, reason))
+        on_dead = lambda name, job_id, reason: dead.append((name, job_id, reason))  # noqa: E731
 
         def handler(job_id):
             attempts.append(job_id)
             raise RuntimeError("boom")
 
-        queue.consume("staging", handler, 1)
+        queue.consume("staging", handler, 1, on_dead)
         yield queue.publish("staging", "bad")
         yield wait_for(lambda: dead, self.redelivery_wait * 3)
         self.assertEqual(attempts, ["bad"] * 3)
@@ -103,7 +107,7 @@ class JobQueueContract:
             if len(attempts) == 1:
                 return defer.fail(RuntimeError("transient"))
 
-        queue.consume("staging", handler, 1)
+        queue.consume("staging", handler, 1, NO_DEAD_LETTERS)
         yield queue.publish("staging", "flaky")
         yield wait_for(lambda: len(attempts) == 2, self.redelivery_wait * 2)
         yield task.deferLater(reactor, 0.3, lambda: None)

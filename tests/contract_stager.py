@@ -1,8 +1,8 @@
 """The Stager contract: every IStager implementation must pass these.
 
 A concrete test case mixes StagerContract into trial's TestCase and provides
-make_stager(archive_root, staging_root), returning a stager that serves the
-products under archive_root.  A stager that reports later (stage() fires
+make_stager(archive_root, staging_root), returning a stager (a service, not
+yet started) that serves the products under archive_root.  A stager that reports later (stage() fires
 None) overrides finish(stager, job, result) to fire with the final
 StageResult.  The staged copy is read from disk at StageResult.path, so the
 stager under test must stage onto this host.
@@ -62,6 +62,15 @@ def a_job(product_id, **overrides):
                     destination_path="file:///tmp/deliveries", status=jobs.STAGING, **overrides)
 
 
+def check_pollers(test, backend):
+    """backend.pollers() gives new services each time, none of them running yet (stager and mover contracts)."""
+    first, second = backend.pollers(outcomes=None), backend.pollers(outcomes=None)
+    test.assertEqual(len(first), len(second))
+    for poller in first:
+        test.assertFalse(poller.running)
+        test.assertNotIn(poller, second)
+
+
 class StagerContract:
     def make_stager(self, archive_root, staging_root):
         raise NotImplementedError
@@ -76,7 +85,11 @@ class StagerContract:
         write_archive(self.archive_root)
         os.makedirs(self.staging_root)
         self.stager = self.make_stager(self.archive_root, self.staging_root)
-        self.addCleanup(self.stager.close)
+        self.stager.startService()
+        self.addCleanup(self._stop)
+
+    def _stop(self):
+        return self.stager.stopService() if self.stager.running else None
 
     @defer.inlineCallbacks
     def _stage(self, job):
@@ -84,10 +97,11 @@ class StagerContract:
         return (yield self.finish(self.stager, job, result))
 
     def test_provides_interface(self):
-        """The stager provides IStager, with a positive timeout and at least one attempt."""
+        """The stager provides IStager, with a positive timeout, at least one attempt and a batch size."""
         self.assertTrue(verifyObject(IStager, self.stager))
         self.assertGreater(self.stager.timeout, 0)
         self.assertGreaterEqual(self.stager.max_attempts, 1)
+        self.assertGreaterEqual(self.stager.batch_size, 1)
 
     @defer.inlineCallbacks
     def test_check(self):
@@ -164,33 +178,51 @@ class StagerContract:
         first = yield self._stage(one)
         second = yield self._stage(two)
         self.assertNotEqual(first.path, second.path)
-        yield self.stager.release(one)
+        yield self.stager.free_copy(one)
         yield wait_for(lambda: not os.path.exists(first.path))
         with open(second.path, "rb") as staged:
             self.assertEqual(staged.read(), FILE_CONTENT)
 
     @defer.inlineCallbacks
-    def test_release_frees_the_copy(self):
-        """Releasing an ended job frees its staged copy; releasing it again is harmless."""
+    def test_free_copy(self):
+        """free_copy() of an ended job frees its staged copy; freeing it again is harmless."""
         job = a_job(DIR_PRODUCT)
         result = yield self._stage(job)
-        yield self.stager.release(job)
+        yield self.stager.free_copy(job)
         yield wait_for(lambda: not os.path.exists(result.path))
-        yield self.stager.release(job)
+        yield self.stager.free_copy(job)
 
     @defer.inlineCallbacks
-    def test_cancel_and_release_unknown_job(self):
-        """Cancelling or releasing a job the stager never saw succeeds quietly."""
+    def test_cancel_and_free_unknown_job(self):
+        """Cancelling, or freeing the copy of, a job the stager never saw succeeds quietly."""
         job = a_job(FILE_PRODUCT)
         yield self.stager.cancel(job)
-        yield self.stager.release(job)
+        yield self.stager.free_copy(job)
+
+    def test_pollers_are_new_services(self):
+        """pollers() gives new services each time, none of them running yet."""
+        check_pollers(self, self.stager)
 
     @defer.inlineCallbacks
-    def test_close_with_work_pending(self):
-        """Closing with a staging request outstanding fires and leaves the reactor clean."""
+    def test_stop_with_work_pending(self):
+        """Stopping with a staging request outstanding fires and leaves the reactor clean."""
         pending = self.stager.stage(a_job(DIR_PRODUCT), "code")
-        yield self.stager.close()
+        yield self.stager.stopService()
         try:
             yield pending
         except defer.CancelledError:
             pass
+
+    @defer.inlineCallbacks
+    def test_cancelled_stage_call(self):
+        """Cancelling a stage() Deferred (the daemon stopping) ends it at once; the stager still stages."""
+        pending = self.stager.stage(a_job(DIR_PRODUCT), "code")
+        pending.cancel()
+        try:
+            result = yield pending
+        except defer.CancelledError:
+            pass
+        else:
+            self.assertIsNone(result)  # accepted already (reported later)
+        result = yield self._stage(a_job(FILE_PRODUCT))
+        self.assertTrue(result.success, result.msg)

@@ -9,7 +9,7 @@ from datetime import timezone
 from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
-from transferd import jobs
+from transferd import jobs, leases
 from transferd.interfaces import IJobStore
 
 
@@ -32,7 +32,7 @@ class JobStoreContract:
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)
         self.store = yield self.make_store(self.clock)
-        self.addCleanup(self.store.close)
+        self.addCleanup(self.store.stopService)
 
     @defer.inlineCallbacks
     def _submitted(self, **overrides):
@@ -135,50 +135,70 @@ class JobStoreContract:
         self.assertRaises(ValueError, self.store.update, job.job_id, jobs.SUBMITTED, {"bogus": 1})
 
     @defer.inlineCallbacks
-    def test_claim_is_exclusive_until_expiry(self):
-        """One owner holds a lease; another can take it only after it expires."""
+    def test_record_backend_ids(self):
+        """A stager's request id is stored only while the job is STAGING; a transfer id only in the stated status."""
         job = yield self._submitted()
-        self.assertTrue((yield self.store.claim(job.job_id, jobs.SUBMITTED, "a", 30)))
-        self.assertFalse((yield self.store.claim(job.job_id, jobs.SUBMITTED, "b", 30)))
-        self.assertFalse((yield self.store.claim(job.job_id, jobs.STAGING, "b", 30)))
-        self.clock.advance(31)
-        self.assertTrue((yield self.store.claim(job.job_id, jobs.SUBMITTED, "b", 30)))
-        self.assertEqual((yield self.store.get(job.job_id)).lease_owner, "b")
+        self.assertFalse((yield self.store.record_stager_request(job.job_id, "req-1")))
+        yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING)
+        self.assertTrue((yield self.store.record_stager_request(job.job_id, "req-1")))
+        self.assertFalse((yield self.store.record_transfer_id(job.job_id, jobs.STAGED, "fts-1")))
+        yield self.store.transition(job.job_id, jobs.STAGING, jobs.STAGED)
+        self.assertTrue((yield self.store.record_transfer_id(job.job_id, jobs.STAGED, "fts-1")))
+        got = yield self.store.get(job.job_id)
+        self.assertEqual((got.stager_request, got.fts_jobid), ("req-1", "fts-1"))
 
     @defer.inlineCallbacks
-    def test_concurrent_claims_one_winner(self):
-        """Of many owners claiming at once exactly one wins."""
+    def test_take_lease_is_exclusive_until_expiry(self):
+        """One owner holds a lease; another can take it only after it expires; the job comes back leased."""
+        job = yield self._submitted()
+        taken = yield self.store.take_lease(job.job_id, [jobs.SUBMITTED], "a", 30)
+        self.assertEqual((taken.job_id, taken.status, taken.lease_owner), (job.job_id, jobs.SUBMITTED, "a"))
+        self.assertIsNone((yield self.store.take_lease(job.job_id, [jobs.SUBMITTED], "b", 30)))
+        self.assertIsNone((yield self.store.take_lease(job.job_id, [jobs.STAGING], "b", 30)))
+        self.clock.advance(31)
+        taken = yield self.store.take_lease(job.job_id, [jobs.STAGING, jobs.SUBMITTED], "b", 30)
+        self.assertEqual(taken.lease_owner, "b")
+        self.assertEqual((yield self.store.get(job.job_id)).lease_owner, "b")
+        self.assertIsNone((yield self.store.take_lease(jobs.new_job_id(), [jobs.SUBMITTED], "b", 30)))
+
+    @defer.inlineCallbacks
+    def test_concurrent_leases_one_winner(self):
+        """Of many owners taking a lease at once exactly one wins."""
         job = yield self._submitted()
         results = yield defer.gatherResults(
-            [self.store.claim(job.job_id, jobs.SUBMITTED, f"owner-{i}", 30) for i in range(10)]
+            [self.store.take_lease(job.job_id, [jobs.SUBMITTED], f"owner-{i}", 30) for i in range(10)]
         )
-        self.assertEqual(results.count(True), 1)
+        self.assertEqual(len([r for r in results if r is not None]), 1)
 
     @defer.inlineCallbacks
-    def test_renew_and_release(self):
-        """renew() extends only the owner's leases; release() frees them, optionally holding them ownerless."""
+    def test_renew_and_end_leases(self):
+        """renew_leases() extends only the owner's leases; end_lease() frees them, or leaves a wait."""
         one = yield self._submitted()
         two = yield self._submitted()
-        yield self.store.claim(one.job_id, jobs.SUBMITTED, "a", 30)
-        yield self.store.claim(two.job_id, jobs.SUBMITTED, "b", 30)
+        yield self.store.take_lease(one.job_id, [jobs.SUBMITTED], "a", 30)
+        yield self.store.take_lease(two.job_id, [jobs.SUBMITTED], "b", 30)
         self.clock.advance(20)
-        self.assertEqual((yield self.store.renew("a", [one.job_id, two.job_id], 30)), 1)
-        self.assertEqual((yield self.store.renew("a", [], 30)), 0)
+        self.assertEqual((yield self.store.renew_leases("a", [one.job_id, two.job_id], 30)), 1)
+        self.assertEqual((yield self.store.renew_leases("a", [], 30)), 0)
         self.clock.advance(20)
-        unleased = yield self.store.unleased([jobs.SUBMITTED], 10)
-        self.assertEqual([j.job_id for j in unleased], [two.job_id])
-        self.assertFalse((yield self.store.release(one.job_id, "b")))
-        self.assertTrue((yield self.store.release(one.job_id, "a", hold_for=5)))
+        free = yield self.store.jobs_to_redrive([jobs.SUBMITTED], 10)
+        self.assertEqual([j.job_id for j in free], [two.job_id])
+        self.assertFalse((yield self.store.end_lease(one.job_id, "b")))
+        self.assertTrue((yield self.store.end_lease(one.job_id, "a", then=leases.waiting(5))))
         got = yield self.store.get(one.job_id)
         self.assertIsNone(got.lease_owner)
         self.assertEqual(got.lease_until, self.clock.seconds() + 5)
+        yield self.store.take_lease(two.job_id, [jobs.SUBMITTED], "c", 30)
+        self.assertTrue((yield self.store.end_lease(two.job_id, "c")))
+        got = yield self.store.get(two.job_id)
+        self.assertEqual((got.lease_owner, got.lease_until), (None, None))
 
     @defer.inlineCallbacks
-    def test_transition_clears_lease_and_can_hold(self):
-        """A transition drops the owner and holds the job for hold_for seconds when given."""
+    def test_transition_clears_lease_and_can_wait(self):
+        """A transition drops the owner, and leaves a wait of that many seconds when given one."""
         job = yield self._submitted()
-        yield self.store.claim(job.job_id, jobs.SUBMITTED, "a", 30)
-        yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING, hold_for=100)
+        yield self.store.take_lease(job.job_id, [jobs.SUBMITTED], "a", 30)
+        yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING, hold=leases.waiting(100))
         got = yield self.store.get(job.job_id)
         self.assertIsNone(got.lease_owner)
         self.assertEqual(got.lease_until, self.clock.seconds() + 100)
@@ -186,29 +206,29 @@ class JobStoreContract:
         self.assertIsNone((yield self.store.get(job.job_id)).lease_until)
 
     @defer.inlineCallbacks
-    def test_unleased_filters_state_lease_and_limit(self):
-        """unleased() returns only jobs in the given states with free or expired leases, oldest first, up to limit."""
+    def test_jobs_to_redrive_filters_state_lease_and_limit(self):
+        """jobs_to_redrive() returns only free jobs in the given states, oldest first, up to limit."""
         first = yield self._submitted()
         self.clock.advance(1)
         held = a_job()
-        yield self.store.create(held, hold_for=60)
+        yield self.store.create(held, hold=leases.in_queue(60))
         self.clock.advance(1)
         third = yield self._submitted()
         done = yield self._submitted()
         yield self.store.transition(done.job_id, jobs.SUBMITTED, jobs.CANCELLED)
-        found = yield self.store.unleased(list(jobs.ACTIVE), 10)
+        found = yield self.store.jobs_to_redrive(list(jobs.ACTIVE), 10)
         self.assertEqual([j.job_id for j in found], [first.job_id, third.job_id])
-        found = yield self.store.unleased(list(jobs.ACTIVE), 1)
+        found = yield self.store.jobs_to_redrive(list(jobs.ACTIVE), 1)
         self.assertEqual([j.job_id for j in found], [first.job_id])
         self.clock.advance(61)
-        found = yield self.store.unleased([jobs.SUBMITTED], 10)
+        found = yield self.store.jobs_to_redrive([jobs.SUBMITTED], 10)
         self.assertEqual({j.job_id for j in found}, {first.job_id, held.job_id, third.job_id})
 
     @defer.inlineCallbacks
     def test_public_view_hides_callback_and_lease(self):
         """The status view shows non-null fields but never the callback hash or lease bookkeeping."""
         job = yield self._submitted()
-        yield self.store.claim(job.job_id, jobs.SUBMITTED, "a", 30)
+        yield self.store.take_lease(job.job_id, [jobs.SUBMITTED], "a", 30)
         yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING, {"stager_callback": "c" * 64})
         view = (yield self.store.get(job.job_id)).public_view()
         self.assertEqual(view["status"], jobs.STAGING)
@@ -226,38 +246,38 @@ class JobStoreContract:
         self.assertIsNotNone((yield self.store.get(job.job_id)))
 
     @defer.inlineCallbacks
-    def test_queued_hold_claimable_but_not_reconciled(self):
-        """A QUEUED job can be claimed at once by a consumer, but the reconciler skips it until the hold expires."""
+    def test_queue_hold_takeable_but_not_redriven(self):
+        """A job in the queue can be leased at once by a consumer, but is not re-driven until the hold expires."""
         job = a_job()
-        yield self.store.create(job, hold_for=60)
-        self.assertEqual((yield self.store.unleased([jobs.SUBMITTED], 10)), [])
-        found = yield self.store.unleased([jobs.SUBMITTED], 10, queued_too=True)
+        yield self.store.create(job, hold=leases.in_queue(60))
+        self.assertEqual((yield self.store.jobs_to_redrive([jobs.SUBMITTED], 10)), [])
+        found = yield self.store.jobs_to_redrive([jobs.SUBMITTED], 10, include_queue_holds=True)
         self.assertEqual([j.job_id for j in found], [job.job_id])
-        self.assertTrue((yield self.store.claim(job.job_id, jobs.SUBMITTED, "worker", 30)))
-        self.assertFalse((yield self.store.claim(job.job_id, jobs.SUBMITTED, "other", 30)))
+        self.assertIsNotNone((yield self.store.take_lease(job.job_id, [jobs.SUBMITTED], "worker", 30)))
+        self.assertIsNone((yield self.store.take_lease(job.job_id, [jobs.SUBMITTED], "other", 30)))
 
     @defer.inlineCallbacks
-    def test_ownerless_hold_blocks_claims(self):
-        """A job held without owner (waiting on a stager) cannot be claimed before the hold expires."""
+    def test_wait_blocks_leases(self):
+        """A job waiting (on a stager) cannot be leased before the wait ends."""
         job = yield self._submitted()
-        yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING, hold_for=100)
-        self.assertFalse((yield self.store.claim(job.job_id, jobs.STAGING, "worker", 30)))
+        yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING, hold=leases.waiting(100))
+        self.assertIsNone((yield self.store.take_lease(job.job_id, [jobs.STAGING], "worker", 30)))
         self.clock.advance(101)
-        self.assertTrue((yield self.store.claim(job.job_id, jobs.STAGING, "worker", 30)))
+        self.assertIsNotNone((yield self.store.take_lease(job.job_id, [jobs.STAGING], "worker", 30)))
 
     @defer.inlineCallbacks
     def test_transition_can_keep_an_owner(self):
-        """A transition with owner and hold_for leaves the job leased to that owner."""
+        """A transition with a worker's hold leaves the job leased to that worker."""
         job = yield self._submitted()
-        yield self.store.claim(job.job_id, jobs.SUBMITTED, "w", 30)
-        yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING, hold_for=30, owner="w")
+        yield self.store.take_lease(job.job_id, [jobs.SUBMITTED], "w", 30)
+        yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING, hold=leases.worker("w", 30))
         got = yield self.store.get(job.job_id)
         self.assertEqual((got.lease_owner, got.lease_until), ("w", self.clock.seconds() + 30))
-        self.assertFalse((yield self.store.claim(job.job_id, jobs.STAGING, "x", 30)))
+        self.assertIsNone((yield self.store.take_lease(job.job_id, [jobs.STAGING], "x", 30)))
 
     @defer.inlineCallbacks
-    def test_claim_batch_shares_jobs_between_pollers(self):
-        """Pollers claiming batches at once never get the same job; a job comes back once its poll lease expires."""
+    def test_take_for_polling_shares_jobs_between_pollers(self):
+        """Pollers taking batches at once never get the same job; a job comes back once its poll lease expires."""
         ids = []
         for _ in range(6):
             job = yield self._submitted()
@@ -265,27 +285,27 @@ class JobStoreContract:
                                         {"stager_request": "r" if len(ids) < 5 else None})
             ids.append(job.job_id)
         batches = yield defer.gatherResults(
-            [self.store.claim_batch(jobs.STAGING, f"poller-{i}", 30, 2, having="stager_request") for i in range(4)]
+            [self.store.take_for_polling(jobs.STAGING, f"poller-{i}", 30, 2, having="stager_request") for i in range(4)]
         )
         taken = [job.job_id for batch in batches for job in batch]
         self.assertEqual(sorted(taken), sorted(ids[:5]))
         self.assertTrue(all(len(batch) <= 2 for batch in batches))
-        self.assertEqual((yield self.store.claim_batch(jobs.STAGING, "late", 30, 10, having="stager_request")), [])
+        self.assertEqual((yield self.store.take_for_polling(jobs.STAGING, "late", 30, 10, having="stager_request")), [])
         self.clock.advance(31)
-        again = yield self.store.claim_batch(jobs.STAGING, "next", 30, 10)
+        again = yield self.store.take_for_polling(jobs.STAGING, "next", 30, 10)
         self.assertEqual(sorted(j.job_id for j in again), sorted(ids))
         self.assertTrue(all(j.poll_owner == "next" for j in again))
         self.assertNotIn("poll_owner", again[0].public_view())
 
     @defer.inlineCallbacks
-    def test_hold_queued_marks_only_unheld_jobs_in_state(self):
-        """hold_queued() marks QUEUED the listed jobs still in the state, never one a worker holds."""
+    def test_hold_in_queue_marks_only_free_jobs_in_state(self):
+        """hold_in_queue() puts the listed jobs still in the state under a queue hold, never one a worker holds."""
         free, worked, moved = (yield self._submitted()), (yield self._submitted()), (yield self._submitted())
-        yield self.store.claim(worked.job_id, jobs.SUBMITTED, "worker", 30)
+        yield self.store.take_lease(worked.job_id, [jobs.SUBMITTED], "worker", 30)
         yield self.store.transition(moved.job_id, jobs.SUBMITTED, jobs.STAGING)
-        count = yield self.store.hold_queued(jobs.SUBMITTED, [free.job_id, worked.job_id, moved.job_id], 60)
+        count = yield self.store.hold_in_queue(jobs.SUBMITTED, [free.job_id, worked.job_id, moved.job_id], 60)
         self.assertEqual(count, 1)
         got = yield self.store.get(free.job_id)
-        self.assertEqual((got.lease_owner, got.lease_until), (jobs.QUEUED, self.clock.seconds() + 60))
+        self.assertEqual((got.lease_owner, got.lease_until), (leases.IN_QUEUE, self.clock.seconds() + 60))
         self.assertEqual((yield self.store.get(worked.job_id)).lease_owner, "worker")
-        self.assertEqual((yield self.store.hold_queued(jobs.SUBMITTED, [], 60)), 0)
+        self.assertEqual((yield self.store.hold_in_queue(jobs.SUBMITTED, [], 60)), 0)

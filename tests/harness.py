@@ -1,25 +1,28 @@
-"""An in-process transferd (real SQLite store, memory queue, local stager and mover) for handler tests."""
+"""An in-process transferd built by transferd.wiring (SQLite, memory queue, local stager and mover) for API tests.
+
+The API answers real HTTP on a loopback port, so a test awaits its answers
+like a client would; queue.idle() tells when the work its messages caused is done.
+"""
 
 import os
 
+import treq
 from twisted.internet import defer, reactor
-from treq.testing import StubTreq
+from twisted.web.client import Agent, HTTPConnectionPool
 
-from transferd.api import TransferAPI
-from transferd.movers.local import LocalMover
-from transferd.pipeline import Pipeline, Reconciler
-from transferd.queue.memory import MemoryJobQueue
-from transferd.stagers.local import LocalStager
-from transferd.store.sqlite import SQLiteJobStore
-from transferd.validation import DestinationRules
+from transferd.config import load_config
+from transferd.wiring import build
 
 SAMPLE = b"sample product bytes\n" * 100
 
 
 class Harness:
-    """Builds the pieces in a temporary directory; call close() in cleanup."""
+    """Builds the daemon in a temporary directory; call close() in cleanup.
 
-    def __init__(self, base, max_body_bytes=16384, stager_delay=0.0, timeout=3600.0, access=None, audit=None):
+    settings: {(section, key): text} added to the embedded defaults.
+    """
+
+    def __init__(self, base, settings=None, clock=None):
         self.base = base = os.path.abspath(base)
         self.archive = os.path.join(base, "archive")
         self.staging = os.path.join(base, "staging")
@@ -32,36 +35,45 @@ class Harness:
         for name, data in (("a.dat", b"A" * 1000), ("sub/b.dat", b"B" * 2000)):
             with open(os.path.join(self.archive, "sample-dir", name), "wb") as handle:
                 handle.write(data)
-        self.store = SQLiteJobStore.from_url("sqlite:///" + os.path.join(base, "jobs.sqlite"), reactor)
-        self.queue = MemoryJobQueue(reactor, max_deliveries=3, retry_delay=0.01)
-        self.stager = LocalStager(self.archive, self.staging, delay=stager_delay, timeout=timeout, clock=reactor)
-        self.mover = LocalMover(file_roots=(self.deliveries,), clock=reactor)
-        self.pipeline = Pipeline(self.store, self.queue, self.stager, self.mover, reactor, lease=5.0)
-        self.reconciler = Reconciler(self.store, self.pipeline)
-        self.api = TransferAPI(
-            self.store, self.pipeline, self.stager, reactor,
-            destinations=DestinationRules(("file", "http", "https", "davs"), (self.deliveries,)),
-            max_body_bytes=max_body_bytes,
-            access=access,
-            audit=audit,
-        )
-        self.client = StubTreq(self.api.resource())
+        values = {
+            ("api", "endpoint"): "tcp:0:interface=127.0.0.1",
+            ("api", "max_body_bytes"): "16384",
+            ("api", "access_log"): "false",
+            ("database", "url"): "sqlite:///" + os.path.join(base, "jobs.sqlite"),
+            ("queue", "max_deliveries"): "3",
+            ("stager", "archive_root"): self.archive,
+            ("stager", "staging_root"): self.staging,
+            ("transfer", "file_roots"): self.deliveries,
+            ("reconciler", "lease"): "5",
+        }
+        values.update(settings or {})
+        self.config = load_config(None, values)
+        self.daemon = build(self.config, reactor, clock)
+        self.store, self.queue = self.daemon.store, self.daemon.queue
+        self.stager, self.mover, self.pipeline = self.daemon.stager, self.daemon.mover, self.daemon.pipeline
+        self.queue.retry_delay = 0.01
+        self.http = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        self.url = None
 
     @defer.inlineCallbacks
     def start(self, consume=True):
-        yield self.store.migrate()
-        self.queue.startService()
-        if consume:
-            self.pipeline.startService()
+        """Start the daemon; without consume, no worker moves jobs on (the API alone)."""
+        if not consume:
+            self.pipeline.disownServiceParent()
+        self.daemon.startService()
+        yield self.daemon.started
+        self.url = f"http://127.0.0.1:{self.daemon.listener.port.getHost().port}"
 
     @defer.inlineCallbacks
     def close(self):
-        if self.pipeline.running:
-            yield self.pipeline.stopService()
-        yield self.queue.stopService()
-        yield self.stager.close()
-        yield self.mover.close()
-        yield self.store.close()
+        yield self.daemon.stopService()
+
+    @defer.inlineCallbacks
+    def request(self, method, path, **kwargs):
+        """One real HTTP request to the API; fires (response, body bytes)."""
+        response = yield self.http.request(method, self.url + path, **kwargs)
+        body = yield response.content()
+        return response, body
 
     @property
     def destination(self):

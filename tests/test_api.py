@@ -2,14 +2,12 @@
 
 import json
 
-from twisted.internet import defer, reactor, task
-from twisted.python.failure import Failure
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from transferd import jobs
 from transferd.pipeline import hash_authcode
 from tests.harness import Harness
-from tests.support import wait_for
 
 
 class APITestCase(unittest.TestCase):
@@ -20,27 +18,15 @@ class APITestCase(unittest.TestCase):
         self.h = Harness(self.mktemp())
         yield self.h.start(consume=self.consume)
         self.addCleanup(self.h.close)
-        self.client = self.h.client
 
     @defer.inlineCallbacks
     def call(self, method, path, **kwargs):
-        response = yield self.flushing(self.client.request(method, "http://transferd" + path, **kwargs))
-        body = yield self.flushing(response.content())
-        yield self.h.pipeline.flush_holds()  # settle batched queued holds before tests look at jobs
+        response, body = yield self.h.request(method, path, **kwargs)
+        yield self.h.pipeline.flush_holds()  # settle batched queue holds before tests look at jobs
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json; charset=utf-8"])
         data = json.loads(body)
         self.assertNotIn("Traceback", body.decode("utf-8"))
         return response.code, data
-
-    @defer.inlineCallbacks
-    def flushing(self, d):
-        """Wait for d, flushing StubTreq's in-memory connection while handlers wait on the store."""
-        outcome = []
-        d.addBoth(outcome.append)
-        while not outcome:
-            self.client.flush()
-            yield task.deferLater(reactor, 0.001, lambda: None)
-        return outcome[0] if not isinstance(outcome[0], Failure) else outcome[0].raiseException()
 
     def submit(self, product_id="sample-001", destination=None, **kwargs):
         data = {"product_id": product_id, "destination_path": destination or self.h.destination}
@@ -113,13 +99,13 @@ class SubmitTransferTests(APITestCase):
         """A product the local stager does not have is refused with 404 and no job is created."""
         data = yield self.assertRefused(404, self.submit(product_id="nope"), "not in the archive")
         self.assertIsNone(data["job_id"])
-        self.assertEqual((yield self.h.store.unleased(jobs.STATES, 10, queued_too=True)), [])
+        self.assertEqual((yield self.h.store.jobs_to_redrive(jobs.STATES, 10, include_queue_holds=True)), [])
 
     @defer.inlineCallbacks
     def test_oversized_body(self):
         """A body over max_body_bytes answers 413 and creates nothing."""
         yield self.assertRefused(413, self.submit(destination=self.h.destination + "/" + "d" * 20000), "larger than")
-        self.assertEqual((yield self.h.store.unleased(jobs.STATES, 10, queued_too=True)), [])
+        self.assertEqual((yield self.h.store.jobs_to_redrive(jobs.STATES, 10, include_queue_holds=True)), [])
 
     @defer.inlineCallbacks
     def test_malformed_bodies(self):
@@ -335,13 +321,8 @@ class DeliveryThroughAPITests(APITestCase):
     def test_submitted_job_reaches_success(self):
         """With workers running, a submitted product is staged, delivered byte for byte and SUCCESS."""
         _, submitted = yield self.submit()
-
-        @defer.inlineCallbacks
-        def finished():
-            _, data = yield self.call("GET", "/transferStatus?job_id=" + submitted["job_id"])
-            return data["status"] in jobs.TERMINAL and data
-
-        data = yield wait_for(finished)
+        yield self.h.queue.idle()
+        _, data = yield self.call("GET", "/transferStatus?job_id=" + submitted["job_id"])
         self.assertEqual(data["status"], jobs.SUCCESS, data)
         for column in ("time_submitted", "time_staging", "time_staged", "time_transferring", "time_success"):
             self.assertIn(column, data)

@@ -8,13 +8,10 @@ tests/test_e2e_auth.py.
 import json
 import os
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
 from tests.test_api import APITestCase
 from transferd import jobs
-from transferd.audit import AuditLog
-from transferd.auth.access import Access
-from transferd.auth.tokens import TokenVerifier
 from transferd.testing.tokens import TokenIssuer
 from tests.harness import Harness
 
@@ -30,17 +27,15 @@ class AuthorizedAPITests(APITestCase):
         os.makedirs(base)
         jwks = os.path.join(base, "jwks.json")
         self.issuer.write_jwks(jwks)
-        self.verifier = TokenVerifier({ISS: jwks}, ("https://transferd.example.org",), reactor)
-        self.verifier.startService()
-        self.addCleanup(self.verifier.stopService)
         self.audit_path = os.path.join(base, "audit.log")
-        self.audit = AuditLog(self.audit_path)
-        self.addCleanup(self.audit.close)
-        self.h = Harness(os.path.join(base, "h"), access=Access(tokens=self.verifier, admins=(ADMIN,)),
-                         audit=self.audit)
+        self.h = Harness(os.path.join(base, "h"), {
+            ("auth", "token_issuers"): f"{ISS} {jwks}",
+            ("auth", "token_audiences"): "https://transferd.example.org",
+            ("auth", "admins"): ADMIN,
+            ("auth", "audit_log"): self.audit_path,
+        })
         yield self.h.start(consume=False)
         self.addCleanup(self.h.close)
-        self.client = self.h.client
 
     def as_user(self, sub):
         return {"Authorization": f"Bearer {self.issuer.token(sub=sub)}"}
@@ -69,11 +64,10 @@ class AuthorizedAPITests(APITestCase):
         code, data = yield self.submit()
         self.assertEqual(code, 401)
         self.assertIn("bearer token", data["msg"])
-        response = yield self.flushing(self.client.get("http://transferd/transferStatus?job_id=" + jobs.new_job_id()))
+        response, _body = yield self.h.request("GET", "/transferStatus?job_id=" + jobs.new_job_id())
         self.assertEqual(response.code, 401)
         self.assertEqual(response.headers.getRawHeaders("www-authenticate"), ['Bearer realm="transferd"'])
-        yield self.flushing(response.content())
-        self.assertEqual((yield self.h.store.unleased(jobs.STATES, 10, queued_too=True)), [])
+        self.assertEqual((yield self.h.store.jobs_to_redrive(jobs.STATES, 10, include_queue_holds=True)), [])
 
     @defer.inlineCallbacks
     def test_bad_tokens_refused_with_their_reason(self):

@@ -10,7 +10,7 @@ import time
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 
@@ -40,7 +40,7 @@ class VerifierTestCase(unittest.TestCase):
         return path
 
     def start(self, issuers, audiences=(AUDIENCE,)):
-        verifier = TokenVerifier(issuers, audiences, self.clock, refresh=REFRESH)
+        verifier = TokenVerifier(issuers, audiences, reactor, self.clock, refresh=REFRESH)
         verifier.log = Logger(namespace="tokens", observer=self.events.append)
         verifier.startService()
         self.addCleanup(verifier.stopService)
@@ -265,7 +265,7 @@ class FileJWKSTests(VerifierTestCase):
 
     def test_needs_an_audience(self):
         """When no audience is configured, the verifier cannot be built: every token would be refused."""
-        self.assertRaises(ValueError, TokenVerifier, {ISS_A: "/nonexistent"}, (), self.clock)
+        self.assertRaises(ValueError, TokenVerifier, {ISS_A: "/nonexistent"}, (), reactor, self.clock)
 
 
 class JWKSParsingTests(unittest.SynchronousTestCase):
@@ -413,7 +413,7 @@ class URLJWKSTests(VerifierTestCase):
         issuer = TokenIssuer(ISS_A, "rsa")
         server = await self.serve(issuer)
         server.hang()
-        verifier = TokenVerifier({ISS_A: server.url}, (AUDIENCE,), self.clock, refresh=REFRESH)
+        verifier = TokenVerifier({ISS_A: server.url}, (AUDIENCE,), reactor, self.clock, refresh=REFRESH)
         verifier.startService()
         await verifier.stopService()
         self.assertFalse(verifier.running)

@@ -27,8 +27,8 @@ Seen = collections.namedtuple("Seen", "method path body headers")
 class Recorder(resource.Resource):
     """Records every request (JSON bodies decoded) and answers from a script, else default_code.
 
-    answers holds (code, body) pairs for the next requests, or None to leave
-    a request unanswered (a hung server).
+    answers holds (code, body) pairs for the next requests, None to leave a
+    request unanswered (a hung server), or a function rendering the request.
     """
 
     isLeaf = True
@@ -48,6 +48,8 @@ class Recorder(resource.Resource):
             decoded = body
         self.requests.append(Seen(request.method.decode(), request.path.decode(), decoded, request.requestHeaders))
         answer = self.answers.popleft() if self.answers else self.default
+        if callable(answer):
+            return answer(request)
         if answer is None:
             self.hanging.append(request)
             return server.NOT_DONE_YET
@@ -97,8 +99,9 @@ class CallbackStagerTests(unittest.TestCase):
         settings = dict(timeout=600.0, max_attempts=3, retry_delay=2.0, request_timeout=30.0, random=lambda: 0.5)
         settings.update(overrides)
         stager = CallbackStager(url or self.served.url + "/stage", "http://transferd.example.org:8080/",
-                                clock=clock or self.clock, **settings)
-        self.addCleanup(stager.close)
+                                reactor, clock or self.clock, **settings)
+        stager.startService()
+        self.addCleanup(lambda: stager.running and stager.stopService())
         return stager
 
     @defer.inlineCallbacks
@@ -213,47 +216,61 @@ class CallbackStagerTests(unittest.TestCase):
         self.assertIn("could not be reached after 2 attempts: no complete answer within 0.2s", result.msg)
 
     @defer.inlineCallbacks
-    def test_cancel_and_release_send_delete(self):
-        """cancel() and release() DELETE <url>/<job_id> and fire at once."""
+    def test_cancel_and_free_copy_send_delete(self):
+        """cancel() and free_copy() DELETE <url>/<job_id> and fire at once."""
         stager = self.make()
         job = a_job("sample-001")
         self.assertIsNone((yield stager.cancel(job)))
         yield wait_for(lambda: self.fake.of("DELETE"))
         self.assertEqual(self.fake.of("DELETE")[0].path, f"/stage/{job.job_id}")
         self.fake.answers.append((404, b'{"msg": "no such job"}'))
-        self.assertIsNone((yield stager.release(job)))
+        self.assertIsNone((yield stager.free_copy(job)))
         yield wait_for(lambda: len(self.fake.of("DELETE")) == 2)
 
     @defer.inlineCallbacks
     def test_cancel_never_raises(self):
-        """When the stager cannot be reached, cancel() and release() still succeed (the failure is logged)."""
+        """When the stager cannot be reached, cancel() and free_copy() still succeed (the failure is logged)."""
         stager = self.make(url=f"http://127.0.0.1:{free_port()}/stage", clock=reactor)
         job = a_job("sample-001")
         yield stager.cancel(job)
-        yield stager.release(job)
-        yield wait_for(lambda: not stager._pending)
+        yield stager.free_copy(job)
+        yield wait_for(lambda: not stager._work)
 
-    @defer.inlineCallbacks
-    def test_close_cancels_pending_retries(self):
-        """close() during a retry wait fails stage() with CancelledError and leaves no timer behind."""
+    def retrying(self):
+        """A stager whose stage() waits to retry a 503; fires (stager, stage() Deferred)."""
         self.fake.answers.append((503, b""))
         stager = self.make()
         staging = stager.stage(a_job("sample-001"), "code")
-        yield self.wait_for_retry(1)
-        yield stager.close()
+        return self.wait_for_retry(1).addCallback(lambda _: (stager, staging))
+
+    @defer.inlineCallbacks
+    def test_stop_cancels_pending_retries(self):
+        """Stopping during a retry wait fails stage() with CancelledError and leaves no timer behind."""
+        stager, staging = yield self.retrying()
+        yield stager.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
         yield self.assertFailure(staging, defer.CancelledError)
 
     @defer.inlineCallbacks
-    def test_close_cancels_requests_in_flight(self):
-        """close() with a request hanging cancels it: stage() fails with CancelledError."""
+    def test_stop_cancels_requests_in_flight(self):
+        """Stopping with a request hanging cancels it: stage() fails with CancelledError."""
         self.fake.answers.append(None)
         stager = self.make()
         staging = stager.stage(a_job("sample-001"), "code")
         yield wait_for(lambda: self.fake.hanging)
-        yield stager.close()
+        yield stager.stopService()
         yield self.assertFailure(staging, defer.CancelledError)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    @defer.inlineCallbacks
+    def test_cancelled_stage_call_stops_retrying(self):
+        """Cancelling stage() during a retry wait (the daemon stopping) ends it: no timer, no further POST."""
+        stager, staging = yield self.retrying()
+        staging.cancel()
+        yield self.assertFailure(staging, defer.CancelledError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(self.fake.of("POST")), 1)
+        self.assertFalse(stager._work)
 
 
 class FromConfigTests(unittest.TestCase):
@@ -268,16 +285,17 @@ class FromConfigTests(unittest.TestCase):
         """[stager] url, timeout, max_attempts, retry_delay and [api] public_url reach the stager."""
         stager = callback.from_config(
             self.config(backend="callback", url="http://stager:8081/stage", timeout="120",
-                        max_attempts="4", retry_delay="0.5"), reactor, None)
-        self.addCleanup(stager.close)
+                        max_attempts="4", retry_delay="0.5"), reactor, reactor, None)
+        self.addCleanup(stager.stopService)
         self.assertEqual((stager.url, stager.callback_url, stager.timeout, stager.max_attempts, stager.retry_delay),
                          ("http://stager:8081/stage", "http://transferd.example.org:8080/doneStaging",
                           120.0, 4, 0.5))
 
     def test_url_required(self):
         """backend = callback without a url is refused with a message naming the key."""
-        error = self.assertRaises(ConfigError, callback.from_config, self.config(backend="callback"), reactor, None)
-        self.assertIn("[stager] url", str(error))
+        with self.assertRaises(ConfigError) as caught:  # refused by the configuration, or else by from_config
+            callback.from_config(self.config(backend="callback"), reactor, reactor, None)
+        self.assertIn("[stager] url", str(caught.exception))
 
     def test_unusable_tls_files(self):
         """An https url with a CA path holding no certificate is refused at start-up."""
@@ -285,7 +303,7 @@ class FromConfigTests(unittest.TestCase):
         os.makedirs(empty)
         error = self.assertRaises(ConfigError, callback.from_config,
                                   self.config(backend="callback", url="https://stager:8081/stage", ca_path=empty),
-                                  reactor, None)
+                                  reactor, reactor, None)
         self.assertIn("ca_path", str(error))
 
     @defer.inlineCallbacks
@@ -296,8 +314,8 @@ class FromConfigTests(unittest.TestCase):
         served = serve(self, fake, tls=paths.server_options)
         stager = callback.from_config(
             self.config(backend="callback", url=served.url + "/stage", ca_path=paths.ca,
-                        cert=paths.client_cert, key=paths.client_key), reactor, None)
-        self.addCleanup(stager.close)
+                        cert=paths.client_cert, key=paths.client_key), reactor, reactor, None)
+        self.addCleanup(stager.stopService)
         self.assertIsNone((yield stager.stage(a_job("sample-001"), "code")))
         self.assertEqual(len(fake.requests), 1)
 
@@ -310,8 +328,8 @@ class FromConfigTests(unittest.TestCase):
         served = serve(self, fake, tls=paths.server_options)
         stager = callback.from_config(
             self.config(backend="callback", url=served.url + "/stage", ca_path=other.ca, max_attempts="1",
-                        cert=paths.client_cert, key=paths.client_key), reactor, None)
-        self.addCleanup(stager.close)
+                        cert=paths.client_cert, key=paths.client_key), reactor, reactor, None)
+        self.addCleanup(stager.stopService)
         result = yield stager.stage(a_job("sample-001"), "code")
         self.assertFalse(result.success)
         self.assertIn("could not be reached after 1 attempts", result.msg)

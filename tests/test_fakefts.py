@@ -32,7 +32,7 @@ class FakeFTSTestCase(unittest.TestCase):
 
     async def start(self, tls_options=None, agent=None, **options):
         options.setdefault("token", TOKEN)
-        self.server = FakeFTSServer(tls_options=tls_options, **options)
+        self.server = FakeFTSServer(reactor, tls_options=tls_options, **options)
         await self.server.start()
         self.addCleanup(self.server.stop)
         self.fake = self.server.fake

@@ -52,7 +52,7 @@ class ClientTestCase(unittest.TestCase):
 
     async def start(self, tls_options=None, **options):
         options.setdefault("token", TOKEN)
-        self.server = FakeFTSServer(tls_options=tls_options, **options)
+        self.server = FakeFTSServer(reactor, tls_options=tls_options, **options)
         await self.server.start()
         self.addCleanup(self.server.stop)
         self.fake = self.server.fake
@@ -62,8 +62,8 @@ class ClientTestCase(unittest.TestCase):
         options.setdefault("auth", "token")
         options.setdefault("token_file", self.token_file)
         options.setdefault("request_timeout", 5)
-        client = FTSClient(self.server.url, **options)
-        self.addCleanup(client.close)
+        client = FTSClient(self.server.url, reactor, reactor, **options)
+        self.addCleanup(client.stop)
         return client
 
 
@@ -247,8 +247,9 @@ class X509ClientTests(ClientTestCase):
         with open(os.path.join(ca_dir, "0a1b2c3d.signing_policy"), "w") as handle:
             handle.write("not a certificate\n")
         load_trust_root(ca_dir)
-        client = FTSClient(self.server.url, auth="x509", proxy=proxy_path, ca_path=ca_dir, request_timeout=5)
-        self.addCleanup(client.close)
+        client = FTSClient(self.server.url, reactor, reactor, auth="x509", proxy=proxy_path, ca_path=ca_dir,
+                           request_timeout=5)
+        self.addCleanup(client.stop)
         who = await client.whoami()
         self.assertEqual(who["user_dn"], self.pki.user_dn, "the identity is the user, not the proxy")
         await client.submit(job("via-proxy"))

@@ -1,4 +1,9 @@
-"""The FTS mover and its poller, with a real SQLite store and pipeline, against the fake FTS3 on loopback."""
+"""The FTS mover and its poller in a daemon built by transferd.wiring (SQLite store, pipeline), against the fake FTS3.
+
+The fake FTS3 answers over real loopback HTTP(S); time (the fake's job
+durations and held answers, leases, polling holds, transfer timeouts) runs on
+one task.Clock that the tests advance.
+"""
 
 import json
 import math
@@ -6,78 +11,65 @@ import os
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from transferd import jobs
 from transferd.config import ConfigError, load_config
-from transferd.fts.client import FTSClient, FTSUnavailable, deterministic_job_id
-from transferd.interfaces import IStager
+from transferd.fts.client import FTSUnavailable, deterministic_job_id
+from transferd.fts.poller import FTSPoller
+from transferd.interfaces import ServiceAway
 from transferd.jobs import Job, StagedFile
 from transferd.movers.fts import FTSMover, from_config
-from transferd.pipeline import Pipeline
-from transferd.queue.memory import MemoryJobQueue
-from transferd.store.sqlite import SQLiteJobStore
-from transferd.tap import build_mover
 from transferd.testing.fakefts import FakeFTSServer, TestPKI
+from transferd.wiring import build
 from tests.support import wait_for
+from tests.test_pipeline import ScriptedStager
 
 TOKEN = "mover-token"
 DESTINATION = "davs://dest.example.org:2880/deliveries"
 
 
-@implementer(IStager)
-class StubStager:
-    timeout = 100.0
-    max_attempts = 1
-
-    def __init__(self):
-        self.released = []
-
-    def check(self, product_id):
-        return defer.succeed(None)
-
-    def stage(self, job, authcode):
-        return defer.succeed(None)
-
-    def cancel(self, job):
-        return defer.succeed(None)
-
-    def release(self, job):
-        self.released.append(job.job_id)
-        return defer.succeed(None)
-
-    def close(self):
-        return defer.succeed(None)
-
-
 class MoverTestCase(unittest.TestCase):
     timeout = 60
 
-    async def setUp(self):
+    def setUp(self):
         self.base = os.path.abspath(self.mktemp())
         os.makedirs(self.base)
         self.token_file = os.path.join(self.base, "token")
         with open(self.token_file, "w") as handle:
             handle.write(TOKEN)
-        self.store = SQLiteJobStore.from_url("sqlite:///" + os.path.join(self.base, "jobs.sqlite"), reactor)
-        await self.store.migrate()
-        self.addCleanup(self.store.close)
+        self.clock = task.Clock()
+        self.clock.advance(reactor.seconds())
 
-    async def start(self, mover_clock=None, client_options=None, tls_options=None, **fake_options):
+    async def start(self, fts=None, tls_options=None, **fake_options):
+        """Start the fake FTS3, then build the daemon (store, pipeline, FTS mover, poller) and start its store and mover.
+
+        fts: [fts] settings over the test's (token auth, poll_interval 0.05, bulk_size 10, transfer_timeout 3600).
+        """
         fake_options.setdefault("token", TOKEN)
-        self.server = FakeFTSServer(tls_options=tls_options, **fake_options)
+        self.server = FakeFTSServer(reactor, tls_options=tls_options, clock=self.clock, **fake_options)
         await self.server.start()
         self.addCleanup(self.server.stop)
         self.fake = self.server.fake
-        options = {"auth": "token", "token_file": self.token_file, "request_timeout": 5}
-        options.update(client_options or {})
-        self.client = FTSClient(self.server.url, **options)
-        self.addCleanup(self.client.close)
-        self.mover = FTSMover(self.client, self.store, mover_clock or reactor, poll_interval=0.05, bulk_size=10,
-                              transfer_timeout=3600)
-        self.stager = StubStager()
-        self.pipeline = Pipeline(self.store, MemoryJobQueue(reactor), self.stager, self.mover, reactor, lease=5)
-        self.poller = self.mover.services(self.pipeline)[0].poller
+        settings = {"endpoint": self.server.url, "auth": "token", "token_file": self.token_file,
+                    "poll_interval": "0.05", "bulk_size": "10", "transfer_timeout": "3600"}
+        settings.update(fts or {})
+        config = load_config(None, {
+            ("database", "url"): "sqlite:///" + os.path.join(self.base, "jobs.sqlite"),
+            ("transfer", "backend"): "fts", ("transfer", "allowed_schemes"): "davs, gsiftp",
+            ("reconciler", "lease"): "5",
+            ("stager", "archive_root"): self.base, ("stager", "staging_root"): self.base,
+            **{("fts", key): value for key, value in settings.items()},
+        })
+        self.stager = ScriptedStager()
+        self.stager.answer = None  # staging "reported later": these jobs are made STAGED by hand
+        daemon = build(config, reactor, self.clock, stager=self.stager)
+        self.store, self.pipeline, self.mover = daemon.store, daemon.pipeline, daemon.mover
+        (self.poller,) = daemon.pollers
+        self.client = self.mover.client
+        await self.store.startService()
+        self.addCleanup(self.store.stopService)
+        self.mover.startService()
+        self.addCleanup(self.mover.stopService)
         if self.client.auth == "token":
             await self.client.vo()  # learnt once: forced answers below then meet the call they mean
 
@@ -98,14 +90,15 @@ class MoverTestCase(unittest.TestCase):
     async def job(self, job_id):
         return await self.store.get(job_id)
 
-    async def poll_until_ended(self, job_ids, timeout=10):
-        async def ended():
+    async def poll_until_ended(self, job_ids, step=1.0, cycles=20):
+        """Advance the clock by step and run a polling cycle, until every job has ended."""
+        for _ in range(cycles):
+            self.clock.advance(step)
             await self.poller.poll_once()
-            views = [await self.store.get(job_id) for job_id in job_ids]
-            return all(view.terminal for view in views)
-
-        await wait_for(lambda: defer.Deferred.fromCoroutine(ended()), timeout, interval=0.06)
-        return {job_id: await self.store.get(job_id) for job_id in job_ids}
+            views = {job_id: await self.store.get(job_id) for job_id in job_ids}
+            if all(view.terminal for view in views.values()):
+                return views
+        self.fail(f"jobs still running after {cycles} cycles: {views}")
 
 
 class SubmissionTests(MoverTestCase):
@@ -146,10 +139,12 @@ class SubmissionTests(MoverTestCase):
         await self.start(submit_delay=0.5)
         job = await self.staged()
         submitting = defer.Deferred.fromCoroutine(self.pipeline.transfer(job.job_id))
-        await wait_for(lambda: self.fake.jobs_for_sid(job.job_id), 5)
+        await wait_for(lambda: self.fake.jobs_for_sid(job.job_id), 5)  # the POST has arrived
         pending = await self.job(job.job_id)
         self.assertEqual(pending.status, jobs.STAGED)
         self.assertEqual(pending.fts_jobid, self.fake.jobs_for_sid(job.job_id)[0]["job_id"])
+        self.assertNoResult(submitting)
+        self.clock.advance(0.5)  # FTS answers
         await submitting
         done = await self.job(job.job_id)
         self.assertEqual((done.status, done.fts_jobid), (jobs.TRANSFERRING, pending.fts_jobid))
@@ -186,27 +181,29 @@ class SubmissionTests(MoverTestCase):
         self.assertEqual(self.stager.released, [job.job_id])
 
     async def test_unavailable_fts_leaves_the_job_staged(self):
-        """5xx or a dead FTS leave the job STAGED (to be tried again); once FTS is back it goes through."""
+        """5xx or a dead FTS are ServiceAway: the job stays STAGED, waits poll_interval, and goes through once FTS is back."""
         await self.start()
         job = await self.staged()
         self.fake.respond_next(500)
-        with self.assertRaises(FTSUnavailable) as caught:
+        with self.assertRaises(ServiceAway) as caught:
             await self.mover.transfer(job)
-        self.assertEqual(caught.exception.retry_later, self.mover.poll_interval)
+        self.assertEqual(caught.exception.retry_after, self.mover.poll_interval)
+        self.assertIsInstance(caught.exception.__cause__, FTSUnavailable)
+        self.assertIn("HTTP 500", str(caught.exception))
         await self.server.stop_listening()
-        try:
-            await self.pipeline.transfer(job.job_id)
-        except FTSUnavailable:
-            pass  # the queue delivers the job again (or the pipeline holds it for retry_later)
+        await self.pipeline.transfer(job.job_id)  # the pipeline leaves it waiting retry_after
         still = await self.job(job.job_id)
         self.assertEqual((still.status, still.lease_owner), (jobs.STAGED, None))
+        self.assertEqual(still.lease_until, self.clock.seconds() + self.mover.poll_interval)
+        await self.pipeline.transfer(job.job_id)  # still waiting: nobody takes it
+        self.assertEqual(self.fake.count("POST", "/jobs"), 1)
         await self.server.start()
-
-        async def submitted():
+        for _ in range(5):  # a connection the pool kept from before the outage may fail once
+            self.clock.advance(self.mover.poll_interval)
             await self.pipeline.transfer(job.job_id)
-            return (await self.job(job.job_id)).status == jobs.TRANSFERRING
-
-        await wait_for(lambda: defer.Deferred.fromCoroutine(submitted()), 5, interval=0.06)
+            if (await self.job(job.job_id)).status == jobs.TRANSFERRING:
+                break
+        self.assertEqual((await self.job(job.job_id)).status, jobs.TRANSFERRING)
         self.assertEqual(len(self.fake.jobs), 1)
 
     async def test_transferring_jobs_are_never_posted_again(self):
@@ -214,6 +211,7 @@ class SubmissionTests(MoverTestCase):
         await self.start(slow=["/prod=600"])
         job = await self.staged()
         await self.pipeline.transfer(job.job_id)
+        self.assertEqual((await self.job(job.job_id)).status, jobs.TRANSFERRING)
         self.assertIsNone(await self.mover.transfer(await self.job(job.job_id)))
         self.assertEqual(self.fake.count("POST", "/jobs"), 1)
 
@@ -222,8 +220,9 @@ class SubmissionTests(MoverTestCase):
         await self.start(submit_delay=0.3, slow=["/prod=600"])
         job = await self.staged()
         submitting = defer.Deferred.fromCoroutine(self.pipeline.transfer(job.job_id))
-        await wait_for(lambda: self.fake.jobs_for_sid(job.job_id), 5)
+        await wait_for(lambda: self.fake.jobs_for_sid(job.job_id), 5)  # the POST has arrived
         await self.pipeline.cancel(job.job_id)
+        self.clock.advance(0.3)  # FTS answers
         await submitting
         self.assertEqual((await self.job(job.job_id)).status, jobs.CANCELLED)
         self.assertEqual(self.fake.jobs_for_sid(job.job_id)[0]["job_state"], "CANCELED")
@@ -231,7 +230,7 @@ class SubmissionTests(MoverTestCase):
 
     async def test_vo_mismatch_records_ftss_id(self):
         """When FTS's id differs from the prediction (a wrong [fts] vo), FTS's id is recorded for polling."""
-        await self.start(client_options={"vo": "not-the-fts-vo"})
+        await self.start(fts={"vo": "not-the-fts-vo"})
         job = await self.staged()
         await self.pipeline.transfer(job.job_id)
         after = await self.job(job.job_id)
@@ -240,8 +239,8 @@ class SubmissionTests(MoverTestCase):
     async def test_x509_submission_delegates(self):
         """With X.509 the mover's first submission delegates a proxy to FTS, then submits."""
         pki = TestPKI.create(os.path.join(self.base, "pki"))
-        await self.start(tls_options=pki.server_options(), auth="x509", token=None, client_options={
-            "auth": "x509", "token_file": None, "cert": pki.user_cert, "key": pki.user_key, "ca_path": pki.ca})
+        await self.start(tls_options=pki.server_options(), auth="x509", token=None, fts={
+            "auth": "x509", "token_file": "", "cert": pki.user_cert, "key": pki.user_key, "ca_path": pki.ca})
         job = await self.staged()
         await self.pipeline.transfer(job.job_id)
         self.assertEqual((await self.job(job.job_id)).status, jobs.TRANSFERRING)
@@ -285,7 +284,8 @@ class PollerTests(MoverTestCase):
         for job in (finished, running, lost):
             await self.pipeline.transfer(job.job_id)
         finished_id = deterministic_job_id("transferd", finished.job_id)
-        await wait_for(lambda: self.fake.jobs[finished_id]["job_state"] == "FINISHED" and self.fake.lost, 5)
+        self.clock.advance(1)
+        self.assertEqual((self.fake.jobs[finished_id]["job_state"], len(self.fake.lost)), ("FINISHED", 1))
         before = self.fake.count("GET", "/jobs/{ids}")
         summary = await self.poller.poll_once()
         self.assertEqual(summary, {"jobs": 3, "requests": 1, "reported": 2})
@@ -297,8 +297,8 @@ class PollerTests(MoverTestCase):
     async def test_bulk_polling_cost(self):
         """1000 TRANSFERRING jobs cost ceil(1000 / bulk_size) GET requests per cycle."""
         await self.start(slow=["/slow=600"])
-        self.mover.bulk_size = 100
-        self.mover.poll_interval = 30  # one cycle's claim lasts, so a second cycle finds nothing to poll
+        self.poller.bulk_size = 100
+        self.poller.poll_interval = 30  # one cycle's hold lasts, so a second cycle finds nothing to poll
         semaphore = defer.DeferredSemaphore(32)
         ids = [jobs.new_job_id() for _ in range(1000)]
 
@@ -308,7 +308,7 @@ class PollerTests(MoverTestCase):
             return defer.Deferred.fromCoroutine(self.client.submit(body))
 
         await defer.gatherResults([semaphore.run(submit, sid) for sid in ids], consumeErrors=True)
-        now = self.store._time_to_db(jobs.utc_from_seconds(reactor.seconds()))
+        now = self.store._time_to_db(jobs.utc_from_seconds(self.clock.seconds()))
 
         def insert(cursor):
             cursor.executemany(
@@ -322,34 +322,30 @@ class PollerTests(MoverTestCase):
         self.assertEqual(summary["jobs"], 1000)
         self.assertEqual(self.fake.count("GET", "/jobs/{ids}") - before, math.ceil(1000 / 100))
         self.assertEqual(summary["reported"], 0)
-        self.assertEqual((await self.poller.poll_once())["requests"], 0, "claimed for this cycle")
+        self.assertEqual((await self.poller.poll_once())["requests"], 0, "taken for this cycle")
 
     async def test_timeout_cancels_then_errors(self):
         """A job still running past transfer_timeout is DELETEd at FTS, then ends in ERROR."""
-        clock = task.Clock()
-        await self.start(mover_clock=clock, slow=["/slow=600"])
+        await self.start(slow=["/slow=100000"])
         job = await self.staged("slow")
         await self.pipeline.transfer(job.job_id)
-        clock.advance(reactor.seconds() + 10)
+        self.clock.advance(10)
         self.assertEqual((await self.poller.poll_once())["reported"], 0, "not overdue yet")
         self.assertEqual(self.fake.count("DELETE", "/jobs/{ids}"), 0)
-        clock.advance(3600)
+        self.clock.advance(3600)
         self.fake.respond_next(200, body=json.dumps([{"job_id": deterministic_job_id("transferd", job.job_id),
                                                       "job_state": "ACTIVE", "http_status": "200 Ok"}]).encode())
         self.fake.respond_next(503)  # the DELETE: FTS cannot be told, so the job waits for the next cycle
-        clock.advance(1)
+        self.clock.advance(1)
         await self.poller.poll_once()
         self.assertEqual((await self.job(job.job_id)).status, jobs.TRANSFERRING)
-        await wait_for(lambda: defer.Deferred.fromCoroutine(self._ended(job.job_id)), 5)
+        self.clock.advance(1)
+        self.assertEqual((await self.poller.poll_once())["reported"], 1)
         after = await self.job(job.job_id)
         self.assertEqual(after.status, jobs.ERROR)
         self.assertIn("transfer timed out after 3600s", after.detailed_status)
         self.assertEqual(self.fake.jobs[after.fts_jobid]["job_state"], "CANCELED")
         self.assertEqual(self.fake.count("DELETE", "/jobs/{ids}"), 2)
-
-    async def _ended(self, job_id):
-        await self.poller.poll_once()
-        return (await self.job(job_id)).terminal
 
     async def test_cancel_deletes_the_fts_job(self):
         """Cancelling a TRANSFERRING job DELETEs its FTS job."""
@@ -369,7 +365,7 @@ class PollerTests(MoverTestCase):
         def broken(*args, **kwargs):
             return defer.fail(RuntimeError("database on fire"))
 
-        self.store.claim_batch = broken
+        self.store.take_for_polling = broken
         self.assertEqual(await self.poller.poll_once(), {"jobs": 0, "requests": 0, "reported": 0})
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
@@ -384,29 +380,37 @@ class PollerTests(MoverTestCase):
 
 
 class ConfigTests(unittest.TestCase):
+    def setUp(self):
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+
     def config(self, **fts):
-        overrides = {("transfer", "backend"): "fts", ("transfer", "allowed_schemes"): "gsiftp, davs, https"}
+        overrides = {("transfer", "backend"): "fts", ("transfer", "allowed_schemes"): "gsiftp, davs, https",
+                     ("stager", "archive_root"): self.base, ("stager", "staging_root"): self.base}
         overrides.update({("fts", key): value for key, value in fts.items()})
         return load_config(None, overrides)
 
-    def test_from_config(self):
-        """[transfer] backend = fts builds the FTS mover, whose schemes cover gsiftp, davs and https."""
+    def token(self):
         token = os.path.abspath(self.mktemp())
         with open(token, "w") as handle:
             handle.write("t")
-        mover = build_mover(self.config(endpoint="https://fts.example.org:8446", auth="token", token_file=token,
-                                        poll_interval="5", bulk_size="50", priority="4"), reactor, store=None)
-        self.addCleanup(mover.close)
+        return token
+
+    def test_from_config(self):
+        """[transfer] backend = fts builds the FTS mover, whose schemes cover gsiftp, davs and https, and its poller."""
+        mover = from_config(self.config(endpoint="https://fts.example.org:8446", auth="token", token_file=self.token(),
+                                        poll_interval="5", bulk_size="50", priority="4"), reactor, reactor, None)
+        self.addCleanup(mover.stopService)
         self.assertTrue(mover.asynchronous)
         self.assertEqual((mover.poll_interval, mover.bulk_size, mover.priority, mover.timeout), (5.0, 50, 4, 86400.0))
         self.assertLessEqual({"gsiftp", "davs", "https", "root", "srm", "s3"}, mover.schemes)
-        self.assertEqual(mover.services(pipeline=None)[0].step, 5.0)
+        (poller,) = mover.pollers(outcomes=None)
+        self.assertIsInstance(poller, FTSPoller)
+        self.assertEqual((poller.step, poller.bulk_size, poller.timeout), (5.0, 50, 86400.0))
 
     def test_configuration_mistakes(self):
         """Missing endpoint or token file, X.509 over http, a bad source template: start-up stops, naming the key."""
-        token = os.path.abspath(self.mktemp())
-        with open(token, "w") as handle:
-            handle.write("t")
+        token = self.token()
         cases = [
             ({}, "[fts] endpoint"),
             ({"endpoint": "https://f:8446", "auth": "token"}, "token_file"),
@@ -417,15 +421,15 @@ class ConfigTests(unittest.TestCase):
             ({"endpoint": "https://f:8446", "auth": "x509", "proxy": "/no/such/proxy"}, "does not exist"),
         ]
         for fts, words in cases:
-            with self.assertRaises(ConfigError) as caught:
-                from_config(self.config(**fts), reactor, None)
+            with self.assertRaises(ConfigError) as caught:  # refused by the configuration, or else by from_config
+                from_config(self.config(**fts), reactor, reactor, None)
             self.assertIn(words, str(caught.exception))
 
     def test_file_destinations_are_not_fts_business(self):
         """Allowing file:// with the FTS mover is refused at start: FTS cannot write local files."""
-        config = load_config(None, {("transfer", "backend"): "fts", ("fts", "endpoint"): "https://f:8446",
-                                    ("fts", "auth"): "token", ("fts", "token_file"): "/t"})
         with self.assertRaises(ConfigError) as caught:
-            build_mover(config, reactor, None)
-        self.assertIn("file", str(caught.exception))
-
+            build(load_config(None, {("transfer", "backend"): "fts", ("fts", "endpoint"): "https://f:8446",
+                                     ("fts", "auth"): "token", ("fts", "token_file"): self.token(),
+                                     ("stager", "archive_root"): self.base, ("stager", "staging_root"): self.base}),
+                  reactor)
+        self.assertIn("allowed_schemes lists file", str(caught.exception))

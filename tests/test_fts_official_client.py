@@ -67,7 +67,7 @@ class OfficialClientTestCase(unittest.TestCase):
         os.makedirs(self.home)
 
     async def start_fake(self, tls_options=None, **options):
-        self.server = FakeFTSServer(tls_options=tls_options, **options)
+        self.server = FakeFTSServer(reactor, tls_options=tls_options, **options)
         await self.server.start()
         self.addCleanup(self.server.stop)
         self.fake = self.server.fake

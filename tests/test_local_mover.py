@@ -17,7 +17,7 @@ class LocalMoverTests(MoverContract, unittest.TestCase):
     """The contract, plus file:// details: ownership marks, counting, leftovers, overwrite, links."""
 
     def make_mover(self, file_roots):
-        mover = LocalMover(file_roots)
+        mover = LocalMover(file_roots, reactor, reactor)
         self.events = []
         mover.log = Logger(observer=self.events.append)
         return mover
@@ -77,8 +77,8 @@ class LocalMoverTests(MoverContract, unittest.TestCase):
     @defer.inlineCallbacks
     def test_overwrite(self):
         """With overwrite=True an existing file or directory of that name is replaced by the product."""
-        mover = LocalMover([self.root], overwrite=True)
-        self.addCleanup(mover.close)
+        mover = LocalMover([self.root], reactor, reactor, overwrite=True)
+        self.addCleanup(mover.stopService)
         os.makedirs(os.path.join(self.root, FILE_PRODUCT, "old"))
         with open(os.path.join(self.root, DIR_PRODUCT), "wb") as out:
             out.write(b"old file")
@@ -121,16 +121,17 @@ class LocalMoverHTTPTests(unittest.TestCase):
     def serve(self, strict=True, tls=False):
         root = os.path.abspath(self.mktemp())
         os.makedirs(root)
-        server = FakeWebDAVServer(root, strict=strict, tls=tls)
+        server = FakeWebDAVServer(root, reactor, strict=strict, tls=tls)
         yield defer.Deferred.fromCoroutine(server.start())
         self.addCleanup(server.stop)
         return server
 
-    def mover(self, server=None, **kwargs):
+    def mover(self, server=None, clock=reactor, **kwargs):
         if server is not None:
             kwargs.setdefault("tls_policy", server.client_tls_policy)
-        mover = LocalMover([], **kwargs)
-        self.addCleanup(mover.close)
+        mover = LocalMover([], reactor, clock, **kwargs)
+        mover.startService()
+        self.addCleanup(mover.stopService)
         return mover
 
     def job(self, product, destination, **overrides):

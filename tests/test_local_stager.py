@@ -1,6 +1,6 @@
 import os
 
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from transferd.stagers.local import LocalStager
@@ -11,7 +11,7 @@ from tests.contract_stager import (
 
 class LocalStagerContractTests(StagerContract, unittest.TestCase):
     def make_stager(self, archive_root, staging_root):
-        return LocalStager(archive_root, staging_root, hostname="stager.example.org")
+        return LocalStager(archive_root, staging_root, reactor, hostname="stager.example.org")
 
 
 class LocalStagerTests(unittest.TestCase):
@@ -20,9 +20,10 @@ class LocalStagerTests(unittest.TestCase):
         self.staging_root = os.path.abspath(self.mktemp())
         write_archive(self.archive_root)
         self.clock = task.Clock()
-        self.stager = LocalStager(self.archive_root, self.staging_root, delay=30.0, timeout=120.0,
-                                  max_attempts=5, clock=self.clock, hostname="stager.example.org")
-        self.addCleanup(self.stager.close)
+        self.stager = LocalStager(self.archive_root, self.staging_root, self.clock, delay=30.0, timeout=120.0,
+                                  max_attempts=5, hostname="stager.example.org")
+        self.stager.startService()
+        self.addCleanup(lambda: self.stager.running and self.stager.stopService())
 
     @defer.inlineCallbacks
     def test_check_knows_at_once(self):
@@ -33,8 +34,8 @@ class LocalStagerTests(unittest.TestCase):
         self.assertIs((yield self.stager.check(".hidden")), False)
 
     def test_settings(self):
-        """The timeout and attempt limit are the ones given."""
-        self.assertEqual((self.stager.timeout, self.stager.max_attempts), (120.0, 5))
+        """The timeout and attempt limit are the ones given; stage() calls are served one by one."""
+        self.assertEqual((self.stager.timeout, self.stager.max_attempts, self.stager.batch_size), (120.0, 5, 1))
 
     @defer.inlineCallbacks
     def test_recall_waits_for_the_delay(self):
@@ -81,12 +82,23 @@ class LocalStagerTests(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(self.staging_root, job.job_id)))
 
     @defer.inlineCallbacks
-    def test_close_cancels_recalls(self):
-        """close() drops the recalls still waiting: their staging fails with CancelledError."""
+    def test_stop_cancels_recalls(self):
+        """Stopping drops the recalls still waiting: their staging fails with CancelledError."""
         staging = self.stager.stage(a_job(FILE_PRODUCT), "code")
-        yield self.stager.close()
+        yield self.stager.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
         yield self.assertFailure(staging, defer.CancelledError)
+
+    @defer.inlineCallbacks
+    def test_cancelled_stage_call_stops_the_recall(self):
+        """Cancelling a stage() Deferred during the recall (the daemon stopping) leaves no timer and copies nothing."""
+        job = a_job(FILE_PRODUCT)
+        staging = self.stager.stage(job, "code")
+        staging.cancel()
+        yield self.assertFailure(staging, defer.CancelledError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(30)
+        self.assertFalse(os.path.exists(os.path.join(self.staging_root, job.job_id)))
 
     @defer.inlineCallbacks
     def test_disk_trouble_fails_the_deferred(self):

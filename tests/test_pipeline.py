@@ -1,89 +1,117 @@
-"""The pipeline's rules: claims, re-staging, dead letters, the reconciler, cancellation."""
+"""The pipeline's rules: leases, re-staging, dead letters, the reconciler, cancellation.
+
+The daemon is built by transferd.wiring with scripted backends; time is a
+Clock, and queue.idle() says when the messages' work is done.
+"""
 
 import os
+import sqlite3
 
+from twisted.application.service import Service
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from transferd import jobs
-from transferd.interfaces import IMover, IStager
+from transferd import jobs, leases
+from transferd.config import load_config
+from transferd.interfaces import IMover, IStager, ServiceAway
 from transferd.jobs import StageResult, TransferResult
-from transferd.pipeline import Pipeline, Reconciler, authcode_matches
+from transferd.pipeline import authcode_matches
 from transferd.queue import STAGING_QUEUE, TRANSFER_QUEUE
-from transferd.queue.memory import MemoryJobQueue
-from transferd.store.sqlite import SQLiteJobStore
-from tests.support import wait_for
+from transferd.wiring import build
 
 
 @implementer(IStager)
-class ScriptedStager:
+class ScriptedStager(Service):
     """A stager whose answers the test chooses: a StageResult, None (reports later) or an exception."""
 
     timeout = 100.0
     max_attempts = 2
+    batch_size = 1
 
     def __init__(self):
         self.answer = StageResult(success=True, staged_to="host", path="/staged/p")
         self.calls, self.cancelled, self.released = [], [], []
+        self.asked = defer.Deferred()  # fires at the first stage() call
 
     def check(self, product_id):
         return defer.succeed(None)
 
     def stage(self, job, authcode):
         self.calls.append((job.job_id, authcode))
+        if not self.asked.called:
+            self.asked.callback(None)
         if isinstance(self.answer, Exception):
             return defer.fail(self.answer)
+        if isinstance(self.answer, defer.Deferred):
+            return self.answer
         return defer.succeed(self.answer)
 
     def cancel(self, job):
         self.cancelled.append(job.job_id)
         return defer.succeed(None)
 
-    def release(self, job):
+    def free_copy(self, job):
         self.released.append(job.job_id)
         return defer.succeed(None)
 
-    def close(self):
-        return defer.succeed(None)
+    def pollers(self, outcomes):
+        return []
 
 
 @implementer(IMover)
-class ScriptedMover:
+class ScriptedMover(Service):
     schemes = frozenset({"file"})
     asynchronous = False
     timeout = None
 
     def __init__(self):
         self.answer = TransferResult(success=True, msg="done")
-        self.calls = []
+        self.calls, self.cancelled = [], []
 
     def transfer(self, job):
         self.calls.append(job.job_id)
+        if isinstance(self.answer, Exception):
+            return defer.fail(self.answer)
         return defer.succeed(self.answer)
 
     def cancel(self, job):
+        self.cancelled.append(job)
         return defer.succeed(None)
 
-    def close(self):
-        return defer.succeed(None)
+    def pollers(self, outcomes):
+        return []
 
 
-class PipelineTests(unittest.TestCase):
+class PipelineTestCase(unittest.TestCase):
+    consume = False  # True: workers take the messages; False: the tests hand them to the pipeline
+
     @defer.inlineCallbacks
     def setUp(self):
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)
-        path = os.path.abspath(self.mktemp())
-        self.store = SQLiteJobStore.from_url("sqlite:///" + path, self.clock)
-        yield self.store.migrate()
-        self.queue = MemoryJobQueue(reactor, max_deliveries=2, retry_delay=0.01)
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "archive"))
+        self.database = os.path.join(base, "jobs.sqlite")
+        config = load_config(None, {
+            ("api", "endpoint"): "tcp:0:interface=127.0.0.1",
+            ("database", "url"): "sqlite:///" + self.database,
+            ("queue", "max_deliveries"): "2",
+            ("stager", "archive_root"): os.path.join(base, "archive"),
+            ("stager", "staging_root"): os.path.join(base, "staging"),
+            ("reconciler", "lease"): "10",
+            ("reconciler", "requeue_after"): "60",
+            ("reconciler", "interval"): "1e9",  # the tests run the reconciler themselves
+        })
         self.stager, self.mover = ScriptedStager(), ScriptedMover()
-        self.pipeline = Pipeline(self.store, self.queue, self.stager, self.mover, self.clock, lease=10, requeue_after=60)
-        self.reconciler = Reconciler(self.store, self.pipeline)
-        self.queue.startService()
-        self.addCleanup(self.store.close)
-        self.addCleanup(self.queue.stopService)
+        self.daemon = build(config, reactor, self.clock, stager=self.stager, mover=self.mover)
+        self.store, self.queue = self.daemon.store, self.daemon.queue
+        self.pipeline, self.reconciler = self.daemon.pipeline, self.daemon.reconciler
+        if not self.consume:
+            self.pipeline.disownServiceParent()
+        self.daemon.startService()
+        self.addCleanup(self.daemon.stopService)
+        yield self.daemon.started
 
     @defer.inlineCallbacks
     def submitted(self):
@@ -95,17 +123,8 @@ class PipelineTests(unittest.TestCase):
     def status(self, job_id):
         return self.store.get(job_id).addCallback(lambda job: job.status)
 
-    @defer.inlineCallbacks
-    def test_in_line_stager_and_mover_reach_success(self):
-        """With workers consuming, a job runs SUBMITTED to SUCCESS, and the staged copy is released."""
-        self.pipeline.startService()
-        self.addCleanup(self.pipeline.stopService)
-        job_id = yield self.submitted()
-        yield wait_for(lambda: self.status(job_id).addCallback(lambda s: s == jobs.SUCCESS))
-        job = yield self.store.get(job_id)
-        self.assertEqual((job.stager_path, job.stage_attempts, job.lease_owner), ("/staged/p", 1, None))
-        self.assertEqual(self.stager.released, [job_id])
 
+class PipelineTests(PipelineTestCase):
     @defer.inlineCallbacks
     def test_asynchronous_stager_holds_until_timeout_then_restages_with_new_code(self):
         """A stager that reports later holds the job for its timeout; then the job is staged again with a new authcode."""
@@ -133,7 +152,7 @@ class PipelineTests(unittest.TestCase):
     def test_duplicate_message_does_not_stage_twice(self):
         """A second message for a job another worker holds is dropped without calling the stager."""
         job_id = yield self.submitted()
-        yield self.store.claim(job_id, jobs.SUBMITTED, "other-daemon", 10)
+        yield self.store.take_lease(job_id, [jobs.SUBMITTED], "other-daemon", 10)
         yield self.pipeline.stage(job_id)
         self.assertEqual(self.stager.calls, [])
         self.assertEqual((yield self.status(job_id)), jobs.SUBMITTED)
@@ -149,19 +168,6 @@ class PipelineTests(unittest.TestCase):
         self.assertEqual(job.detailed_status, "staging failed: tape 42 unreadable")
 
     @defer.inlineCallbacks
-    def test_repeated_exceptions_dead_letter_to_error(self):
-        """A step that keeps raising is dead-lettered and its job ends in ERROR saying why."""
-        self.stager.answer = RuntimeError("stager exploded")
-        self.pipeline.startService()
-        self.addCleanup(self.pipeline.stopService)
-        job_id = yield self.submitted()
-        yield wait_for(lambda: self.status(job_id).addCallback(lambda s: s == jobs.ERROR))
-        job = yield self.store.get(job_id)
-        self.assertIn("stager exploded", job.detailed_status)
-        self.assertEqual(len(self.stager.calls), 2)
-        self.flushLoggedErrors(RuntimeError)
-
-    @defer.inlineCallbacks
     def test_reconciler_redrives_every_unheld_state(self):
         """The reconciler re-publishes SUBMITTED and STAGING jobs to staging, STAGED and TRANSFERRING to transfer."""
         published = []
@@ -175,7 +181,7 @@ class PipelineTests(unittest.TestCase):
             yield self.store.transition(job_id, jobs.STAGING, jobs.STAGED)
         yield self.store.transition(ids[jobs.TRANSFERRING], jobs.STAGED, jobs.TRANSFERRING)
         published.clear()
-        self.clock.advance(61)  # the QUEUED holds of submission expire
+        self.clock.advance(61)  # the queue holds of submission expire
         self.assertEqual((yield self.reconciler.run_once()), 4)
         self.assertEqual(sorted(published), sorted([
             (STAGING_QUEUE, ids[jobs.SUBMITTED]), (STAGING_QUEUE, ids[jobs.STAGING]),
@@ -196,7 +202,7 @@ class PipelineTests(unittest.TestCase):
     def test_dead_worker_lease_expires_and_job_is_redriven(self):
         """A job leased by a worker that died is re-driven once the lease expires, not before."""
         job_id = yield self.submitted()
-        yield self.store.claim(job_id, jobs.SUBMITTED, "dead-worker", 10)
+        yield self.store.take_lease(job_id, [jobs.SUBMITTED], "dead-worker", 10)
         self.assertEqual((yield self.reconciler.run_once()), 0)
         self.clock.advance(11)
         self.assertEqual((yield self.reconciler.run_once()), 1)
@@ -213,7 +219,7 @@ class PipelineTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_cancel_while_staging_tells_stager(self):
-        """Cancelling a STAGING job tells the stager and releases the staged copy."""
+        """Cancelling a STAGING job tells the stager and frees the staged copy."""
         self.stager.answer = None
         job_id = yield self.submitted()
         yield self.pipeline.stage(job_id)
@@ -224,10 +230,10 @@ class PipelineTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_unconfirmed_publish_holds_only_one_lease(self):
         """A job whose message was never confirmed (the daemon died) is re-driven after one lease, not requeue_after."""
-        self.queue.publish = lambda queue, job_id: defer.Deferred()  # the broker never confirms
+        never_confirmed = defer.Deferred()
+        self.queue.publish = lambda queue, job_id: never_confirmed  # the broker never confirms
         job = jobs.Job(job_id=jobs.new_job_id(), product_id="p", destination_path="file:///d")
-        defer.ensureDeferred(self.pipeline.submit(job))
-        yield wait_for(lambda: self.store.get(job.job_id))
+        yield self.store.create(job, hold=leases.in_queue(self.pipeline.lease))  # what submit() commits first
         del self.queue.publish
         self.assertEqual((yield self.reconciler.run_once()), 0)
         self.clock.advance(11)
@@ -266,7 +272,7 @@ class PipelineTests(unittest.TestCase):
     def test_asynchronous_mover_down_leaves_job_staged(self):
         """When an asynchronous mover cannot submit (service down), the job stays STAGED for a retry."""
         self.mover.asynchronous, self.mover.timeout = True, 500.0
-        self.mover.transfer = lambda job: defer.fail(ConnectionRefusedError("FTS down"))
+        self.mover.answer = ConnectionRefusedError("FTS down")
         job_id = yield self.staged()
         yield self.assertFailure(defer.ensureDeferred(self.pipeline.transfer(job_id)), ConnectionRefusedError)
         job = yield self.store.get(job_id)
@@ -287,10 +293,79 @@ class PipelineTests(unittest.TestCase):
     def test_transfer_service_away_is_not_a_job_failure(self):
         """An asynchronous mover's 'try later' leaves the job STAGED, held that long, and uses no delivery."""
         self.mover.asynchronous, self.mover.timeout = True, 500.0
-        away = ConnectionRefusedError("FTS down")
-        away.retry_later = 30.0
-        self.mover.transfer = lambda job: defer.fail(away)
+        self.mover.answer = ServiceAway("FTS down", retry_after=30.0)
         job_id = yield self.staged()
         yield self.pipeline.transfer(job_id)
         job = yield self.store.get(job_id)
         self.assertEqual((job.status, job.lease_owner, job.lease_until), (jobs.STAGED, None, self.clock.seconds() + 30))
+
+
+    @defer.inlineCallbacks
+    def test_cancelled_while_submitting_is_stopped_once(self):
+        """A job cancelled while an asynchronous mover submitted it has its transfer cancelled, once, by the pipeline."""
+        self.mover.asynchronous, self.mover.timeout = True, 500.0
+        job_id = yield self.staged()
+        submitting = defer.Deferred()
+        self.mover.transfer = lambda job: submitting
+        transfer = defer.ensureDeferred(self.pipeline.transfer(job_id))
+        yield self.pipeline.cancel(job_id)
+        yield self.store.record_transfer_id(job_id, jobs.CANCELLED, "fts-job-1")
+        submitting.callback(None)
+        yield transfer
+        self.assertEqual([(job.job_id, job.status, job.fts_jobid) for job in self.mover.cancelled],
+                         [(job_id, jobs.CANCELLED, "fts-job-1")])
+        self.assertEqual((yield self.status(job_id)), jobs.CANCELLED)
+
+    @defer.inlineCallbacks
+    def test_stager_away_waits_without_counting(self):
+        """A stager that is away leaves the job waiting retry_after seconds, with the delivery acknowledged."""
+        self.stager.answer = ServiceAway("tape library in maintenance", retry_after=40.0)
+        job_id = yield self.submitted()
+        yield self.pipeline.stage(job_id)
+        job = yield self.store.get(job_id)
+        self.assertEqual((job.status, job.lease_owner, job.lease_until), (jobs.STAGING, None, self.clock.seconds() + 40))
+        self.assertEqual((yield self.reconciler.run_once()), 0)
+        self.clock.advance(41)
+        self.assertEqual((yield self.reconciler.run_once()), 1)
+
+
+class WorkerTests(PipelineTestCase):
+    consume = True
+
+    @defer.inlineCallbacks
+    def test_in_line_stager_and_mover_reach_success(self):
+        """With workers consuming, a job runs SUBMITTED to SUCCESS, and the staged copy is freed."""
+        job_id = yield self.submitted()
+        yield self.queue.idle()
+        job = yield self.store.get(job_id)
+        self.assertEqual(job.status, jobs.SUCCESS)
+        self.assertEqual((job.stager_path, job.stage_attempts, job.lease_owner), ("/staged/p", 1, None))
+        self.assertEqual(self.stager.released, [job_id])
+
+
+    @defer.inlineCallbacks
+    def test_repeated_exceptions_dead_letter_to_error(self):
+        """A step that keeps raising is dead-lettered and its job ends in ERROR saying why."""
+        self.stager.answer = RuntimeError("stager exploded")
+        job_id = yield self.submitted()
+        yield self.queue.idle()
+        self.assertEqual(len(self.stager.calls), 1)  # delivered once; the next delivery is due later
+        self.clock.advance(self.queue.retry_delay)
+        yield self.queue.idle()
+        job = yield self.store.get(job_id)
+        self.assertEqual(job.status, jobs.ERROR)
+        self.assertIn("stager exploded", job.detailed_status)
+        self.assertEqual(len(self.stager.calls), 2)
+        self.flushLoggedErrors(RuntimeError)
+
+    @defer.inlineCallbacks
+    def test_stopping_abandons_staging_in_flight(self):
+        """Stopping the daemon does not wait for a stager that is still busy: the job is left free, not in ERROR."""
+        self.stager.answer = defer.Deferred()  # a recall that never ends
+        job_id = yield self.submitted()
+        yield self.stager.asked
+        yield self.daemon.stopService()
+        with sqlite3.connect(self.database) as connection:
+            row = connection.execute("SELECT status, lease_owner, lease_until FROM jobs WHERE job_id = ?",
+                                     (job_id,)).fetchone()
+        self.assertEqual(row, (jobs.STAGING, None, None))

@@ -4,6 +4,7 @@ from twisted.internet import defer, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from transferd.config import parse_queue_url
 from transferd.queue import open_queue
 from transferd.queue.amqp import (
     DELIVERIES_HEADER,
@@ -14,7 +15,7 @@ from transferd.queue.amqp import (
     QueueUnavailable,
 )
 from tests.amqp_support import TestBroker, with_options
-from tests.contract_queue import JobQueueContract
+from tests.contract_queue import NO_DEAD_LETTERS, JobQueueContract
 from tests.support import wait_for
 
 
@@ -27,7 +28,7 @@ class BrokerTestCase(unittest.TestCase):
 
     def start_queue(self, max_deliveries=3):
         """Fire with a started queue, once it is connected."""
-        queue = AMQPJobQueue.from_url(self.broker.queue_url, reactor, max_deliveries=max_deliveries)
+        queue = AMQPJobQueue.from_url(parse_queue_url(self.broker.queue_url), reactor, max_deliveries=max_deliveries)
         queue.startService()
         self.addCleanup(queue.stopService)
         d = wait_for(lambda: queue.connected, 10)
@@ -62,7 +63,7 @@ class AMQPJobQueueTests(BrokerTestCase):
         yield queue.stopService()
         again = yield self.start_queue()
         seen = []
-        again.consume("staging", seen.append, 1)
+        again.consume("staging", seen.append, 1, NO_DEAD_LETTERS)
         yield wait_for(lambda: seen == ["durable-1"], 5)
 
     @defer.inlineCallbacks
@@ -70,12 +71,12 @@ class AMQPJobQueueTests(BrokerTestCase):
         """After max_deliveries failures the job id sits, persistent, in <prefix>.<queue>.dead."""
         queue = yield self.start_queue(max_deliveries=2)
         dead = []
-        queue.on_dead_letter = lambda name, job_id, reason: dead.append((name, job_id, reason))
+        on_dead = lambda name, job_id, reason: dead.append((name, job_id, reason))  # noqa: E731
 
         def handler(job_id):
             raise RuntimeError("tape library offline")
 
-        queue.consume("transfer", handler, 1)
+        queue.consume("transfer", handler, 1, on_dead)
         yield queue.publish("transfer", "poison")
         yield wait_for(lambda: dead, 5)
         yield queue.stopService()  # unacked messages, if any, would now be back in their queue
@@ -99,7 +100,7 @@ class AMQPJobQueueTests(BrokerTestCase):
             if seen == ["held"]:
                 return held  # still running when the connection goes
 
-        queue.consume("staging", handler, 2)
+        queue.consume("staging", handler, 2, NO_DEAD_LETTERS)
         yield queue.publish("staging", "held")
         yield wait_for(lambda: seen == ["held"], 5)
 
@@ -118,7 +119,7 @@ class AMQPJobQueueTests(BrokerTestCase):
     def test_publish_without_broker_fails_at_once(self):
         """With no broker to talk to, publish fails immediately with QueueUnavailable."""
         url = with_options("amqp://guest:guest@127.0.0.1:1/", prefix=self.broker.prefix)
-        queue = AMQPJobQueue.from_url(url, reactor)
+        queue = AMQPJobQueue.from_url(parse_queue_url(url), reactor)
         queue.startService()
         self.addCleanup(queue.stopService)
         failure = self.failureResultOf(queue.publish("staging", "job-1"), QueueUnavailable)
@@ -141,7 +142,7 @@ class AMQPJobQueueTests(BrokerTestCase):
             started.append(job_id)
             return release
 
-        queue.consume("staging", handler, 1)
+        queue.consume("staging", handler, 1, NO_DEAD_LETTERS)
         yield queue.publish("staging", "slow")
         yield wait_for(lambda: started, 5)
         stopping = queue.stopService()
@@ -154,10 +155,10 @@ class AMQPJobQueueTests(BrokerTestCase):
 class URLTests(unittest.SynchronousTestCase):
     def test_url_parts(self):
         """The URL gives host, port, credentials, a percent-encoded vhost and the query options."""
-        settings = AMQPSettings(
+        settings = AMQPSettings(parse_queue_url(
             "amqp://user:p%40ss@mq.example.org:5673/science%2Fprod"
             "?prefix=tx&heartbeat=10&blocked_connection_timeout=20&retry_delay=2"
-        )
+        ))
         parameters = settings.parameters
         self.assertEqual((parameters.host, parameters.port), ("mq.example.org", 5673))
         self.assertEqual(parameters.virtual_host, "science/prod")
@@ -168,17 +169,17 @@ class URLTests(unittest.SynchronousTestCase):
     def test_defaults(self):
         """Without a path the vhost is "/", the prefix "transferd", the port 5672."""
         for url in ("amqp://guest:guest@localhost", "amqp://guest:guest@localhost/"):
-            settings = AMQPSettings(url)
+            settings = AMQPSettings(parse_queue_url(url))
             self.assertEqual(
                 (settings.parameters.virtual_host, settings.prefix, settings.port), ("/", "transferd", 5672)
             )
 
     def test_unknown_option(self):
         """A misspelt option is refused rather than ignored."""
-        self.assertRaises(ValueError, AMQPSettings, "amqp://localhost/?heartbeet=5")
+        self.assertRaises(ValueError, parse_queue_url, "amqp://localhost/?heartbeet=5")
 
     def test_open_queue(self):
         """open_queue builds the RabbitMQ queue for amqp:// URLs, mapping names under the prefix."""
-        queue = open_queue("amqp://localhost/?prefix=p1", reactor, max_deliveries=4)
+        queue = open_queue(parse_queue_url("amqp://localhost/?prefix=p1"), reactor, reactor, max_deliveries=4)
         self.assertIsInstance(queue, AMQPJobQueue)
         self.assertEqual((queue.queue_name("transfer"), queue.max_deliveries), ("p1.transfer", 4))

@@ -46,7 +46,7 @@ class StagerTestCase(unittest.TestCase):
     def make(self, **options):
         settings = dict(hostname="stager.example.org", clock=self.clock, random=lambda: 1.0, request_timeout=1000.0)
         settings.update(options)
-        stager = ReferenceStager(self.archive, self.staging, **settings)
+        stager = ReferenceStager(self.archive, self.staging, reactor, **settings)
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(stager.close()))
         return stager
 
@@ -447,11 +447,11 @@ class ReferenceStagerContractTests(StagerContract, unittest.TestCase):
     def make_stager(self, archive_root, staging_root):
         self.transferd = Recorder(default_code=200, default_body=b"{}")
         callbacks = serve(self, self.transferd)
-        reference = ReferenceStager(archive_root, staging_root, hostname="stager.example.org", clock=reactor)
+        reference = ReferenceStager(archive_root, staging_root, reactor, reactor, hostname="stager.example.org")
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(reference.close()))
         served = serve(self, reference.resource())
-        return CallbackStager(served.url + "/stage", callbacks.url, timeout=60.0, max_attempts=2,
-                              retry_delay=0.05, clock=reactor)
+        return CallbackStager(served.url + "/stage", callbacks.url, reactor, reactor, timeout=60.0, max_attempts=2,
+                              retry_delay=0.05)
 
     @defer.inlineCallbacks
     def finish(self, stager, job, result):

@@ -15,8 +15,9 @@ from tests import mysql_support
 from tests.contract_store import JobStoreContract, a_job
 from tests.support import wait_for
 from transferd import jobs
+from transferd.config import parse_database_url
 from transferd.store import open_store
-from transferd.store.mysql import DatabaseUnavailable, MySQLJobStore, connection_options
+from transferd.store.mysql import DatabaseUnavailable, MySQLJobStore
 from transferd.store.sql import SchemaTooNew
 
 CURRENT = len(MySQLJobStore.migrations)  # the newest schema version
@@ -36,8 +37,8 @@ class StoreFixture:
         if clock is None:
             clock = task.Clock()
             clock.advance(1_700_000_000)
-        store = MySQLJobStore.from_url(url or self.url, clock)
-        self.addCleanup(store.close)
+        store = MySQLJobStore.from_url(parse_database_url(url or self.url), reactor, clock)
+        self.addCleanup(store.stopService)
         return store
 
     def sql(self, statement, args=None):
@@ -47,46 +48,16 @@ class StoreFixture:
 class MySQLJobStoreContractTests(StoreFixture, JobStoreContract, unittest.TestCase):
     async def make_store(self, clock):
         self.fresh_url()
-        store = MySQLJobStore.from_url(self.url, clock)
+        store = MySQLJobStore.from_url(parse_database_url(self.url), reactor, clock)
         await store.migrate()
         return store
-
-
-class ConnectionOptionsTests(unittest.SynchronousTestCase):
-    def test_url_parts_are_decoded(self):
-        """When the URL carries a percent-encoded user and password, MySQLdb gets them decoded, port 3306 by default."""
-        options = connection_options("mysql://tr%40nsfer:p%3Ass%2Fw%40rd@db.example.org/transferd")
-        self.assertEqual(
-            (options["user"], options["password"], options["host"], options["port"], options["database"]),
-            ("tr@nsfer", "p:ss/w@rd", "db.example.org", 3306, "transferd"),
-        )
-        self.assertEqual((options["cp_min"], options["cp_max"]), (2, 10))
-
-    def test_query_options(self):
-        """When the URL has pool and timeout options, they reach the pool and the connection."""
-        options = connection_options("mysql://u@h:3307/d?pool_min=1&pool_max=4&read_timeout=30")
-        self.assertEqual((options["port"], options["cp_min"], options["cp_max"]), (3307, 1, 4))
-        self.assertEqual(options["read_timeout"], 30)
-
-    def test_bad_urls_refused(self):
-        """When the URL lacks a database or user, or has an unknown or malformed option, it is refused in words."""
-        for url, words in [
-            ("mysql://u@h/", "database name"),
-            ("mysql://h/d", "needs a user"),
-            ("mysql://u@h/d?pool_size=3", "unknown mysql url option 'pool_size'"),
-            ("mysql://u@h/d?pool_max=many", "must be an integer"),
-            ("mysql://u@h/d?pool_min=5&pool_max=2", "must not exceed"),
-            ("mysql://u@h:99999/d", "bad port"),
-        ]:
-            error = self.assertRaises(ValueError, connection_options, url)
-            self.assertIn(words, str(error))
 
 
 class SchemaTests(StoreFixture, unittest.TestCase):
     async def test_open_store_picks_mysql(self):
         """When the [database] url is mysql://, open_store builds a MySQLJobStore."""
-        store = open_store(self.fresh_url(), task.Clock())
-        self.addCleanup(store.close)
+        store = open_store(parse_database_url(self.fresh_url()), reactor, task.Clock())
+        self.addCleanup(store.stopService)
         self.assertIsInstance(store, MySQLJobStore)
         self.assertEqual(await store.migrate(), CURRENT)
 
@@ -185,7 +156,7 @@ class PrototypeUpgradeTests(StoreFixture, unittest.TestCase):
         self.assertEqual(done.time_success, datetime(2023, 5, 2, 13, 0, tzinfo=timezone.utc))
 
         # The reconciler picks up the prototype's unfinished work.
-        found = await store.unleased(jobs.ACTIVE, 10)
+        found = await store.jobs_to_redrive(jobs.ACTIVE, 10)
         self.assertEqual([job.job_id for job in found], [self.transferring_id])
 
         await self.assertFullLifeCycle(store)
@@ -302,7 +273,7 @@ class LostConnectionTests(StoreFixture, unittest.TestCase):
         mysql_support.kill_connections(await self.pool_connection_ids())
         await task.deferLater(reactor, 0.3, lambda: None)  # idle past ping_idle_after
         self.assertTrue(await self.store.transition(self.job.job_id, jobs.SUBMITTED, jobs.STAGING))
-        self.assertTrue(await self.store.claim(self.job.job_id, jobs.STAGING, "w", 30))
+        self.assertIsNotNone(await self.store.take_lease(self.job.job_id, [jobs.STAGING], "w", 30))
         self.assertEqual((await self.store.get(self.job.job_id)).status, jobs.STAGING)
 
     async def test_migrate_after_kill(self):

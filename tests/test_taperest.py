@@ -1,11 +1,12 @@
-"""The Tape REST stager through the real pipeline, against the fake Tape REST server over real HTTP.
+"""The Tape REST stager in daemons built by transferd.wiring, against the fake Tape REST server over real HTTP.
 
-Each "daemon" (Rig) is a real store, an in-process queue, the Pipeline, the
-Tape REST stager with its poller, and the local mover.  Time (batch window,
-retries, polling, the fake's recalls, leases) runs on one task.Clock that
-the tests advance; only the network and the database run on the reactor.
-The tape paths are real files under the test's archive directory, so the
-local mover delivers them and the bytes are compared.
+Each "daemon" (Rig) is the whole transferd of a configuration: a real store,
+an in-process queue, the pipeline, the Tape REST stager with its poller, and
+the local mover.  Time (batch window, retries, polling, the fake's recalls,
+leases) runs on one task.Clock that the tests advance; only the network and
+the database run on the reactor.  The tape paths are real files under the
+test's archive directory, so the local mover delivers them and the bytes are
+compared.
 """
 
 import collections
@@ -15,13 +16,14 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from transferd import jobs
-from transferd.movers.local import LocalMover
-from transferd.pipeline import Pipeline, Reconciler
-from transferd.queue.memory import MemoryJobQueue
+from transferd.config import load_config, parse_database_url
+from transferd.pipeline import Reconciler
+from transferd.stagers import taperest
 from transferd.stagers.taperest import TapeRestStager
 from transferd.store import open_store
+from transferd.taperest.client import TapeRestClient
 from transferd.testing.taperest import FakeTapeRestServer, TestPKI
-from transferd.tls import client_tls_policy
+from transferd.wiring import build
 from tests import mysql_support
 from tests.support import wait_for
 
@@ -29,44 +31,46 @@ POLL = 10.0  # seconds between polls, on the clock
 
 
 class Rig:
-    """One transferd instance without its API: store, queue, pipeline, Tape REST stager and poller, local mover."""
+    """One transferd instance (its API unused): store, queue, pipeline, Tape REST stager and poller, local mover.
 
-    def __init__(self, store_url, url, namespace, deliveries, clock, **stager_options):
+    stager: [stager] settings over the rig's own; request_timeout, which has
+    no configuration key, is set on the stager's HTTP client.
+    """
+
+    def __init__(self, store_url, url, namespace, deliveries, clock, request_timeout=None, **stager):
         self.clock = clock
-        self.store = open_store(store_url, clock)
-        self.queue = MemoryJobQueue(reactor, max_deliveries=3, retry_delay=0.01)
-        options = dict(bulk_size=20, poll_interval=POLL, timeout=100_000.0, retry_delay=2.0, max_attempts=3)
-        options.update(stager_options)
-        self.stager = TapeRestStager(url, namespace, self.store, clock, **options)
-        self.mover = LocalMover(file_roots=(deliveries,))
-        # prefetch above bulk_size: a POST can only batch the stage() calls in flight at once.
-        self.pipeline = Pipeline(self.store, self.queue, self.stager, self.mover, clock, prefetch=100, lease=30)
-        self.timers = self.stager.services(self.pipeline)
+        settings = dict(url=url, archive_root=namespace, bulk_size=20, poll_interval=POLL, timeout=100_000,
+                        retry_delay=2.0, max_attempts=3)
+        settings.update(stager)
+        config = load_config(None, {
+            ("api", "endpoint"): "tcp:0:interface=127.0.0.1", ("api", "access_log"): "false",
+            ("database", "url"): store_url,
+            ("queue", "max_deliveries"): "3",
+            ("transfer", "file_roots"): deliveries,
+            ("reconciler", "lease"): "30",
+            ("stager", "backend"): "taperest",
+            **{("stager", key): str(value) for key, value in settings.items()},
+        })
+        self.daemon = build(config, reactor, clock)
+        self.store, self.pipeline, self.stager = self.daemon.store, self.daemon.pipeline, self.daemon.stager
+        (self.poller,) = self.daemon.pollers
+        if request_timeout is not None:
+            self.stager.client.http.timeout = request_timeout
         self.submitted = 0  # jobs submitted through this rig
         self.stopped = False
 
     @defer.inlineCallbacks
     def start(self):
-        yield self.store.migrate()
-        self.queue.startService()
-        self.pipeline.startService()
-        for timer in self.timers:
-            timer.startService()
-        yield wait_for(lambda: self.stager.polls >= 1)  # the poll made at start
+        self.daemon.startService()
+        yield self.daemon.started
+        yield wait_for(lambda: self.poller.polls >= 1)  # the poll made at start
 
     @defer.inlineCallbacks
     def stop(self):
         if self.stopped:
             return
         self.stopped = True
-        for timer in self.timers:
-            if timer.running:
-                yield timer.stopService()
-        yield self.pipeline.stopService()
-        yield self.queue.stopService()
-        yield self.stager.close()
-        yield self.mover.close()
-        yield self.store.close()
+        yield self.daemon.stopService()
 
 
 class TapeRestTestBase(unittest.TestCase):
@@ -88,7 +92,7 @@ class TapeRestTestBase(unittest.TestCase):
     @defer.inlineCallbacks
     def start_fake(self, **options):
         options.setdefault("local_files", True)
-        fake = FakeTapeRestServer(clock=self.clock, seed=7, **options)
+        fake = FakeTapeRestServer(reactor, clock=self.clock, seed=7, **options)
         yield defer.Deferred.fromCoroutine(fake.start())
         self.addCleanup(fake.stop)
         return fake
@@ -159,9 +163,9 @@ class TapeRestTestBase(unittest.TestCase):
     @defer.inlineCallbacks
     def cycle(self, *rigs):
         """One polling period: every rig's poller runs once, and finishes."""
-        before = [rig.stager.polls for rig in rigs]
+        before = [rig.poller.polls for rig in rigs]
         self.clock.advance(POLL)
-        yield wait_for(lambda: all(rig.stager.polls > n for rig, n in zip(rigs, before)))
+        yield wait_for(lambda: all(rig.poller.polls > n for rig, n in zip(rigs, before)))
 
     def status_gets(self):
         """GET /stage/<id> calls so far, per request id."""
@@ -242,8 +246,8 @@ class BulkStagingTests(TapeRestTestBase):
         yield rig.stop()
 
         again = yield self.rig(store_url=store_url)
-        # The jobs wait on the tape system: the reconciler leaves them alone.
-        self.assertEqual((yield Reconciler(again.store, again.pipeline, queued_lost=True).run_once()), 0)
+        # The jobs wait on the tape system: the reconciler leaves them alone (queue holds included).
+        self.assertEqual((yield Reconciler(again.store, again.pipeline, queue_durable=False).run_once()), 0)
         yield self.advance_until(lambda: self.all_in(again, ids, jobs.SUCCESS))
         self.assertEqual(self.fake.calls["stage"], 1)
         for product_id in products:
@@ -494,18 +498,67 @@ class EndpointTests(TapeRestTestBase):
         self.clock.advance(0.2)
         yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS))
 
+
+class StagerServiceTests(TapeRestTestBase):
+    """The stager alone (no pipeline): stopping, and stage() calls cancelled as the daemon stops."""
+
+    fake_options = {"recall_seconds": 5.0}
+
     @defer.inlineCallbacks
-    def test_close_with_work_waiting(self):
-        """Closing the stager fails the stage() calls still waiting and leaves no timer behind."""
-        store = open_store(self.store_url, self.clock)
-        yield store.migrate()
-        self.addCleanup(store.close)
-        stager = TapeRestStager(self.fake.url, self.archive, store, self.clock)
-        pending = stager.stage(jobs.Job(job_id=jobs.new_job_id(), product_id="p", destination_path="file:///d"), "c")
-        yield stager.close()
+    def stager(self, **options):
+        store = open_store(parse_database_url(self.store_url), reactor, self.clock)
+        yield store.startService()
+        self.addCleanup(store.stopService)
+        stager = TapeRestStager(TapeRestClient(self.fake.url, self.archive, reactor, self.clock), store, self.clock,
+                                **options)
+        stager.startService()
+        self.addCleanup(lambda: stager.running and stager.stopService())
+        return stager
+
+    @staticmethod
+    def a_job(product_id="p"):
+        return jobs.Job(job_id=jobs.new_job_id(), product_id=product_id, destination_path="file:///d")
+
+    @defer.inlineCallbacks
+    def test_stop_with_work_waiting(self):
+        """Stopping the stager fails the stage() calls still waiting and leaves no timer behind."""
+        stager = yield self.stager()
+        pending = stager.stage(self.a_job(), "c")
+        yield stager.stopService()
         with self.assertRaises(defer.CancelledError):
             yield pending
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        with self.assertRaises(defer.CancelledError):
+            yield stager.stage(self.a_job(), "c")
+
+    @defer.inlineCallbacks
+    def test_cancelled_stage_call_leaves_the_batch(self):
+        """A stage() Deferred cancelled while it waits for the batch window never reaches the tape system."""
+        stager = yield self.stager()
+        pending = [stager.stage(self.a_job(f"p-{n}"), "c") for n in range(2)]
+        pending[0].cancel()
+        self.assertFailure(pending[0], defer.CancelledError)
+        self.assertEqual(stager.queued, 1)
+        self.clock.advance(0.2)
+        yield wait_for(lambda: self.fake.calls["stage"] == 1)
+        (request,) = self.fake.stage_requests.values()
+        self.assertEqual(list(request.files), [self.path("p-1")])
+
+    @defer.inlineCallbacks
+    def test_cancelled_batch_stops_retrying(self):
+        """When every stage() of a batch whose POST is being retried is cancelled, the retries stop."""
+        stager = yield self.stager(retry_delay=2.0, max_attempts=5)
+        self.fake.respond_next(503, 5, endpoint="stage")
+        pending = [stager.stage(self.a_job(f"p-{n}"), "c") for n in range(2)]
+        self.clock.advance(0.2)
+        yield wait_for(lambda: self.fake.calls["stage"] == 1 and self.retry_pending(2.0, 3.0))
+        for deferred in pending:
+            deferred.cancel()
+            self.assertFailure(deferred, defer.CancelledError)
+        yield wait_for(lambda: not stager._busy)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(100)
+        self.assertEqual(self.fake.calls["stage"], 1)
 
 
 class X509Tests(TapeRestTestBase):
@@ -516,8 +569,8 @@ class X509Tests(TapeRestTestBase):
         self.tls_fake = yield self.start_fake(tls=self.pki, require_client_certificate=True)
 
     @defer.inlineCallbacks
-    def check_stages_with(self, policy):
-        rig = yield self.rig(url=self.tls_fake.url, tls_policy=policy)
+    def check_stages_with(self, **tls):
+        rig = yield self.rig(url=self.tls_fake.url, **tls)
         ids = yield self.submit(rig, self.products(2))
         yield wait_for(lambda: rig.stager.queued == 2)
         self.clock.advance(0.2)
@@ -526,20 +579,20 @@ class X509Tests(TapeRestTestBase):
 
     def test_client_certificate_and_key(self):
         """Over HTTPS, the server is verified against ca_path and our certificate and key authenticate us."""
-        return self.check_stages_with(client_tls_policy(self.pki.ca_path, self.pki.client_cert, self.pki.client_key))
+        return self.check_stages_with(ca_path=self.pki.ca_path, cert=self.pki.client_cert, key=self.pki.client_key)
 
     def test_proxy_file(self):
         """A proxy-style file (certificate and key in one) works as cert alone; a CA directory works as ca_path."""
-        return self.check_stages_with(client_tls_policy(os.path.dirname(self.pki.ca_path), self.pki.client_proxy))
+        return self.check_stages_with(ca_path=os.path.dirname(self.pki.ca_path), cert=self.pki.client_proxy)
 
     def test_certificate_chain_sent(self):
         """The certificates after the first in cert (a proxy's issuer, an intermediate CA) are sent along."""
-        return self.check_stages_with(client_tls_policy(self.pki.ca_path, self.pki.client_chain))
+        return self.check_stages_with(ca_path=self.pki.ca_path, cert=self.pki.client_chain)
 
     @defer.inlineCallbacks
     def test_without_client_certificate(self):
         """A server that demands a client certificate we lack fails the job, saying it could not be reached."""
-        rig = yield self.rig(url=self.tls_fake.url, tls_policy=client_tls_policy(self.pki.ca_path), max_attempts=1)
+        rig = yield self.rig(url=self.tls_fake.url, ca_path=self.pki.ca_path, max_attempts=1)
         ids = yield self.submit(rig, self.products(1))
         yield wait_for(lambda: rig.stager.queued == 1)
         self.clock.advance(0.2)
@@ -551,18 +604,15 @@ class ConfigTests(unittest.TestCase):
     def setUp(self):
         self.base = os.path.abspath(self.mktemp())
         os.makedirs(self.base)
-        self.store = open_store("sqlite:///" + os.path.join(self.base, "jobs.sqlite"), task.Clock())
-        self.addCleanup(self.store.close)
+        self.store = open_store(parse_database_url("sqlite:///" + os.path.join(self.base, "jobs.sqlite")), reactor, task.Clock())
+        self.addCleanup(self.store.stopService)
 
     def build(self, **stager):
-        from transferd.config import load_config
-        from transferd.tap import build_stager
-
         values = {"backend": "taperest", "url": "https://tape.example.org:8443", "archive_root": "/pnfs/example/meerkat"}
         values.update(stager)
         config = load_config(None, {("stager", key): value for key, value in values.items()})
-        stager = build_stager(config, task.Clock(), self.store)
-        self.addCleanup(stager.close)
+        stager = taperest.from_config(config, reactor, task.Clock(), self.store)
+        self.addCleanup(stager.stopService)
         return stager
 
     def test_from_config(self):
@@ -575,7 +625,8 @@ class ConfigTests(unittest.TestCase):
         self.assertIsInstance(stager, TapeRestStager)
         self.assertEqual((stager.bulk_size, stager.poll_interval, stager.timeout, stager.max_attempts,
                           stager.retry_delay), (7, 5.0, 900.0, 4, 1.5))
-        self.assertEqual(stager.path_for("prod-1"), "/pnfs/example/meerkat/prod-1")
+        self.assertEqual(stager.batch_size, 7)
+        self.assertEqual(stager.client.path_for("prod-1"), "/pnfs/example/meerkat/prod-1")
 
     def test_refusals(self):
         """A missing url, a relative archive_root, a key without cert or a missing token file stop start-up."""
@@ -592,4 +643,4 @@ class ConfigTests(unittest.TestCase):
         """cert, key and ca_path load at start-up into the client TLS policy."""
         pki = TestPKI(os.path.join(self.base, "pki"))
         stager = self.build(cert=pki.client_cert, key=pki.client_key, ca_path=pki.ca_path)
-        self.assertIsNotNone(stager.tls_policy.credential.load().tls_certificate)
+        self.assertIsNotNone(stager.client.tls_policy.credential.load().tls_certificate)

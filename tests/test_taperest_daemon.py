@@ -9,7 +9,7 @@ import filecmp
 import os
 import sqlite3
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from transferd import jobs, sample
@@ -31,7 +31,7 @@ class TapeRestDaemonTests(unittest.TestCase):
         for n in range(4):
             with open(os.path.join(self.archive, f"tape-{n}"), "wb") as handle:
                 handle.write(os.urandom(1000 + n))
-        self.fake = FakeTapeRestServer(recall_seconds=1.5, local_files=True, token="daemon-token")
+        self.fake = FakeTapeRestServer(reactor, recall_seconds=1.5, local_files=True, token="daemon-token")
         yield defer.Deferred.fromCoroutine(self.fake.start())
         self.addCleanup(self.fake.stop)
         token_file = os.path.join(self.workdir, "token")

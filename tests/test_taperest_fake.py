@@ -17,7 +17,7 @@ class FakeTapeRestTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)
-        self.server = FakeTapeRestServer(clock=self.clock, queue_seconds=10, recall_seconds=20, seed=1)
+        self.server = FakeTapeRestServer(reactor, clock=self.clock, queue_seconds=10, recall_seconds=20, seed=1)
         yield defer.Deferred.fromCoroutine(self.server.start())
         self.addCleanup(self.server.stop)
         pool = HTTPConnectionPool(reactor, persistent=True)

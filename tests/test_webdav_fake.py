@@ -20,7 +20,7 @@ class FakeWebDAVTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def start(self, strict, tls=False):
-        self.server = FakeWebDAVServer(self.root, strict=strict, tls=tls)
+        self.server = FakeWebDAVServer(self.root, reactor, strict=strict, tls=tls)
         yield defer.Deferred.fromCoroutine(self.server.start())
         self.addCleanup(self.server.stop)
         pool = HTTPConnectionPool(reactor, persistent=True)

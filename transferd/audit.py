@@ -12,10 +12,13 @@ import json
 import os
 from datetime import datetime, timezone
 
+from twisted.application.service import Service
 from twisted.logger import Logger
 
 
-class AuditLog:
+class AuditLog(Service):
+    """The audit trail's writer; a service so that the daemon closes the file when it stops."""
+
     log = Logger(namespace="transferd.audit")
 
     def __init__(self, path=None):
@@ -55,7 +58,8 @@ class AuditLog:
             self._inode = os.fstat(self._file.fileno()).st_ino
         return self._file
 
-    def close(self):
+    def stopService(self):
+        super().stopService()
         if self._file is not None:
             self._file.close()
             self._file = None

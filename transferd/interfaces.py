@@ -1,118 +1,141 @@
-"""The four seams of transferd.
+"""The seams of transferd (docs/architecture.md, "Seams").
 
 Each seam has an embedded implementation and a production one; all of them
-pass the same contract suite in tests/ (tests/contract_*.py).  Every method
-that does I/O returns a Deferred.
+pass the same contract suite (tests/contract_*.py).  Every method that does
+I/O returns a Deferred.  Store, queue, stager and mover are services: the
+daemon starts them in order and stops them in reverse (transferd.service),
+so each opens its connections in startService and closes them in
+stopService.  Backends get what they need when they are built
+(transferd.wiring); nothing is attached to them later.
 """
 
+from twisted.application.service import IService
 from zope.interface import Attribute, Interface
 
 
-class IJobStore(Interface):
-    """Durable job records: the source of truth.
+class ServiceAway(Exception):
+    """A remote service (FTS, a stager, a tape system) cannot be used now; try again in retry_after seconds.
 
-    Every state change is a compare-and-set on the current status; a change
-    that matches no row returns False and has no effect.  Times come from the
-    store's clock so tests can drive them.
+    No fault of the job: it stays as it is and is re-driven later, and the
+    attempt never counts against its deliveries or attempts.
     """
 
-    def create(job, hold_for=None):
-        """Insert a new SUBMITTED job (time_submitted set by the store).
+    def __init__(self, message, retry_after):
+        super().__init__(message)
+        self.retry_after = retry_after
 
-        With hold_for, the job is marked QUEUED for that many seconds: its
-        queue message is on the way, so the reconciler leaves it alone.
-        """
+
+class IJobStore(IService):
+    """Durable job records: the source of truth.
+
+    startService migrates the schema (fires when it is current); stopService
+    closes the connections.  Every state change is a compare-and-set on the
+    current status: one that matches no row fires False and changes nothing.
+    Times come from the store's clock.  Leases are explained in
+    transferd.leases; `hold` arguments are leases.Hold values, None meaning
+    "leave the job free".
+    """
+
+    def schema_version():
+        """Fire with the schema version the database is at (0: none yet)."""
+
+    def create(job, hold=None):
+        """Insert a new SUBMITTED job (time_submitted set by the store), under hold."""
 
     def get(job_id):
         """Fire with the Job, or None when there is no such job."""
 
-    def transition(job_id, old, new, fields=None, hold_for=None, owner=None):
-        """Compare-and-set old -> new, setting time_<new> and the given fields.
+    def transition(job_id, old, new, fields=None, hold=None):
+        """Compare-and-set old -> new, setting time_<new> and fields, leaving the job under hold.
 
-        Raises InvalidTransition for a move the state machine forbids.  The
-        lease is cleared, or with hold_for set to (owner, now + hold_for).
-        Fires with True when the row changed, False when the job was not in
-        state old.
+        Raises InvalidTransition for a move the state machine forbids.  Fires
+        with True when the row changed, False when the job was not in old.
         """
 
     def update(job_id, status, fields):
-        """Set fields on a job that is still in state status; fire with True/False."""
+        """Set fields on a job still in status (the pipeline's re-staging); fire with True/False."""
 
-    def claim(job_id, status, owner, hold_for):
-        """Take the lease of a job in state status whose lease is free, expired or QUEUED.
+    def record_stager_request(job_id, request_id):
+        """Store the stager's own id for a STAGING job's request; fire with True if the job is still STAGING."""
 
-        Fires with True when owner now holds it until now + hold_for.  A lease
-        without owner (a job waiting on a stager or FTS) blocks claims until
-        it expires.
+    def record_transfer_id(job_id, status, fts_jobid):
+        """Store the transfer service's id for a job still in status; fire with True/False."""
+
+    def take_lease(job_id, statuses, owner, seconds):
+        """Take the lease of a job in one of statuses that is free or in the queue.
+
+        Fires with the Job as it now is, owned by owner for seconds, or None
+        when the job is in another state or held by someone else.
         """
 
-    def hold_queued(status, job_ids, hold_for):
-        """Mark the jobs among job_ids still in status and not held by a worker QUEUED for hold_for seconds.
+    def hold_in_queue(status, job_ids, seconds):
+        """Put the jobs among job_ids still in status and not held by a worker under a queue hold.
 
         One statement for many jobs (their messages were just confirmed); fires with the count.
         """
 
-    def renew(owner, job_ids, hold_for):
+    def renew_leases(owner, job_ids, seconds):
         """Extend the leases that owner holds on job_ids; fire with the count renewed."""
 
-    def release(job_id, owner, hold_for=None):
-        """Give up owner's lease (kept, ownerless, for hold_for seconds if given)."""
+    def end_lease(job_id, owner, then=None):
+        """End owner's lease on the job, leaving it free or under then (a wait)."""
 
-    def unleased(statuses, limit, queued_too=False):
-        """Fire with up to limit Jobs in the given states whose lease is free or expired.
+    def jobs_to_redrive(statuses, limit, include_queue_holds=False):
+        """Fire with up to limit Jobs in statuses that are free, oldest first.
 
-        queued_too also returns QUEUED jobs (after a restart that lost an
-        in-process queue).
+        include_queue_holds: also jobs under a queue hold (their messages
+        died with an in-process queue).
         """
 
-    def claim_batch(status, owner, hold_for, limit, having=None):
-        """Take up to limit jobs in status for one polling cycle (least recently polled first).
+    def take_for_polling(status, owner, seconds, limit, having=None):
+        """Take up to limit jobs in status for one polling cycle, least recently polled first.
 
-        A poller's lease is separate from the workers' lease: a job claimed
-        here is polled by this owner only until now + hold_for, so several
-        daemons polling at once each poll different jobs.  having names a
-        column that must be set (e.g. fts_jobid).  Fires with the Jobs taken.
+        A poller's lease is separate from the workers' lease: a job taken here
+        is polled by owner only, until seconds from now, so several daemons
+        polling at once each poll different jobs.  having names a column that
+        must be set (e.g. fts_jobid).  Fires with the Jobs taken.
         """
 
-    def close():
-        """Release connections; fires when done."""
 
+class IJobQueue(IService):
+    """Wake-up signals carrying job ids; the store stays the source of truth."""
 
-class IJobQueue(Interface):
-    """Wake-up signals carrying job ids; the store stays the source of truth.
-
-    Implementations are IService providers: connections open in startService
-    and close in stopService.
-    """
+    durable = Attribute(
+        "True when published messages survive a restart of the daemon (a broker). False for an "
+        "in-process queue: after a restart its queue holds are void and the reconciler re-drives them."
+    )
 
     def publish(queue, job_id):
         """Fire once the message is durably accepted; fail if it could not be."""
 
-    def consume(queue, handler, prefetch):
+    def consume(queue, handler, prefetch, on_dead_letter):
         """Deliver each job id to handler(job_id) -> Deferred, at most prefetch at once.
 
         The message is acknowledged when handler's Deferred succeeds.  When it
         fails the message is delivered again, up to max_deliveries in all;
-        then it is dead-lettered and on_dead_letter(queue, job_id, reason) is
-        called.  Consumers survive reconnections.
+        then it is dead-lettered and on_dead_letter(queue, job_id, reason)
+        -> Deferred is called.  Consumers survive reconnections.
         """
 
-    on_dead_letter = Attribute("callable(queue, job_id, reason) -> Deferred, or None")
+
+class IOutcomes(Interface):
+    """Where stagers, movers and their pollers report how a job's staging or transfer ended."""
+
+    def staging_done(job, result):
+        """Record a StageResult for a STAGING job; fire with True when it was recorded."""
+
+    def transfer_done(job, result):
+        """Record a TransferResult for a TRANSFERRING job; fire with True when it was recorded."""
 
 
-# Backend modules (transferd.stagers.*, transferd.movers.*) provide
-# from_config(config, clock, store) building the stager or mover from the
-# configuration.  A stager or mover that needs timers of its own (pollers)
-# may also have services(pipeline) returning IService objects; the daemon
-# starts them with everything else, and they report outcomes through
-# pipeline.staging_done(job, result) / pipeline.transfer_done(job, result).
-
-
-class IStager(Interface):
+class IStager(IService):
     """Brings a product from the archive (tape) to disk."""
 
-    timeout = Attribute("seconds a staging attempt may take before it is retried")
+    timeout = Attribute("seconds a staging attempt may take before it is tried again")
     max_attempts = Attribute("staging attempts before the job goes to ERROR")
+    batch_size = Attribute(
+        "how many stage() calls the stager can serve together (its bulk request size); 1 for one at a time"
+    )
 
     def check(product_id):
         """Fire with True/False when the product's existence is known at once, else None."""
@@ -121,41 +144,36 @@ class IStager(Interface):
         """Start staging job's product.
 
         Fire with a StageResult when staging finished in-line, or with None
-        when the stager will report later (POST /doneStaging carrying authcode,
-        or polling).
+        when the outcome comes later (POST /doneStaging carrying authcode, or
+        a poller).  May fail with ServiceAway.
         """
 
     def cancel(job):
         """Tell the stager to stop working on job (best effort)."""
 
-    def release(job):
-        """The job has ended; the staged copy may be freed (best effort)."""
+    def free_copy(job):
+        """The job has ended: its staged copy may be freed (best effort)."""
 
-    def close():
-        """Release connections and pending timers; fires when done."""
+    def pollers(outcomes):
+        """The services that follow this stager's requests and report to outcomes (IOutcomes); often none."""
 
 
-class IMover(Interface):
+class IMover(IService):
     """Moves a staged product to its destination."""
 
     schemes = Attribute("frozenset of destination URL schemes this mover can write")
     asynchronous = Attribute(
         "False: transfer() moves the bytes and fires with the outcome, the job TRANSFERRING meanwhile. "
         "True: transfer() submits (idempotently) while the job is still STAGED and fires with None once "
-        "accepted, or a failed TransferResult; a poller reports the outcome through pipeline.transfer_done."
+        "accepted, or a failed TransferResult; a poller reports the outcome."
     )
-    timeout = Attribute("asynchronous movers: seconds a transfer may take; the job is held that long")
+    timeout = Attribute("asynchronous movers: seconds a transfer may take; the job waits that long")
 
     def transfer(job):
-        """Move or submit job's staged product (see asynchronous).
-
-        An asynchronous mover whose service is away may fail with an exception
-        carrying retry_later (seconds): the job is then left as it is and
-        re-driven after that long, without counting against max_deliveries.
-        """
+        """Move or submit job's staged product (see asynchronous); may fail with ServiceAway."""
 
     def cancel(job):
         """Stop the transfer of job (best effort)."""
 
-    def close():
-        """Release connections and pending timers; fires when done."""
+    def pollers(outcomes):
+        """The services that follow submitted transfers and report to outcomes (IOutcomes); often none."""

@@ -2,8 +2,8 @@
 
 A job moves SUBMITTED -> STAGING -> STAGED -> TRANSFERRING -> SUCCESS, and may
 end in ERROR or CANCELLED from any non-terminal state.  Every state has its own
-timestamp column; the column names are the prototype's (DESIGN.md), so a
-prototype database upgrades in place.
+timestamp column; the column names are the prototype's (docs/architecture.md,
+"The jobs table"), so a prototype database upgrades in place.
 """
 
 import dataclasses
@@ -102,11 +102,6 @@ class TransferResult:
     msg: str = ""
     details: Optional[str] = None  # free-form detail kept in fts_details
 
-
-# The lease owner that means "a queue message for this job is on its way":
-# whoever receives the message may claim the job at once, and the reconciler
-# leaves it alone until the hold expires.
-QUEUED = "queued"
 
 # Columns the API never shows: the stager's callback code hash and the
 # workers' and pollers' lease bookkeeping.

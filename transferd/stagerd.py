@@ -60,30 +60,25 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import threading
-import zlib
 from typing import Optional
 from urllib.parse import urlsplit
 
-import treq
 from klein import Klein
 from twisted.application import service, strports
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from transferd import jobs, validation
-from transferd.http import answer_message, describe
+from transferd import files, jobs, validation
+from transferd.http import HTTPClient, answer_message, describe
 from transferd.tls import client_tls_policy
 from transferd.web import LimitedSite
 
 MAX_BODY_BYTES = 65536
-CHUNK = 1 << 20  # copies and checksums stream in 1 MiB chunks
 RETRYABLE_STATUS = frozenset({408, 429})  # 4xx answers that mean "try again later"
 
 
@@ -94,91 +89,25 @@ class Stopped(Exception):
     """The job was cancelled (DELETE), superseded or the stager is stopping: the copy was abandoned."""
 
 
-def _remove(path):
-    """Remove a file or a directory tree if it is there."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
-def _checksum(path, stop):
-    """(size, adler32) of a file, read in chunks; raises Stopped as soon as stop is set."""
-    size, adler = 0, 1
-    with open(path, "rb") as reader:
-        while chunk := reader.read(CHUNK):
-            if stop.is_set():
-                raise Stopped()
-            size += len(chunk)
-            adler = zlib.adler32(chunk, adler)
-    return size, adler
-
-
-def _copy_file(source, target, stop):
-    """Copy one file to a new file target, fsynced; return (size, adler32) of the bytes written."""
-    size, adler = 0, 1
-    with open(source, "rb") as reader, open(target, "xb") as writer:
-        while chunk := reader.read(CHUNK):
-            if stop.is_set():
-                raise Stopped()
-            writer.write(chunk)
-            size += len(chunk)
-            adler = zlib.adler32(chunk, adler)
-        writer.flush()
-        os.fsync(writer.fileno())  # the callback promises the bytes are on disk
-    return size, adler
-
-
-def _place_file(source, target, link, stop):
-    """Copy or hard-link one file; return (size, adler32) of what is now at target."""
-    if not link:
-        return _copy_file(source, target, stop)
-    os.link(source, target)  # no bytes move: the archive and the staged copy share them
-    return _checksum(target, stop)
-
-
-def _place_tree(source, target, name, link, stop):
-    """Copy a file or directory product to target; return its files, paths starting with name."""
-    if not os.path.isdir(source):
-        size, adler = _place_file(source, target, link, stop)
-        return [{"path": name, "size": size, "checksum": "adler32:%08x" % adler}]
-    files = []
-    for directory, _subdirs, names in os.walk(source):
-        relative = os.path.relpath(directory, source)
-        os.makedirs(os.path.join(target, relative), exist_ok=True)
-        for filename in names:
-            size, adler = _place_file(os.path.join(directory, filename),
-                                      os.path.join(target, relative, filename), link, stop)
-            path = os.path.normpath(os.path.join(name, relative, filename)).replace(os.sep, "/")
-            files.append({"path": path, "size": size, "checksum": "adler32:%08x" % adler})
-    return files
-
-
 def stage_product(archive, staging_root, job_id, product_id, link, stop):
     """Place archive/product_id at staging_root/job_id/product_id; runs in a thread.
 
     Returns (absolute path, sorted file list), or None when the product is not
     in the archive.  The copy is made under a temporary name and renamed into
-    place, so a crash never leaves a half copy that looks complete.
+    place, so a crash never leaves a half copy that looks complete.  stop is
+    a threading.Event: once set, the copy ends at its next chunk (Stopped).
     """
     source = os.path.join(archive, product_id)
     if not os.path.exists(source):
         return None
-    job_dir = os.path.join(staging_root, job_id)
-    final = os.path.join(job_dir, product_id)
-    partial = os.path.join(job_dir, f".{product_id}.partial")
-    os.makedirs(job_dir, exist_ok=True)
-    _remove(partial)  # left by a crash or an abandoned attempt
-    try:
-        files = _place_tree(source, partial, product_id, link, stop)
+
+    def check():
         if stop.is_set():
             raise Stopped()
-        _remove(final)  # an earlier attempt's copy: redo it rather than trust it
-        os.rename(partial, final)
-    except BaseException:
-        _remove(partial)
-        raise
-    return os.path.abspath(final), sorted(files, key=lambda f: f["path"])
+
+    job_dir = os.path.join(staging_root, job_id)
+    staged = files.stage_copy(source, job_dir, product_id, check=check, link=link)
+    return os.path.abspath(os.path.join(job_dir, product_id)), [f.to_dict() for f in staged]
 
 
 # -- talking HTTP ---------------------------------------------------------------------
@@ -264,20 +193,18 @@ class ReferenceStager:
     link: hard-link instead of copying.  fail_products, drop_first,
     unavailable_first, ignore_cancel: injected faults for tests (see Options).
     callback_retry, callback_retry_max, callback_deadline: how callbacks are
-    retried.  clock: times delays and retries (a Clock in tests).  pool,
-    tls_policy: for callbacks (default: our own pool, the system's CAs).
-    random: the jitter source, returning a float in [0, 1).
+    retried.  reactor, clock: do the callbacks' I/O, and time delays and
+    retries (a Clock in tests).  tls_policy: for callbacks (default: the
+    system's CAs).  random: the jitter source, returning a float in [0, 1).
     """
 
     app = Klein()
     log = Logger()
 
-    def __init__(self, archive, staging, hostname=None, delay=0.0, link=False, fail_products=(),
+    def __init__(self, archive, staging, reactor, clock, hostname=None, delay=0.0, link=False, fail_products=(),
                  drop_first=0, unavailable_first=0, ignore_cancel=False, callback_retry=1.0,
                  callback_retry_max=30.0, callback_deadline=86400.0, request_timeout=30.0,
-                 clock=None, pool=None, tls_policy=None, random=random.random):
-        from twisted.internet import reactor
-
+                 tls_policy=None, random=random.random):
         self.archive = os.path.abspath(archive)
         self.staging = os.path.abspath(staging)
         self.hostname = hostname or socket.getfqdn()
@@ -290,13 +217,9 @@ class ReferenceStager:
         self.callback_retry = callback_retry
         self.callback_retry_max = callback_retry_max
         self.callback_deadline = callback_deadline
-        self.request_timeout = request_timeout
-        self.clock = clock if clock is not None else reactor
+        self.clock = clock
         self.random = random
-        self.pool = pool if pool is not None else HTTPConnectionPool(reactor, persistent=True)
-        agent = Agent(reactor, pool=self.pool) if tls_policy is None else \
-            Agent(reactor, contextFactory=tls_policy, pool=self.pool)
-        self.http = treq.client.HTTPClient(agent)
+        self.http = HTTPClient(reactor, clock, timeout=request_timeout, tls_policy=tls_policy)
         self.stagings = {}  # job_id -> the Staging now current for that job
         self.stage_requests = 0  # POST /stage requests seen (for --unavailable-first)
         self.accepted = 0  # stagings started (for --drop-first)
@@ -365,7 +288,7 @@ class ReferenceStager:
         if staging is not None:
             del self.stagings[job_id]
             await self._stop(staging)
-        await threads.deferToThread(_remove, job_dir)
+        await threads.deferToThread(files.remove, job_dir)
         self.log.info("job {job_id}: DELETE: work stopped, staged copy removed", job_id=job_id)
         return _json(request, 200, {"job_id": job_id, "forgotten": True})
 
@@ -409,7 +332,7 @@ class ReferenceStager:
                 return
             if not await self._call_back(staging, report):
                 # transferd will never fetch this copy (it refused it, or we gave up): free the space.
-                await threads.deferToThread(_remove, os.path.join(self.staging, staging.job_id))
+                await threads.deferToThread(files.remove, os.path.join(self.staging, staging.job_id))
         except (defer.CancelledError, Stopped):
             self.log.info("job {job_id}: staging stopped", job_id=staging.job_id)
         except Exception:
@@ -474,12 +397,13 @@ class ReferenceStager:
         while True:
             attempt += 1
             try:
-                code, answer = await self._wait(staging, self._post(staging.callback_url, report))
+                answer = await self._wait(staging, self.http.request("POST", staging.callback_url, json=report))
             except defer.CancelledError:
                 raise
             except Exception as error:
                 problem = describe(error)
             else:
+                code = answer.code
                 if 200 <= code < 300:
                     staging.state = "done"
                     self.log.info("job {job_id}: transferd recorded the staging report (HTTP {code})",
@@ -488,9 +412,9 @@ class ReferenceStager:
                 if code < 500 and code not in RETRYABLE_STATUS:
                     staging.state = "refused"
                     self.log.warn("job {job_id}: transferd refused the staging report (HTTP {code}: {msg}); "
-                                  "giving up", job_id=staging.job_id, code=code, msg=answer_message(answer))
+                                  "giving up", job_id=staging.job_id, code=code, msg=answer_message(answer.body))
                     return False
-                problem = f"HTTP {code}: {answer_message(answer)}"
+                problem = f"HTTP {code}: {answer_message(answer.body)}"
             wait = ceiling * self.random()
             if self.clock.seconds() + wait > deadline:
                 staging.state = "given up"
@@ -503,19 +427,6 @@ class ReferenceStager:
             await self._wait(staging, task.deferLater(self.clock, wait, lambda: None))
             ceiling = min(ceiling * 2, self.callback_retry_max)
 
-    def _post(self, url, report):
-        """POST report as JSON; fires (code, body bytes) with the whole answer read, within request_timeout."""
-
-        async def whole():
-            response = await self.http.post(url, json=report, allow_redirects=False)
-            return response.code, await response.content()  # always read the body: it frees the connection
-
-        def timed_out(result, timeout):
-            raise TimeoutError(f"no complete answer within {timeout:g}s")
-
-        request = defer.Deferred.fromCoroutine(whole())
-        return request.addTimeout(self.request_timeout, self.clock, onTimeoutCancel=timed_out)
-
     # -- shutting down -------------------------------------------------------------
 
     async def close(self):
@@ -524,7 +435,7 @@ class ReferenceStager:
         for staging in self.stagings.values():
             self._stop(staging)
         await defer.gatherResults([_after(work) for work in list(self._works)])
-        await self.pool.closeCachedConnections()
+        await self.http.stop()
 
 
 # -- twistd ----------------------------------------------------------------------------
@@ -632,6 +543,8 @@ def makeService(options):
     stager = ReferenceStager(
         archive=options["archive"],
         staging=options["staging"],
+        reactor=reactor,
+        clock=reactor,
         hostname=options["hostname"],
         delay=options["delay"],
         link=bool(options["link"]),

@@ -31,14 +31,12 @@ import re
 from typing import NamedTuple
 
 import jwt
-import treq
 from twisted.application import service
 from twisted.application.internet import TimerService
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
 
-from transferd.http import describe
+from transferd.http import HTTPClient, Timeout, describe
 from transferd.tls import WatchedFile, client_tls_policy
 
 ALGORITHMS = ("RS256", "ES256")  # the profile's algorithms; asymmetric only
@@ -168,13 +166,12 @@ class TokenVerifier(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, issuers, audiences, clock, refresh=3600.0, http=None, fetch_timeout=FETCH_TIMEOUT):
+    def __init__(self, issuers, audiences, reactor, clock, refresh=3600.0, fetch_timeout=FETCH_TIMEOUT):
         """issuers: {iss: JWKS source}, a source being an http(s) URL or a file name.
         audiences: the aud values that mean this service; a token must name one of them.
+        reactor: downloads the JWKS URLs (verifying https against the system's CAs).
         clock: times the refresh, the rate limit and download timeouts (the reactor, or a Clock in tests).
         refresh: seconds between two downloads of each JWKS URL (and checks of each file).
-        http: the treq HTTPClient to download with (default: our own, verifying https against
-        the system's CAs).
         """
         super().__init__()
         if not audiences:
@@ -183,13 +180,8 @@ class TokenVerifier(service.MultiService):
         self.clock = clock
         self.fetch_timeout = fetch_timeout
         self._issuers = {iss: _Issuer(iss, source) for iss, source in issuers.items()}
-        self._pool = None
-        if http is None:
-            from twisted.internet import reactor
-
-            self._pool = HTTPConnectionPool(reactor, persistent=False)  # a JWKS is fetched rarely
-            http = treq.client.HTTPClient(Agent(reactor, contextFactory=client_tls_policy(), pool=self._pool))
-        self.http = http
+        self.http = HTTPClient(reactor, clock, timeout=fetch_timeout, tls_policy=client_tls_policy(),
+                               max_body=MAX_JWKS_BYTES, headers={"Accept": "application/json"})
         timer = TimerService(refresh, self.refresh)
         timer.clock = clock
         timer.setServiceParent(self)
@@ -200,8 +192,7 @@ class TokenVerifier(service.MultiService):
             if issuer.fetching is not None:
                 issuer.fetching.cancel()
         stopped = super().stopService()
-        if self._pool is not None:
-            stopped.addCallback(lambda _: self._pool.closeCachedConnections())
+        stopped.addCallback(lambda _: self.http.stop())
         return stopped
 
     async def verify(self, token):
@@ -317,31 +308,17 @@ class TokenVerifier(service.MultiService):
         self._loaded(issuer, keys)
 
     async def _download(self, url):
-        """The body of a 200 answer to GET url, read whole within fetch_timeout and MAX_JWKS_BYTES."""
+        """The body of a 200 answer to GET url, read whole within fetch_timeout and MAX_JWKS_BYTES.
 
-        async def whole():
-            # No redirects: the profile wants the keys over verified HTTPS, and a redirect could leave it.
-            response = await self.http.get(url, headers={"Accept": "application/json"}, allow_redirects=False)
-            chunks, size = [], 0
-
-            def collect(chunk):
-                nonlocal size
-                size += len(chunk)
-                if size > MAX_JWKS_BYTES:
-                    raise JWKSError(f"the answer is larger than {MAX_JWKS_BYTES} bytes")
-                chunks.append(chunk)
-
-            await treq.collect(response, collect)  # always read the body: it frees the connection
-            if response.code != 200:
-                raise JWKSError(f"HTTP {response.code}")
-            return b"".join(chunks)
-
-        def timed_out(result, timeout):
-            raise JWKSError(f"no complete answer within {timeout:g}s")
-
-        download = defer.Deferred.fromCoroutine(whole())
-        download.addTimeout(self.fetch_timeout, self.clock, onTimeoutCancel=timed_out)
-        return await download
+        No redirects: the profile wants the keys over verified HTTPS, and a redirect could leave it.
+        """
+        try:
+            answer = await self.http.request("GET", url)
+        except Timeout as timeout:
+            raise JWKSError(str(timeout)) from None
+        if answer.code != 200:
+            raise JWKSError(f"HTTP {answer.code}")
+        return answer.body
 
     def _loaded(self, issuer, keys):
         kids = [key.key_id for key in keys]

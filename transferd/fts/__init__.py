@@ -1,4 +1,5 @@
-"""CERN FTS3: a REST client (transferd.fts.client) and X.509 proxy delegation (transferd.fts.delegation).
+"""CERN FTS3: a REST client (transferd.fts.client), X.509 proxy delegation (transferd.fts.delegation)
+and the poller that follows FTS jobs (transferd.fts.poller).
 
 The mover that uses them is transferd.movers.fts; a fake FTS3 server for
 tests and demos is transferd.testing.fakefts.

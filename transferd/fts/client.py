@@ -14,20 +14,19 @@ What it speaks:
   or 207 whose entries carry their own ``http_status``, e.g. "404 Not Found").
 * ``DELETE /jobs/{id}``: cancel (200; 304 when the job had already ended).
 
-Every call is bounded as a whole (``addTimeout`` on the request and the
-reading of its body, which is always read) and runs on the client's own
-``HTTPConnectionPool``.
+Every call goes through transferd.http: bounded as a whole (the answer body,
+always read, included), on the client's own connection pool.
 
 Failures come in two kinds.  ``FTSRefused``: FTS answered 4xx, it will not do
 this, and the message is FTS's own; ``FTSConflict`` (409) is one of them.
 ``FTSUnavailable``: the connection failed or timed out, FTS answered 5xx or
-something that does not parse; trying later may work.  Credential problems (a
+something that does not parse; trying later may work (the mover turns it into
+a ServiceAway).  Credential problems (a
 401, a 419 that delegating again does not cure, a token file or certificate
 that cannot be read) are ``FTSCredentialsError``, a kind of
 ``FTSUnavailable``: an operator can fix them, so jobs wait instead of failing.
 """
 
-import dataclasses
 import datetime
 import json
 import uuid
@@ -35,10 +34,9 @@ from urllib.parse import quote
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from transferd import tls
-from transferd.http import describe
+from transferd.http import HTTPClient, Timeout, describe
 from transferd.tls import ClientTLSPolicy, WatchedFile, load_trust_root
 
 # fts-rest-flask's namespace for deterministic job ids: a job submitted with
@@ -55,7 +53,7 @@ FILE_FIELDS = (
     "file_id", "file_state", "reason", "source_surl", "dest_surl", "filesize", "checksum",
     "file_metadata", "start_time", "finish_time",
 )
-
+MAX_BODY = 256 << 20  # a bulk poll of products with many files answers at length
 
 
 def deterministic_job_id(vo, sid):
@@ -73,12 +71,7 @@ class FTSError(Exception):
 
 
 class FTSUnavailable(FTSError):
-    """FTS could not be reached or did not give a usable answer: trying later may work.
-
-    retry_later: seconds after which trying again makes sense (a hint for callers).
-    """
-
-    retry_later = 30.0
+    """FTS could not be reached or did not give a usable answer: trying later may work."""
 
 
 class FTSCredentialsError(FTSUnavailable):
@@ -93,32 +86,27 @@ class FTSConflict(FTSRefused):
     """409: FTS already has a job with this deterministic id."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    """One whole HTTP answer."""
+def _json(answer):
+    """An answer's JSON body; one that does not parse means FTS is not itself."""
+    try:
+        return answer.json()
+    except ValueError:
+        raise FTSUnavailable(f"FTS answered HTTP {answer.code} with a body that is not JSON: "
+                             f"{_clip(answer.body.decode('utf-8', 'replace'))}") from None
 
-    code: int
-    body: bytes
 
-    def json(self):
-        try:
-            return json.loads(self.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise FTSUnavailable(f"FTS answered HTTP {self.code} with a body that is not JSON: "
-                                 f"{_clip(self.body.decode('utf-8', 'replace'))}") from None
-
-    def message(self):
-        """FTS's own words about an error: its JSON "message" (or "http_message"), else the text."""
-        text = self.body.decode("utf-8", "replace").strip()
-        try:
-            data = json.loads(text)
-        except ValueError:
-            return _clip(text) or f"HTTP {self.code}"
-        if isinstance(data, dict):
-            for key in ("message", "http_message", "detail", "status"):
-                if data.get(key):
-                    return _clip(str(data[key]))
-        return _clip(text) or f"HTTP {self.code}"
+def _message(answer):
+    """FTS's own words about an error: its JSON "message" (or "http_message"), else the text."""
+    text = answer.body.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return _clip(text) or f"HTTP {answer.code}"
+    if isinstance(data, dict):
+        for key in ("message", "http_message", "detail", "status"):
+            if data.get(key):
+                return _clip(str(data[key]))
+    return _clip(text) or f"HTTP {answer.code}"
 
 
 def _clip(text, limit=1000):
@@ -160,14 +148,11 @@ def parse_time(text):
 # -- the client -------------------------------------------------------------
 
 
-class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
-    noisy = False
-
-
 class FTSClient:
     """Talks to one FTS3 REST endpoint.
 
     endpoint: "https://fts3.example.org:8446" (http:// only for tests).
+    reactor, clock: do the network I/O, and time calls and delegations.
     auth: "token" (token_file) or "x509" (proxy, or cert and key), or None.
     ca_path: CAs to verify FTS (file or hashed directory); default the platform's.
     vo: the VO jobs run in; learnt from /whoami when not given.
@@ -178,26 +163,20 @@ class FTSClient:
 
     log = Logger()
 
-    def __init__(self, endpoint, clock=None, reactor=None, auth=None, token_file=None, cert=None, key=None,
-                 proxy=None, ca_path=None, vo=None, delegation_min_lifetime=21600.0,
-                 delegation_lifetime=43200.0, request_timeout=60.0, pool=None):
-        if reactor is None:
-            from twisted.internet import reactor
-        import treq
-
+    def __init__(self, endpoint, reactor, clock, auth=None, token_file=None, cert=None, key=None, proxy=None,
+                 ca_path=None, vo=None, delegation_min_lifetime=21600.0, delegation_lifetime=43200.0,
+                 request_timeout=60.0):
         self.endpoint = endpoint.rstrip("/")
-        self.clock = clock if clock is not None else reactor
+        self.clock = clock
         self.auth = auth
         self.token = TokenFile(token_file) if auth == "token" else None
         self.credential = X509Credential(cert, key, proxy) if auth == "x509" else None
         if auth == "token" and not token_file:
             raise ValueError("token authentication needs a token file")
         trust_root = load_trust_root(ca_path) if ca_path else None
-        self.pool = pool if pool is not None else HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = max(self.pool.maxPersistentPerHost, 8)
-        self.pool._factory = _QuietHTTP11ClientFactory  # no "Starting factory" line per connection
-        agent = Agent(reactor, contextFactory=ClientTLSPolicy(trust_root, self.credential), pool=self.pool)
-        self.http = treq.client.HTTPClient(agent)
+        self.http = HTTPClient(reactor, clock, timeout=request_timeout, max_body=MAX_BODY, per_host=8,
+                               tls_policy=ClientTLSPolicy(trust_root, self.credential),
+                               headers={"Accept": "application/json"})
         self.request_timeout = request_timeout
         self.delegation_min_lifetime = delegation_min_lifetime
         self.delegation_lifetime = delegation_lifetime
@@ -220,7 +199,7 @@ class FTSClient:
         answer = await self._request("GET", "/whoami")
         if answer.code != 200:
             raise self._credentials_failure("say who we are", answer)
-        return answer.json()
+        return _json(answer)
 
     async def vo(self):
         """The VO our jobs run in (it seeds deterministic job ids): configured, or FTS's first for us."""
@@ -244,11 +223,11 @@ class FTSClient:
         answer = await self._request("POST", "/jobs", body=job)
         if answer.code == 419 and self.auth == "x509":
             self.log.info("FTS {endpoint} wants a fresh delegation ({why}); delegating again",
-                          endpoint=self.endpoint, why=answer.message())
+                          endpoint=self.endpoint, why=_message(answer))
             await self.ensure_delegation(force=True)
             answer = await self._request("POST", "/jobs", body=job)
         if 200 <= answer.code < 300:
-            data = answer.json()
+            data = _json(answer)
             if not isinstance(data, dict) or not data.get("job_id"):
                 shown = _clip(answer.body.decode("utf-8", "replace"))
                 raise FTSUnavailable(f"FTS accepted the job but sent no job_id: {shown}")
@@ -270,7 +249,7 @@ class FTSClient:
         if answer.code == 404 and len(fts_ids) == 1:
             # Only a 404 that names the job means "unknown job", not a wrong URL.
             return {fts_ids[0]: None} if fts_ids[0].encode() in answer.body else {}
-        data = answer.json()
+        data = _json(answer)
         entries = data if isinstance(data, list) else [data]
         result = {}
         for entry in entries:
@@ -295,14 +274,15 @@ class FTSClient:
         if answer.code == 304:
             return {"job_id": fts_id, "http_status": "304 Not Modified"}
         if 200 <= answer.code < 300:
-            data = answer.json() if answer.body.strip() else {}
+            data = _json(answer) if answer.body.strip() else {}
             return data if isinstance(data, dict) else {"job_id": fts_id, "http_status": "200 Ok"}
         if answer.code == 404 and fts_id.encode() in answer.body:
             return None
         raise self._failure(f"cancel job {fts_id}", answer)
 
-    def close(self):
-        return self.pool.closeCachedConnections()
+    def stop(self):
+        """Cancel the calls in flight and close the connections."""
+        return self.http.stop()
 
     # -- delegation -------------------------------------------------------
 
@@ -332,7 +312,7 @@ class FTSClient:
         answer = await self._request("GET", base)
         if answer.code != 200:
             raise self._credentials_failure("read our delegation", answer)
-        info = answer.json()
+        info = _json(answer)
         if not isinstance(info, dict) or not info.get("termination_time"):
             return None
         try:
@@ -382,34 +362,26 @@ class FTSClient:
         answer = await self._request(method, path)
         if answer.code != 200:
             raise self._failure(what, answer)
-        return answer.json()
+        return _json(answer)
 
     async def _request(self, method, path, body=None, data=None, content_type=None):
         """One whole call (request sent, answer read) within request_timeout; fire with an Answer."""
         url = self.endpoint + path
-        headers = {b"Accept": [b"application/json"]}
+        headers = {}
         if body is not None:
             data = json.dumps(body).encode("utf-8")
             content_type = "application/json"
         if content_type:
-            headers[b"Content-Type"] = [content_type.encode("ascii")]
+            headers["Content-Type"] = content_type
         if self.token is not None:
-            headers[b"Authorization"] = [self.token.header()]
+            headers["Authorization"] = self.token.header()
         shown = f"{method} {_clip(url, 200)}"
-
-        async def whole():
-            response = await self.http.request(method, url, headers=headers, data=data, allow_redirects=False)
-            return Answer(response.code, await response.content())
-
-        def timed_out(result, timeout):
-            raise FTSUnavailable(f"{shown}: no complete answer within {timeout:g}s")
-
-        call = defer.Deferred.fromCoroutine(whole())
-        call.addTimeout(self.request_timeout, self.clock, onTimeoutCancel=timed_out)
         try:
-            answer = await call
-        except FTSError:
-            raise
+            answer = await self.http.request(method, url, data=data, headers=headers)
+        except (defer.CancelledError, FTSError):
+            raise  # FTSError: our credential, read while connecting
+        except Timeout as error:
+            raise FTSUnavailable(f"{shown}: {error}") from None
         except Exception as error:
             raise FTSUnavailable(f"{shown}: {describe(error)}") from None
         if answer.code == 401 and self.token is not None:
@@ -418,18 +390,18 @@ class FTSClient:
 
     def _failure(self, what, answer):
         """The exception for an answer that is not what we wanted."""
-        message = f"FTS {self.endpoint} would not {what}: HTTP {answer.code}: {answer.message()}"
+        message = f"FTS {self.endpoint} would not {what}: HTTP {answer.code}: {_message(answer)}"
         if answer.code == 409:
-            return FTSConflict(answer.message(), answer.code)
+            return FTSConflict(_message(answer), answer.code)
         if answer.code in (401, 419):
             return FTSCredentialsError(message, answer.code)
         if answer.code in (408, 425, 429) or not 400 <= answer.code < 500:
             return FTSUnavailable(message, answer.code)
-        return FTSRefused(answer.message(), answer.code)
+        return FTSRefused(_message(answer), answer.code)
 
     def _credentials_failure(self, what, answer):
         failure = self._failure(what, answer)
         if isinstance(failure, FTSRefused):
             return FTSCredentialsError(f"FTS {self.endpoint} would not {what}: HTTP {answer.code}: "
-                                       f"{answer.message()}", answer.code)
+                                       f"{_message(answer)}", answer.code)
         return failure

@@ -10,20 +10,20 @@ queue delivers the job again.
 import dataclasses
 import errno
 import os
-import shutil
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-import treq
+from twisted.application.service import Service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.client import FileBodyProducer
 from zope.interface import implementer
 
+from transferd import files
+from transferd.http import HTTPClient, Timeout
 from transferd.interfaces import IMover
 from transferd.jobs import TransferResult
 from transferd.validation import under_roots
 
-CHUNK = 1 << 20
 OWNER_XATTR = "user.transferd.job_id"  # names the job that delivered a file:// product
 RETRYABLE_STATUS = frozenset({408, 425, 429})  # 4xx codes that mean "try again later"
 HINTS = {
@@ -61,33 +61,6 @@ def _set_owner(path, job_id):
             raise
 
 
-def _remove(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
-def _walk(source):
-    """The (relative path, size) of each file of a product; paths start with the product name."""
-    name = os.path.basename(source.rstrip("/"))
-    if not os.path.isdir(source):
-        return [(name, os.path.getsize(source))]
-    found = []
-    for directory, _subdirs, names in os.walk(source):
-        for filename in names:
-            path = os.path.join(directory, filename)
-            relative = os.path.join(name, os.path.relpath(path, source))
-            found.append((os.path.normpath(relative).replace(os.sep, "/"), os.path.getsize(path)))
-    return sorted(found)
-
-
-def _safe_relative(path, name):
-    """True when a recorded file path stays inside the product: name or name/..., no '..'."""
-    parts = path.split("/")
-    return parts[0] == name and all(part not in ("", ".", "..") for part in parts)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Delivered:
     """What a delivery did: files and bytes written to location (none when already there)."""
@@ -111,7 +84,7 @@ class _Running:
 
 
 @implementer(IMover)
-class LocalMover:
+class LocalMover(Service):
     """Delivers staged products to file:// directories under file_roots, or by HTTP PUT."""
 
     log = Logger()
@@ -119,24 +92,17 @@ class LocalMover:
     asynchronous = False
     timeout = None
 
-    def __init__(self, file_roots, clock=None, pool=None, request_timeout=60.0, overwrite=False,
-                 tls_policy=None, min_rate=1 << 20):
+    def __init__(self, file_roots, reactor, clock, request_timeout=60.0, overwrite=False, tls_policy=None,
+                 min_rate=1 << 20):
         """file_roots: the directories file:// destinations must lie in.
-        clock: times HTTP requests out (default: the reactor).
-        pool: the HTTPConnectionPool to use (default: a persistent one of our own).
+        reactor, clock: do the HTTP I/O, and time it out.
         request_timeout: seconds an HTTP request may take, plus size / min_rate
         (bytes per second) for a PUT of size bytes.
         overwrite: replace an existing file:// product another job delivered.
         tls_policy: an IPolicyForHTTPS for https/davs (CA bundle, client certificate).
         """
-        from twisted.internet import reactor
-
         self.file_roots = tuple(file_roots)
-        self.clock = clock if clock is not None else reactor
-        self.pool = pool if pool is not None else HTTPConnectionPool(reactor, persistent=True)
-        agent = Agent(reactor, pool=self.pool) if tls_policy is None else \
-            Agent(reactor, contextFactory=tls_policy, pool=self.pool)
-        self.http = treq.client.HTTPClient(agent)
+        self.http = HTTPClient(reactor, clock, timeout=request_timeout, tls_policy=tls_policy)
         self.request_timeout = request_timeout
         self.min_rate = min_rate
         self.overwrite = overwrite
@@ -157,8 +123,12 @@ class LocalMover:
                 running.request.cancel()
         return defer.succeed(None)
 
-    def close(self):
-        return self.pool.closeCachedConnections()
+    def pollers(self, outcomes):
+        return []  # transfer() fires with the outcome
+
+    def stopService(self):
+        super().stopService()
+        return self.http.stop()
 
     # -- transfers --------------------------------------------------------
 
@@ -229,44 +199,17 @@ class LocalMover:
             if not self.overwrite:
                 return TransferResult(False, f"destination {final} already exists")
         partial = os.path.join(directory, f".{name}.transferd-{job.job_id}")
-        _remove(partial)  # a copy a crash interrupted
+        files.remove(partial)  # a copy a crash interrupted
         try:
-            files, size = self._copy(source, partial, running)
+            copied = files.copy_tree(source, partial, name, check=running.check)
             _set_owner(partial, job.job_id)
             if os.path.lexists(final) and (os.path.isdir(final) or os.path.isdir(partial)):
-                _remove(final)  # overwrite: rename replaces a file by a file only
+                files.remove(final)  # overwrite: rename replaces a file by a file only
             os.rename(partial, final)
         except BaseException:
-            _remove(partial)
+            files.remove(partial)
             raise
-        return _Delivered(files, size, final)
-
-    @staticmethod
-    def _copy(source, target, running):
-        """Copy the file or tree source to target, fsyncing files; return (files, bytes)."""
-        if not os.path.isdir(source):
-            return 1, LocalMover._copy_file(source, target, running)
-        files = size = 0
-        for directory, _subdirs, names in os.walk(source):
-            relative = os.path.relpath(directory, source)
-            os.makedirs(os.path.join(target, relative), exist_ok=True)
-            for filename in names:
-                size += LocalMover._copy_file(os.path.join(directory, filename),
-                                              os.path.join(target, relative, filename), running)
-                files += 1
-        return files, size
-
-    @staticmethod
-    def _copy_file(source, target, running):
-        size = 0
-        with open(source, "rb") as reader, open(target, "xb") as writer:
-            while chunk := reader.read(CHUNK):
-                running.check()
-                writer.write(chunk)
-                size += len(chunk)
-            writer.flush()
-            os.fsync(writer.fileno())
-        return size
+        return _Delivered(len(copied), sum(f.size for f in copied), final)
 
     async def _to_http(self, job, parts, running):
         """PUT each file under the destination URL; MKCOL the collections first for davs."""
@@ -274,12 +217,12 @@ class LocalMover:
         name = os.path.basename(source.rstrip("/"))
         parent = os.path.dirname(source.rstrip("/"))
         recorded = [(f.path, f.size) for f in job.files()]
-        if any(not _safe_relative(path, name) for path, _ in recorded):
+        if any(not files.safe_relative(path, name) for path, _ in recorded):
             return TransferResult(False, f"the staged file list of job {job.job_id} names files outside "
                                          f"the product {name!r}")
         if not await threads.deferToThread(os.path.exists, source):
             return TransferResult(False, f"the staged copy {source} is missing")
-        files = recorded or await threads.deferToThread(_walk, source)
+        listed = recorded or await threads.deferToThread(files.list_tree, source)
         scheme = "https" if parts.scheme.lower() == "davs" else parts.scheme.lower()
         base = parts.path.rstrip("/")
 
@@ -289,7 +232,7 @@ class LocalMover:
 
         if parts.scheme.lower() == "davs":
             collections = {""}
-            for path, _ in files:
+            for path, _ in listed:
                 pieces = path.split("/")[:-1]
                 collections.update("/".join(pieces[:n]) for n in range(1, len(pieces) + 1))
             for collection in sorted(collections, key=lambda c: (c.count("/") if c else -1, c)):
@@ -299,7 +242,7 @@ class LocalMover:
                 if not (200 <= code < 300 or code == 405):  # 405: it exists already
                     return self._refused("MKCOL", target, code, phrase)
         total = 0
-        for path, _ in files:
+        for path, _ in listed:
             running.check()
             target = url(path)
             try:
@@ -313,30 +256,21 @@ class LocalMover:
                 total += producer.length
             if not 200 <= code < 300:
                 return self._refused("PUT", target, code, phrase)
-        return _Delivered(len(files), total, url(name))
+        return _Delivered(len(listed), total, url(name))
 
-    async def _request(self, running, method, url, size=0, **kwargs):
+    async def _request(self, running, method, url, data=None, size=0):
         """One whole request, answer read, within request_timeout + size / min_rate; (code, phrase)."""
-
-        async def whole():
-            response = await self.http.request(method, url, allow_redirects=False, **kwargs)
-            await response.content()  # always read the body: it frees the connection
-            return response.code, response.phrase.decode("latin-1", "replace")
-
-        def timed_out(result, timeout):
-            raise DestinationUnavailable(f"{method} {url} got no complete answer within {timeout:g}s")
-
-        request = defer.Deferred.fromCoroutine(whole())
         limit = self.request_timeout + (size / self.min_rate if self.min_rate else 0)
-        request.addTimeout(limit, self.clock, onTimeoutCancel=timed_out)
-        running.request = request
+        running.request = self.http.request(method, url, data=data, timeout=limit)
         try:
-            code, phrase = await request
+            answer = await running.request
+        except Timeout as error:
+            raise DestinationUnavailable(f"{method} {url} got {error}") from None
         finally:
             running.request = None
-        if code >= 500 or code in RETRYABLE_STATUS:
-            raise DestinationUnavailable(f"{method} {url} answered HTTP {code} {phrase}")
-        return code, phrase
+        if answer.code >= 500 or answer.code in RETRYABLE_STATUS:
+            raise DestinationUnavailable(f"{method} {url} answered HTTP {answer.code} {answer.phrase}")
+        return answer.code, answer.phrase
 
     @staticmethod
     def _refused(method, url, code, phrase):
@@ -350,6 +284,6 @@ class LocalMover:
         return TransferResult(False, f"{method} {url} {reason}")
 
 
-def from_config(config, clock, store):
+def from_config(config, reactor, clock, store):
     """The local mover from [transfer]."""
-    return LocalMover(file_roots=config.transfer.file_roots, clock=clock)
+    return LocalMover(config.transfer.file_roots, reactor, clock)

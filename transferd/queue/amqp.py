@@ -21,7 +21,6 @@ broker redelivers the message as it was).
 
 import os
 import socket
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pika
 import pika.exceptions
@@ -41,15 +40,6 @@ DELIVERIES_HEADER = "x-transferd-deliveries"
 REASON_HEADER = "x-transferd-reason"
 DEAD_SUFFIX = ".dead"
 
-# Query options of the queue URL and their defaults.
-URL_OPTIONS = {
-    "prefix": "transferd",
-    "heartbeat": "30",
-    "blocked_connection_timeout": "60",
-    "retry_delay": "1",
-    "connection_name": "",
-}
-
 
 class QueueUnavailable(Exception):
     """RabbitMQ cannot take the message right now; the reconciler publishes it later."""
@@ -60,41 +50,27 @@ class PublishRefused(Exception):
 
 
 class AMQPSettings:
-    """Everything a queue URL says: where the broker is and how to talk to it."""
+    """A parsed amqp:// queue url (transferd.config.QueueURL) as pika and Twisted want it."""
 
     def __init__(self, url):
-        parts = urlsplit(url)
-        if parts.scheme not in ("amqp", "amqps"):
-            raise ValueError(f"not an amqp:// or amqps:// url: {url!r}")
-        options = dict(URL_OPTIONS)
-        for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            if key not in options:
-                known = ", ".join(sorted(URL_OPTIONS))
-                raise ValueError(f"unknown option {key!r} in the queue url (known: {known})")
-            options[key] = value
-        self.tls = parts.scheme == "amqps"
-        self.host = parts.hostname or "localhost"
-        self.port = parts.port or (5671 if self.tls else 5672)
-        self.vhost = unquote(parts.path[1:]) if parts.path not in ("", "/") else "/"
-        self.prefix = options["prefix"]
-        if not self.prefix:
-            raise ValueError("the queue url's prefix may not be empty")
-        try:
-            self.heartbeat = int(options["heartbeat"])
-            self.blocked_connection_timeout = float(options["blocked_connection_timeout"])
-            self.retry_delay = float(options["retry_delay"])
-        except ValueError as error:
-            raise ValueError(f"bad number in the queue url: {error}") from None
-        self.connection_name = options["connection_name"] or (
+        if url.scheme not in ("amqp", "amqps"):
+            raise ValueError(f"not an amqp:// or amqps:// url: {url}")
+        self.tls = url.tls
+        self.host = url.host
+        self.port = url.port
+        self.vhost = url.vhost
+        self.prefix = url.prefix
+        self.heartbeat = url.heartbeat
+        self.blocked_connection_timeout = url.blocked_connection_timeout
+        self.retry_delay = url.retry_delay
+        self.connection_name = url.connection_name or (
             f"transferd {self.prefix} on {socket.gethostname()} pid {os.getpid()}"
         )
         self.parameters = pika.ConnectionParameters(
             host=self.host,
             port=self.port,
             virtual_host=self.vhost,
-            credentials=pika.PlainCredentials(
-                unquote(parts.username or "guest"), unquote(parts.password or "guest")
-            ),
+            credentials=pika.PlainCredentials(url.user, url.password),
             heartbeat=self.heartbeat,
             blocked_connection_timeout=self.blocked_connection_timeout,
             client_properties={"connection_name": self.connection_name},
@@ -126,10 +102,11 @@ class _ConnectionFactory(protocol.Factory):
 class _Consumer:
     """A consume() registration; it outlives connections."""
 
-    def __init__(self, name, handler, prefetch):
+    def __init__(self, name, handler, prefetch, on_dead_letter):
         self.name = name
         self.handler = handler
         self.prefetch = prefetch
+        self.on_dead_letter = on_dead_letter
         self.connection = None  # the connection this consumer runs on
 
 
@@ -138,6 +115,7 @@ class AMQPJobQueue(Service):
     """Job ids in durable RabbitMQ queues, with confirms, manual acks and reconnection."""
 
     log = Logger()
+    durable = True
 
     def __init__(
         self,
@@ -154,7 +132,6 @@ class AMQPJobQueue(Service):
         self.prefix = settings.prefix
         self.retry_delay = settings.retry_delay
         self.stop_timeout = stop_timeout
-        self.on_dead_letter = None
         self._names = tuple(queue_names)
         self._backoff = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30)
         self._client = ClientService(
@@ -174,7 +151,7 @@ class AMQPJobQueue(Service):
 
     @classmethod
     def from_url(cls, url, clock, max_deliveries=5):
-        """amqp[s]://user:password@host:port/vhost?prefix=transferd&heartbeat=30&..."""
+        """The queue for a parsed amqp[s]:// url (transferd.config.QueueURL)."""
         return cls(AMQPSettings(url), clock, max_deliveries=max_deliveries)
 
     @property
@@ -202,7 +179,7 @@ class AMQPJobQueue(Service):
             return defer.fail()
         return self._publish(routing_key, job_id, {})
 
-    def consume(self, queue, handler, prefetch):
+    def consume(self, queue, handler, prefetch, on_dead_letter):
         """Register handler for queue, on this and every later connection.
 
         A second call replaces the handler at once; a new prefetch applies
@@ -211,8 +188,8 @@ class AMQPJobQueue(Service):
         self.queue_name(queue)  # unknown names fail here, not on the next connection
         consumer = self._consumers.get(queue)
         if consumer is None:
-            consumer = self._consumers[queue] = _Consumer(queue, handler, prefetch)
-        consumer.handler, consumer.prefetch = handler, prefetch
+            consumer = self._consumers[queue] = _Consumer(queue, handler, prefetch, on_dead_letter)
+        consumer.handler, consumer.prefetch, consumer.on_dead_letter = handler, prefetch, on_dead_letter
         if self._connection is not None:
             self._start_consumer(self._connection, consumer)
 
@@ -433,11 +410,10 @@ class AMQPJobQueue(Service):
                     "job {job_id}: dead-lettered to {dead}: {reason}",
                     job_id=job_id, dead=routing_key + DEAD_SUFFIX, reason=reason,
                 )
-                if self.on_dead_letter is not None:
-                    try:
-                        await defer.maybeDeferred(self.on_dead_letter, name, job_id, reason)
-                    except Exception:
-                        self.log.failure("job {job_id}: the dead-letter handler failed", job_id=job_id)
+                try:
+                    await defer.maybeDeferred(consumer.on_dead_letter, name, job_id, reason)
+                except Exception:
+                    self.log.failure("job {job_id}: the dead-letter handler failed", job_id=job_id)
         except QueueUnavailable as requeue_error:
             self.log.info(
                 "job {job_id}: not requeued ({error}); RabbitMQ will deliver it again",

@@ -14,6 +14,7 @@ class _Queue:
     def __init__(self):
         self.waiting = collections.deque()  # of (job_id, deliveries so far)
         self.handler = None
+        self.on_dead_letter = None
         self.prefetch = 1
         self.in_flight = 0
 
@@ -23,24 +24,46 @@ class MemoryJobQueue(Service):
     """Job ids in deques, delivered to one handler per queue with bounded concurrency."""
 
     log = Logger()
+    durable = False
 
     def __init__(self, clock, max_deliveries=5, retry_delay=1.0):
         self.clock = clock
         self.max_deliveries = max_deliveries
         self.retry_delay = retry_delay
-        self.on_dead_letter = None
         self._queues = collections.defaultdict(_Queue)
         self._running_handlers = set()
+        self._retries = set()  # delayed redeliveries not yet due
+        self._idle = []  # Deferreds waiting for idle()
 
     def publish(self, queue, job_id):
         self._queues[queue].waiting.append((job_id, 0))
         self._pump(queue)
         return defer.succeed(None)
 
-    def consume(self, queue, handler, prefetch):
+    def consume(self, queue, handler, prefetch, on_dead_letter):
         q = self._queues[queue]
-        q.handler, q.prefetch = handler, prefetch
+        q.handler, q.prefetch, q.on_dead_letter = handler, prefetch, on_dead_letter
         self._pump(queue)
+
+    def idle(self):
+        """Fire once no message waits and none is being handled (for tests).
+
+        Tests wait on this instead of polling: it fires as soon as the work
+        that messages caused is done.  A redelivery still to come (after
+        retry_delay on the clock) does not count as work.
+        """
+        d = defer.Deferred()
+        self._idle.append(d)
+        self._check_idle()
+        return d
+
+    def _check_idle(self):
+        busy = self._running_handlers or any(
+            q.waiting and q.handler for q in self._queues.values())
+        if not busy:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
 
     def startService(self):
         super().startService()
@@ -50,6 +73,9 @@ class MemoryJobQueue(Service):
     def stopService(self):
         """Stop delivering; wait for the handlers already running."""
         super().stopService()
+        for retry in self._retries:
+            retry.cancel()
+        self._retries.clear()
         return defer.DeferredList(list(self._running_handlers))
 
     def _pump(self, name):
@@ -68,6 +94,7 @@ class MemoryJobQueue(Service):
         if isinstance(outcome, defer.Failure):
             self._failed(name, job_id, deliveries, outcome)
         self._pump(name)
+        self._check_idle()
 
     def _failed(self, name, job_id, deliveries, failure):
         if deliveries < self.max_deliveries:
@@ -75,17 +102,25 @@ class MemoryJobQueue(Service):
                 "job {job_id}: {queue} handler failed (delivery {n}), retrying: {error}",
                 job_id=job_id, queue=name, n=deliveries, error=failure.getErrorMessage(),
             )
-            self.clock.callLater(self.retry_delay, self._requeue, name, job_id, deliveries)
+            retry = self.clock.callLater(self.retry_delay, self._requeue, name, job_id, deliveries)
+            self._retries.add(retry)
             return
         self.log.error(
             "job {job_id}: dead-lettered from {queue} after {n} deliveries: {error}",
             job_id=job_id, queue=name, n=deliveries, error=failure.getErrorMessage(),
         )
-        if self.on_dead_letter is not None:
-            reason = f"failed {deliveries} times in the {name} step: {failure.getErrorMessage()}"
-            d = defer.maybeDeferred(self.on_dead_letter, name, job_id, reason)
-            d.addErrback(lambda f: self.log.failure("dead-letter handler failed", f))
+        reason = f"failed {deliveries} times in the {name} step: {failure.getErrorMessage()}"
+        d = defer.maybeDeferred(self._queues[name].on_dead_letter, name, job_id, reason)
+        d.addErrback(lambda f: self.log.failure("dead-letter handler failed", f))
+        self._running_handlers.add(d)
+        d.addBoth(self._dead_lettered, d)
+
+    def _dead_lettered(self, result, d):
+        self._running_handlers.discard(d)
+        self._check_idle()
 
     def _requeue(self, name, job_id, deliveries):
+        self._retries = {retry for retry in self._retries if retry.active()}
         self._queues[name].waiting.append((job_id, deliveries))
         self._pump(name)
+        self._check_idle()

@@ -1,20 +1,18 @@
 """JobStore implementations, chosen by the [database] url."""
 
-from urllib.parse import urlsplit
 
+def open_store(url, reactor, clock):
+    """Build the JobStore for a parsed [database] url (transferd.config.DatabaseURL).
 
-def open_store(url, clock):
-    """Build the JobStore for a database URL (sqlite:///path or mysql://...).
-
-    The store is not ready before its migrate() Deferred has fired.
+    reactor runs its threads, clock tells the time.  The store is not ready before
+    its startService (the migration) has fired.
     """
-    scheme = urlsplit(url).scheme
-    if scheme == "sqlite":
+    if url.scheme == "sqlite":
         from transferd.store.sqlite import SQLiteJobStore
 
-        return SQLiteJobStore.from_url(url, clock)
-    if scheme == "mysql":
+        return SQLiteJobStore.from_url(url, reactor, clock)
+    if url.scheme == "mysql":
         from transferd.store.mysql import MySQLJobStore
 
-        return MySQLJobStore.from_url(url, clock)
-    raise ValueError(f"unsupported database url scheme {scheme!r} (use sqlite:// or mysql://)")
+        return MySQLJobStore.from_url(url, reactor, clock)
+    raise ValueError(f"unsupported database url scheme {url.scheme!r} (use sqlite:// or mysql://)")

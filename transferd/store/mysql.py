@@ -12,7 +12,6 @@ import contextlib
 import time
 from collections import namedtuple
 from datetime import timezone
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import MySQLdb
 from MySQLdb.constants import CLIENT
@@ -20,131 +19,17 @@ from twisted.enterprise import adbapi
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from transferd.store import schema
 from transferd.store.sql import DatabaseUnavailable, SQLJobStore
 
-__all__ = ["DatabaseUnavailable", "MySQLJobStore", "connection_options"]
+__all__ = ["DatabaseUnavailable", "MySQLJobStore"]
 
 # Client and server errors that mean "this connection is gone": can't connect
 # (2002, 2003), server gone away (2006), lost during a query (2013, 2055),
 # killed (MariaDB 1927), server shutting down (1053), idle timeout (MySQL 8: 4031).
 LOST_CONNECTION = frozenset({2002, 2003, 2006, 2013, 2055, 1927, 1053, 4031})
 
-SCHEMA_VERSION_TABLE = (
-    "CREATE TABLE IF NOT EXISTS schema_version (version INT NOT NULL)"
-    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
-)
-
-# utf8mb4_bin: job ids, statuses and lease owners compare exactly (the
-# default collations ignore case and trailing spaces).
-JOBS_TABLE = """
-CREATE TABLE jobs (
-    job_id VARCHAR(36) NOT NULL,
-    product_id TEXT,
-    status VARCHAR(16) NOT NULL,
-    detailed_status TEXT,
-    destination_path TEXT,
-    submitter TEXT,
-    fts_jobid VARCHAR(255),
-    fts_details TEXT,
-    stager_callback VARCHAR(64),
-    stager_path TEXT,
-    stager_hostname TEXT,
-    stager_status TEXT,
-    staged_files MEDIUMTEXT,
-    stage_attempts INT NOT NULL DEFAULT 0,
-    lease_owner VARCHAR(64),
-    lease_until DOUBLE,
-    time_submitted DATETIME(6) NULL,
-    time_staging DATETIME(6) NULL,
-    time_staged DATETIME(6) NULL,
-    time_transferring DATETIME(6) NULL,
-    time_success DATETIME(6) NULL,
-    time_error DATETIME(6) NULL,
-    time_cancelled DATETIME(6) NULL,
-    PRIMARY KEY (job_id),
-    INDEX jobs_status_lease (status, lease_until)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin
-"""
-
-# The prototype's columns (legacy/prototype_schema.sql): a jobs table without
-# all of them is not one transferd may alter.
-PROTOTYPE_COLUMNS = (
-    "job_id", "product_id", "status", "detailed_status", "destination_path", "submitter",
-    "fts_jobid", "fts_details", "stager_callback", "stager_path", "stager_hostname",
-    "stager_status", "time_submitted", "time_staging", "time_transferring", "time_error",
-    "time_success",
-)  # fmt: skip
-
-# Columns transferd added to the prototype's table: (name, definition, after).
-ADDED_COLUMNS = (
-    ("staged_files", "MEDIUMTEXT", "stager_status"),
-    ("stage_attempts", "INT NOT NULL DEFAULT 0", "staged_files"),
-    ("lease_owner", "VARCHAR(64)", "stage_attempts"),
-    ("lease_until", "DOUBLE", "lease_owner"),
-    ("time_staged", "DATETIME(6) NULL", "time_staging"),
-    ("time_cancelled", "DATETIME(6) NULL", "time_success"),
-)
-
-TIME_COLUMNS = (
-    "time_submitted", "time_staging", "time_staged", "time_transferring",
-    "time_success", "time_error", "time_cancelled",
-)  # fmt: skip
-
 Column = namedtuple("Column", "data_type column_type length precision")
-
-URL_OPTIONS = {
-    # name: (type, where it goes: the pool or MySQLdb.connect)
-    "pool_min": (int, "cp_min"),
-    "pool_max": (int, "cp_max"),
-    "connect_timeout": (int, "connect_timeout"),
-    "read_timeout": (int, "read_timeout"),
-    "write_timeout": (int, "write_timeout"),
-    "unix_socket": (str, "unix_socket"),
-}
-
-
-def connection_options(url):
-    """The keyword arguments for the adbapi pool (and MySQLdb.connect) a mysql:// URL asks for.
-
-    mysql://user:password@host:port/dbname?pool_max=10 -- user and password
-    are percent-decoded; the port defaults to 3306.
-    """
-    parts = urlsplit(url)
-    if parts.scheme != "mysql":
-        raise ValueError(f"not a mysql:// url: {parts.scheme}://...")
-    database = unquote(parts.path.lstrip("/"))
-    if not database or "/" in database:
-        raise ValueError("mysql url needs a database name: mysql://user:password@host:3306/transferd")
-    if not parts.username:
-        raise ValueError("mysql url needs a user: mysql://user:password@host:3306/transferd")
-    try:
-        port = parts.port or 3306
-    except ValueError as error:
-        raise ValueError(f"mysql url has a bad port: {error}") from None
-    options = dict(
-        host=parts.hostname or "localhost",
-        port=port,
-        user=unquote(parts.username),
-        password=unquote(parts.password or ""),
-        database=database,
-        connect_timeout=10,
-        cp_min=2,
-        cp_max=10,
-    )
-    for name, text in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)):
-        if name not in URL_OPTIONS:
-            raise ValueError(f"unknown mysql url option {name!r} (known: {', '.join(sorted(URL_OPTIONS))})")
-        kind, key = URL_OPTIONS[name]
-        try:
-            value = kind(text)
-        except ValueError:
-            raise ValueError(f"mysql url option {name} must be an integer, not {text!r}") from None
-        if kind is int and value < 1:
-            raise ValueError(f"mysql url option {name} must be at least 1")
-        options[key] = value
-    if options["cp_min"] > options["cp_max"]:
-        raise ValueError("mysql url option pool_min must not exceed pool_max")
-    return options
 
 
 def _is_lost(error):
@@ -281,10 +166,11 @@ def _ensure_jobs_table(cursor):
     """
     table = _table(cursor, "jobs")
     if table is None:
-        cursor.execute(JOBS_TABLE)
+        cursor.execute(schema.JOBS.create("mysql", 1))
+        _create_indexes(cursor, schema.JOBS, 1)
         return
     columns = _columns(cursor, "jobs")
-    missing = [name for name in PROTOTYPE_COLUMNS if name not in columns]
+    missing = [name for name in schema.PROTOTYPE_COLUMNS if name not in columns]
     if missing:
         raise RuntimeError(
             f"the database has a jobs table without the columns {', '.join(missing)}: it is not"
@@ -302,10 +188,10 @@ def _ensure_jobs_table(cursor):
         changes.append("MODIFY status VARCHAR(16) NOT NULL")
     if (columns["stager_callback"].length or 0) < 64:
         changes.append("MODIFY stager_callback VARCHAR(64)")
-    for name, definition, after in ADDED_COLUMNS:
-        if name not in columns:
-            changes.append(f"ADD COLUMN {name} {definition} AFTER {after}")
-    for name in TIME_COLUMNS:
+    for column in schema.JOBS.columns_since(1):
+        if column.name not in columns:
+            changes.append(_add_column(schema.JOBS, column, 1))
+    for name in schema.TIME_COLUMNS:
         column = columns.get(name)
         if column is not None and (column.data_type != "datetime" or column.precision != 6):
             # Strict mode refuses to convert the zero dates a lax prototype may have stored.
@@ -313,29 +199,46 @@ def _ensure_jobs_table(cursor):
             changes.append(f"MODIFY {name} DATETIME(6) NULL")
     if changes:
         cursor.execute("ALTER TABLE jobs " + ", ".join(changes))
-    if not _has_index(cursor, "jobs", "jobs_status_lease"):
-        cursor.execute("CREATE INDEX jobs_status_lease ON jobs (status, lease_until)")
+    _create_indexes(cursor, schema.JOBS, 1)
     # The prototype kept raw callback codes (at most 32 characters); transferd
     # keeps SHA-256 hex digests (64).  A raw code must never pass for a digest.
     cursor.execute("UPDATE jobs SET stager_callback = NULL WHERE CHAR_LENGTH(stager_callback) <> 64")
 
 
-def _add_polling_columns(cursor):
-    """Migration 2: the stager's own request id (Tape REST) and the pollers' lease (Tape REST, FTS3)."""
-    columns = _columns(cursor, "jobs")
-    changes = [
-        f"ADD COLUMN {name} {definition} AFTER {after}"
-        for name, definition, after in (
-            ("stager_request", "VARCHAR(255)", "staged_files"),
-            ("poll_owner", "VARCHAR(64)", "lease_until"),
-            ("poll_until", "DOUBLE", "poll_owner"),
-        )
-        if name not in columns
-    ]
-    if changes:
-        cursor.execute("ALTER TABLE jobs " + ", ".join(changes))
-    if not _has_index(cursor, "jobs", "jobs_status_poll"):
-        cursor.execute("CREATE INDEX jobs_status_poll ON jobs (status, poll_until)")
+def _create_indexes(cursor, table, version):
+    for index in table.indexes:
+        if index.since == version and not _has_index(cursor, table.name, index.name):
+            cursor.execute(table.create_index(index))
+
+
+def _add_column(table, column, version):
+    return f"ADD COLUMN {column.name} {column.definition('mysql')} AFTER {table.after(column.name, version)}"
+
+
+def _migration(version):
+    """Schema version's changes (transferd.store.schema), each made only where information_schema lacks it.
+
+    MySQL commits every DDL statement at once, so a migration cut short is
+    finished by running it again.
+    """
+
+    def migrate(cursor):
+        created, added, indexed = schema.changes(version)
+        for table in created:
+            if _table(cursor, table.name) is None:
+                cursor.execute(table.create("mysql", version))
+        by_table = {}
+        for table, column in added:
+            by_table.setdefault(table, []).append(column)
+        for table, columns in by_table.items():
+            present = _columns(cursor, table.name)
+            missing = [_add_column(table, column, version) for column in columns if column.name not in present]
+            if missing:
+                cursor.execute(f"ALTER TABLE {table.name} " + ", ".join(missing))
+        for table in {table for table, _index in indexed}:
+            _create_indexes(cursor, table, version)
+
+    return migrate
 
 
 class MySQLJobStore(SQLJobStore):
@@ -344,9 +247,10 @@ class MySQLJobStore(SQLJobStore):
     log = Logger()
     placeholder = "%s"
     skip_locked = " FOR UPDATE SKIP LOCKED"  # MariaDB 10.6+, MySQL 8.0+
+    # Version 1 creates the jobs table or upgrades the prototype's in place.
     migrations = [
-        [SCHEMA_VERSION_TABLE, _ensure_jobs_table],
-        [_add_polling_columns],
+        [schema.SCHEMA_VERSION.create("mysql", 1, if_missing=True), _ensure_jobs_table],
+        *([_migration(version)] for version in range(2, schema.LATEST + 1)),
     ]
     # Seconds to wait before each retry of an operation whose connection was
     # lost; when they are used up the operation fails with DatabaseUnavailable.
@@ -358,17 +262,13 @@ class MySQLJobStore(SQLJobStore):
     # Seconds a daemon waits for another one's schema migration to finish.
     migration_lock_timeout = 600
 
-    def __init__(self, pool, clock, reactor=None):
+    def __init__(self, pool, reactor, clock):
         super().__init__(pool, clock)
-        if reactor is None:
-            from twisted.internet import reactor
-        self.reactor = reactor
+        self.reactor = reactor  # waits between retries: a real server takes real time to come back
 
     @classmethod
-    def from_url(cls, url, clock, reactor=None):
-        """A store for mysql://user:password@host:port/dbname?pool_min=2&pool_max=10."""
-        if reactor is None:
-            from twisted.internet import reactor
+    def from_url(cls, url, reactor, clock):
+        """A store for a parsed mysql:// url (transferd.config.DatabaseURL)."""
         pool = _Pool(
             "MySQLdb",
             cp_reactor=reactor,
@@ -378,9 +278,11 @@ class MySQLJobStore(SQLJobStore):
             charset="utf8mb4",
             client_flag=CLIENT.FOUND_ROWS,  # rowcount = rows matched, as the contract expects
             autocommit=False,
-            **connection_options(url),
+            cp_min=url.pool_min,
+            cp_max=url.pool_max,
+            **url.connect_keywords(),
         )
-        return cls(pool, clock, reactor)
+        return cls(pool, reactor, clock)
 
     # -- plumbing ---------------------------------------------------------
 

@@ -6,15 +6,19 @@ placeholder style, the schema migrations and the time column conversions.
 
 from datetime import datetime
 
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from transferd import jobs
+from transferd import jobs, leases
 from transferd.interfaces import IJobStore
+from transferd.store import schema
 
 SELECT_JOB = "SELECT " + ", ".join(jobs.COLUMNS) + " FROM jobs"
-TIME_COLUMNS = frozenset(c for c in jobs.COLUMNS if c.startswith("time_"))
+TIME_COLUMNS = frozenset(schema.TIME_COLUMNS)
+# A lease that anyone may take (parameters: now, the queue-hold owner); see transferd.leases.
+FREE_OR_IN_QUEUE = "(lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
 
 
 class SchemaTooNew(RuntimeError):
@@ -31,7 +35,7 @@ class DatabaseUnavailable(ConnectionError):
 
 
 @implementer(IJobStore)
-class SQLJobStore:
+class SQLJobStore(Service):
     """A JobStore over an adbapi ConnectionPool.
 
     Subclasses set `placeholder`, `migrations` (a list of lists of statements,
@@ -43,7 +47,7 @@ class SQLJobStore:
     log = Logger()
     placeholder = "?"
     migrations: list = []
-    # Appended to claim_batch's SELECT where the database can skip rows that
+    # Appended to take_for_polling's SELECT where the database can skip rows that
     # another poller's transaction has locked, so concurrent pollers pick
     # different candidates.
     skip_locked = ""
@@ -51,6 +55,17 @@ class SQLJobStore:
     def __init__(self, pool, clock):
         self.pool = pool
         self.clock = clock
+
+    # -- service ------------------------------------------------------------
+
+    def startService(self):
+        """Migrate the schema: the daemon starts nothing that uses the store before this fires."""
+        super().startService()
+        return self.migrate()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.close()
 
     # -- plumbing ---------------------------------------------------------
 
@@ -138,7 +153,7 @@ class SQLJobStore:
 
     # -- IJobStore --------------------------------------------------------
 
-    def create(self, job, hold_for=None):
+    def create(self, job, hold=None):
         now = self._now()
         row = dict(
             job_id=job.job_id,
@@ -147,9 +162,8 @@ class SQLJobStore:
             submitter=job.submitter,
             status=jobs.SUBMITTED,
             stage_attempts=0,
-            lease_owner=jobs.QUEUED if hold_for is not None else None,
-            lease_until=now + hold_for if hold_for is not None else None,
             time_submitted=self._time_to_db(jobs.utc_from_seconds(now)),
+            **self._lease_fields(hold, now),
         )
         query = self._sql(
             f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})"
@@ -158,24 +172,15 @@ class SQLJobStore:
 
     def get(self, job_id):
         def interaction(cursor):
-            cursor.execute(self._sql(SELECT_JOB + " WHERE job_id = ?"), (job_id,))
-            row = cursor.fetchone()
-            return self._job_from_row(row) if row else None
+            return self._select_job(cursor, job_id)
 
         return self._run(interaction)
 
-    def transition(self, job_id, old, new, fields=None, hold_for=None, owner=None):
+    def transition(self, job_id, old, new, fields=None, hold=None):
         fields = dict(fields or {})
         jobs.check_transition(old, new, fields)
         now = self._now()
-        fields.update(
-            {
-                "status": new,
-                jobs.TIME_COLUMN[new]: jobs.utc_from_seconds(now),
-                "lease_owner": owner if hold_for is not None else None,
-                "lease_until": now + hold_for if hold_for is not None else None,
-            }
-        )
+        fields.update(status=new, **{jobs.TIME_COLUMN[new]: jobs.utc_from_seconds(now)}, **self._lease_fields(hold, now))
         sets, params = self._assignments(fields)
         query = self._sql(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ? AND status = ?")
         d = self._rowcount(query, params + [job_id, old])
@@ -198,15 +203,27 @@ class SQLJobStore:
         query = self._sql(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ? AND status = ?")
         return self._rowcount(query, params + [job_id, status])
 
-    def claim(self, job_id, status, owner, hold_for):
+    def record_stager_request(self, job_id, request_id):
+        return self.update(job_id, jobs.STAGING, {"stager_request": request_id})
+
+    def record_transfer_id(self, job_id, status, fts_jobid):
+        return self.update(job_id, status, {"fts_jobid": fts_jobid})
+
+    def take_lease(self, job_id, statuses, owner, seconds):
+        statuses = list(statuses)
         now = self._now()
         query = self._sql(
-            "UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE job_id = ? AND status = ?"
-            " AND (lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
+            f"UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE job_id = ?"
+            f" AND status IN ({', '.join('?' for _ in statuses)}) AND {FREE_OR_IN_QUEUE}"
         )
-        return self._rowcount(query, [owner, now + hold_for, job_id, status, now, jobs.QUEUED])
 
-    def hold_queued(self, status, job_ids, hold_for):
+        def interaction(cursor):
+            cursor.execute(query, (owner, now + seconds, job_id, *statuses, now, leases.IN_QUEUE))
+            return self._select_job(cursor, job_id) if cursor.rowcount > 0 else None
+
+        return self._run(interaction, idempotent=False)
+
+    def hold_in_queue(self, status, job_ids, seconds):
         job_ids = list(job_ids)
         if not job_ids:
             return defer.succeed(0)
@@ -214,12 +231,12 @@ class SQLJobStore:
         marks = ", ".join("?" for _ in job_ids)
         query = self._sql(
             f"UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE status = ? AND job_id IN ({marks})"
-            " AND (lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
+            f" AND {FREE_OR_IN_QUEUE}"
         )
-        params = [jobs.QUEUED, now + hold_for, status] + job_ids + [now, jobs.QUEUED]
+        params = [leases.IN_QUEUE, now + seconds, status] + job_ids + [now, leases.IN_QUEUE]
         return self._rowcount(query, params, counted=True, idempotent=True)
 
-    def renew(self, owner, job_ids, hold_for):
+    def renew_leases(self, owner, job_ids, seconds):
         job_ids = list(job_ids)
         if not job_ids:
             return defer.succeed(0)
@@ -228,34 +245,32 @@ class SQLJobStore:
             f"UPDATE jobs SET lease_until = ? WHERE lease_owner = ? AND job_id IN ({marks})"
         )
         return self._rowcount(
-            query, [self._now() + hold_for, owner] + job_ids, counted=True, idempotent=True
+            query, [self._now() + seconds, owner] + job_ids, counted=True, idempotent=True
         )
 
-    def release(self, job_id, owner, hold_for=None):
-        until = self._now() + hold_for if hold_for is not None else None
+    def end_lease(self, job_id, owner, then=None):
+        fields = self._lease_fields(then, self._now())
         query = self._sql(
-            "UPDATE jobs SET lease_owner = NULL, lease_until = ? WHERE job_id = ? AND lease_owner = ?"
+            "UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE job_id = ? AND lease_owner = ?"
         )
-        return self._rowcount(query, [until, job_id, owner])
+        return self._rowcount(query, [fields["lease_owner"], fields["lease_until"], job_id, owner])
 
-    def unleased(self, statuses, limit, queued_too=False):
+    def jobs_to_redrive(self, statuses, limit, include_queue_holds=False):
         statuses = list(statuses)
         marks = ", ".join("?" for _ in statuses)
         query = self._sql(
-            SELECT_JOB + f" WHERE status IN ({marks})"
-            " AND (lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
-            " ORDER BY time_submitted LIMIT ?"
+            SELECT_JOB + f" WHERE status IN ({marks}) AND {FREE_OR_IN_QUEUE} ORDER BY time_submitted LIMIT ?"
         )
-        # A lease owner nobody has matches no row: queued holds then count as held.
-        queued_owner = jobs.QUEUED if queued_too else "\x00"
+        # A lease owner nobody has matches no row: queue holds then count as held.
+        queue_owner = leases.IN_QUEUE if include_queue_holds else "\x00"
 
         def interaction(cursor):
-            cursor.execute(query, statuses + [self._now(), queued_owner, limit])
+            cursor.execute(query, statuses + [self._now(), queue_owner, limit])
             return [self._job_from_row(row) for row in cursor.fetchall()]
 
         return self._run(interaction)
 
-    def claim_batch(self, status, owner, hold_for, limit, having=None):
+    def take_for_polling(self, status, owner, seconds, limit, having=None):
         now = self._now()
         condition = f" AND {having} IS NOT NULL" if having else ""
         if having is not None and having not in jobs.COLUMNS:
@@ -277,19 +292,29 @@ class SQLJobStore:
                     f"UPDATE jobs SET poll_owner = ?, poll_until = ? WHERE job_id IN ({marks})"
                     " AND status = ? AND (poll_until IS NULL OR poll_until < ?)"
                 ),
-                (owner, now + hold_for, *candidates, status, now),
+                (owner, now + seconds, *candidates, status, now),
             )
             cursor.execute(
                 self._sql(SELECT_JOB + f" WHERE job_id IN ({marks}) AND poll_owner = ? AND poll_until = ?"),
-                (*candidates, owner, now + hold_for),
+                (*candidates, owner, now + seconds),
             )
             return [self._job_from_row(row) for row in cursor.fetchall()]
 
         return self._run(interaction, idempotent=False)
 
-    def close(self):
-        self.pool.close()
-        return defer.succeed(None)
+    # -- helpers ------------------------------------------------------------
+
+    def _select_job(self, cursor, job_id):
+        cursor.execute(self._sql(SELECT_JOB + " WHERE job_id = ?"), (job_id,))
+        row = cursor.fetchone()
+        return self._job_from_row(row) if row else None
+
+    @staticmethod
+    def _lease_fields(hold, now):
+        """The lease columns for a leases.Hold (None: free)."""
+        if hold is None:
+            return {"lease_owner": None, "lease_until": None}
+        return {"lease_owner": hold.owner, "lease_until": now + hold.seconds}
 
     def _rowcount(self, query, params, counted=False, idempotent=False):
         """Run one UPDATE; fire with its row count (counted) or whether it matched."""

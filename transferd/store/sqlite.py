@@ -1,39 +1,11 @@
 """The embedded JobStore: SQLite through adbapi, one connection (SQLite has one writer)."""
 
 import os
-from urllib.parse import urlsplit
 
 from twisted.enterprise import adbapi
 
+from transferd.store import schema
 from transferd.store.sql import SQLJobStore
-
-JOBS_TABLE = """
-CREATE TABLE jobs (
-    job_id VARCHAR(36) NOT NULL PRIMARY KEY,
-    product_id TEXT,
-    status VARCHAR(16) NOT NULL,
-    detailed_status TEXT,
-    destination_path TEXT,
-    submitter TEXT,
-    fts_jobid VARCHAR(255),
-    fts_details TEXT,
-    stager_callback VARCHAR(64),
-    stager_path TEXT,
-    stager_hostname TEXT,
-    stager_status TEXT,
-    staged_files TEXT,
-    stage_attempts INTEGER NOT NULL DEFAULT 0,
-    lease_owner VARCHAR(64),
-    lease_until DOUBLE,
-    time_submitted TIMESTAMP NULL,
-    time_staging TIMESTAMP NULL,
-    time_staged TIMESTAMP NULL,
-    time_transferring TIMESTAMP NULL,
-    time_success TIMESTAMP NULL,
-    time_error TIMESTAMP NULL,
-    time_cancelled TIMESTAMP NULL
-)
-"""
 
 
 def _configure(connection):
@@ -45,29 +17,12 @@ def _configure(connection):
 
 class SQLiteJobStore(SQLJobStore):
     placeholder = "?"
-    migrations = [
-        [
-            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-            JOBS_TABLE,
-            "CREATE INDEX jobs_status_lease ON jobs (status, lease_until)",
-        ],
-        [
-            "ALTER TABLE jobs ADD COLUMN stager_request VARCHAR(255)",
-            "ALTER TABLE jobs ADD COLUMN poll_owner VARCHAR(64)",
-            "ALTER TABLE jobs ADD COLUMN poll_until DOUBLE",
-            "CREATE INDEX jobs_status_poll ON jobs (status, poll_until)",
-        ],
-    ]
+    migrations = schema.sqlite_migrations()
 
     @classmethod
-    def from_url(cls, url, clock):
-        path = urlsplit(url).path
-        if url.startswith("sqlite:////"):
-            path = "/" + path.lstrip("/")
-        elif url.startswith("sqlite:///"):
-            path = path[1:]  # sqlite:///relative/path
-        if not path:
-            raise ValueError("sqlite url needs a path, e.g. sqlite:///var/transferd.sqlite")
+    def from_url(cls, url, reactor, clock):
+        """A store in the file of a parsed sqlite:// url (transferd.config.DatabaseURL)."""
+        path = url.path
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         pool = adbapi.ConnectionPool(
@@ -77,5 +32,6 @@ class SQLiteJobStore(SQLJobStore):
             cp_min=1,
             cp_max=1,
             cp_openfun=_configure,
+            cp_reactor=reactor,
         )
         return cls(pool, clock)

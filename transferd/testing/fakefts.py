@@ -33,7 +33,7 @@ given with the file must match the source's adler32.
 
 Rules match a substring of a file's source or destination URL::
 
-    FakeFTS(fail=["bad-product=FAILED:SOURCE [2] No such file"], slow=["big-product=60"])
+    FakeFTS(clock, fail=["bad-product=FAILED:SOURCE [2] No such file"], slow=["big-product=60"])
 
 The server counts requests per endpoint (``requests``, e.g. ``"GET
 /jobs/{ids}"``) and successful submissions per sid (``submissions``).
@@ -41,8 +41,8 @@ The server counts requests per endpoint (``requests``, e.g. ``"GET
 
 In-process::
 
-    fake = FakeFTS(token="secret", copy=True)
-    server = FakeFTSServer(fake)
+    fake = FakeFTS(reactor, token="secret", copy=True)
+    server = FakeFTSServer(reactor, fake)
     await server.start()              # 127.0.0.1, a free port; server.url
     test.addCleanup(server.stop)
 
@@ -210,10 +210,8 @@ class FakeFTS:
 
     app = Klein()
 
-    def __init__(self, auth=None, tokens=(), token=None, vo="transferd", duration=0.0, fail=(), slow=(),
-                 copy=False, allow_local=False, submit_delay=0.0, clock=None):
-        if clock is None:
-            from twisted.internet import reactor as clock
+    def __init__(self, clock, auth=None, tokens=(), token=None, vo="transferd", duration=0.0, fail=(), slow=(),
+                 copy=False, allow_local=False, submit_delay=0.0):
         self.clock = clock
         self.tokens = set(tokens) | ({token} if token else set())
         self.auth = auth or ("token" if self.tokens else "none")
@@ -850,13 +848,14 @@ def server_tls_options(cert_path, key_path, client_ca_path=None):
 
 
 class FakeFTSServer:
-    """A FakeFTS listening on 127.0.0.1 (port 0: a free one), over HTTP or, with tls_options, HTTPS."""
+    """A FakeFTS listening on 127.0.0.1 (port 0: a free one), over HTTP or, with tls_options, HTTPS.
 
-    def __init__(self, fake=None, tls_options=None, reactor=None, port=0, **fake_options):
-        if reactor is None:
-            from twisted.internet import reactor
+    Without fake, a FakeFTS is made from fake_options, timed by clock (default: reactor).
+    """
+
+    def __init__(self, reactor, fake=None, tls_options=None, port=0, clock=None, **fake_options):
         self.reactor = reactor
-        self.fake = fake if fake is not None else FakeFTS(**fake_options)
+        self.fake = fake if fake is not None else FakeFTS(clock if clock is not None else reactor, **fake_options)
         self.site = QuietSite(self.fake.resource())
         self.tls_options = tls_options
         self._connections = TrackingFactory(self.site)
@@ -1029,9 +1028,9 @@ def makeService(options):
     from twisted.internet.endpoints import serverFromString
 
     fake = FakeFTS(
-        auth="x509" if options["client-ca"] else None, tokens=options["tokens"], vo=options["vo"],
+        reactor, auth="x509" if options["client-ca"] else None, tokens=options["tokens"], vo=options["vo"],
         duration=options["duration"], fail=options["fail"], slow=options["slow"], copy=options["copy"],
-        allow_local=options["allow-local"], submit_delay=options["submit-delay"], clock=reactor,
+        allow_local=options["allow-local"], submit_delay=options["submit-delay"],
     )
     site = server.Site(fake.resource())
     factory = site

@@ -4,7 +4,7 @@ It stands in for the tape front-end of dCache, CTA/EOS or StoRM: real HTTP
 (or HTTPS, optionally demanding a client certificate) on 127.0.0.1, the
 real endpoints, bodies and status codes, and recalls that take time.
 
-    server = FakeTapeRestServer(clock=clock)   # clock: a task.Clock, or None for real time
+    server = FakeTapeRestServer(reactor, clock=clock)   # clock: a task.Clock (default: the reactor)
     await server.start()                       # listens on 127.0.0.1, a free port
     test.addCleanup(server.stop)
     server.url            # "http://127.0.0.1:PORT": the site (discovery document there)
@@ -435,9 +435,7 @@ class FakeTapeRestServer:
     Other keyword arguments go to FakeTapeRest.
     """
 
-    def __init__(self, clock=None, reactor=None, tls=None, require_client_certificate=False, **options):
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, reactor, clock=None, tls=None, require_client_certificate=False, **options):
         self.reactor = reactor
         self.tape = FakeTapeRest(clock if clock is not None else reactor, **options)
         self._connections = TrackingFactory(QuietSite(self.tape))

@@ -7,7 +7,7 @@ per path and can be told to answer a given status to the next requests, or
 not to answer at all, to exercise a client's handling of 4xx and 5xx answers
 and of timeouts.
 
-    server = FakeWebDAVServer(root)
+    server = FakeWebDAVServer(root, reactor)
     await server.start()            # listens on 127.0.0.1, a free port
     test.addCleanup(server.stop)
     server.url                      # "http://127.0.0.1:PORT" ("https://..." with tls=True)
@@ -179,9 +179,7 @@ def self_signed(host="127.0.0.1"):
 class FakeWebDAVServer:
     """FakeWebDAV listening on 127.0.0.1 (a free port), over HTTP or, with tls=True, HTTPS."""
 
-    def __init__(self, root, strict=True, tls=False, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, root, reactor, strict=True, tls=False):
         self.reactor = reactor
         self.dav = FakeWebDAV(root, strict=strict)
         self.site = QuietSite(self.dav)

@@ -1,0 +1,172 @@
+"""The FTS poller: follows the jobs FTS3 runs for us and reports how they ended.
+
+Every poll_interval (and once at start) it takes a batch of TRANSFERRING
+jobs with an fts_jobid (store.take_for_polling: several daemons poll
+different jobs), asks FTS about them bulk_size ids per request, and reports
+every job FTS has finished to its outcomes (IOutcomes.transfer_done):
+FINISHED is SUCCESS; FAILED, FINISHEDDIRTY and CANCELED are ERROR with FTS's
+reasons; a job FTS no longer knows is ERROR ("lost by FTS"); a job still
+running after timeout is cancelled at FTS, then ERROR.
+"""
+
+import json
+import uuid
+
+from twisted.logger import Logger
+
+from transferd import jobs
+from transferd.fts.client import TERMINAL_STATES, FTSError, FTSRefused, FTSUnavailable
+from transferd.jobs import TransferResult
+from transferd.polling import Poller
+
+# A poll request's ids stay under this many characters (Apache's request line
+# limit is 8190 bytes), whatever bulk_size says.
+MAX_IDS_CHARS = 7000
+# fts_details is a TEXT column (64 KiB in MySQL): keep the JSON under this.
+MAX_DETAILS_CHARS = 60000
+FAILED_FILES_SHOWN = 3
+
+
+class FTSPoller(Poller):
+    """Polls FTS every poll_interval for the TRANSFERRING jobs it can take; poll_once fires with a summary."""
+
+    log = Logger()
+    service = "FTS"
+
+    def __init__(self, client, store, clock, outcomes, poll_interval=30.0, bulk_size=100, timeout=86400.0,
+                 poll_limit=None):
+        super().__init__(client, store, clock, outcomes, poll_interval)
+        self.bulk_size = bulk_size
+        self.timeout = timeout
+        self.poll_limit = poll_limit or max(1000, bulk_size * 10)
+        self.owner = f"fts-poller-{uuid.uuid4()}"
+
+    def nothing(self):
+        return {"jobs": 0, "requests": 0, "reported": 0}
+
+    def chunks(self, jobs_):
+        """Groups of jobs polled by one request: at most bulk_size, and a URL of bounded length."""
+        chunk, chars = [], 0
+        for job in jobs_:
+            if chunk and (len(chunk) >= self.bulk_size or chars + len(job.fts_jobid) + 1 > MAX_IDS_CHARS):
+                yield chunk
+                chunk, chars = [], 0
+            chunk.append(job)
+            chars += len(job.fts_jobid) + 1
+        if chunk:
+            yield chunk
+
+    async def cycle(self):
+        # Taken for just under one interval, so the next cycle (here or elsewhere) can take them again.
+        taken = await self.store.take_for_polling(
+            jobs.TRANSFERRING, self.owner, self.poll_interval * 0.9, self.poll_limit, having="fts_jobid")
+        summary = {"jobs": len(taken), "requests": 0, "reported": 0}
+        for chunk in self.chunks(taken):
+            summary["requests"] += 1
+            try:
+                answers = await self.client.status([job.fts_jobid for job in chunk])
+            except FTSUnavailable as error:
+                self.log.warn("cannot poll FTS for {n} job(s): {error}; will try again", n=len(chunk), error=error)
+                break  # the other chunks would fail the same way
+            except FTSError as error:
+                self.log.warn("FTS would not report on {n} job(s): {error}", n=len(chunk), error=error)
+                continue
+            for job in chunk:
+                try:
+                    summary["reported"] += bool(await self._settle(job, answers))
+                except Exception:
+                    self.log.failure("job {job_id}: could not settle its FTS job {fts_jobid}",
+                                     job_id=job.job_id, fts_jobid=job.fts_jobid)
+        if summary["reported"]:
+            self.log.info("FTS poll: {reported} of {jobs} job(s) ended", **summary)
+        return summary
+
+    async def _settle(self, job, answers):
+        """Report job if FTS has finished with it (or lost it, or it is overdue); True when reported."""
+        if job.fts_jobid not in answers:
+            return False
+        entry = answers[job.fts_jobid]
+        if entry is None:
+            await self.outcomes.transfer_done(job, TransferResult(
+                False, f"lost by FTS: {self.client.endpoint} no longer knows its job {job.fts_jobid}",
+                _details(job.fts_jobid, self.client.endpoint, {"http_status": "404 Not Found"})))
+            return True
+        if isinstance(entry, Exception):
+            self.log.warn("job {job_id}: {error}", job_id=job.job_id, error=entry)
+            return False
+        state = entry.get("job_state")
+        if state in TERMINAL_STATES:
+            await self.outcomes.transfer_done(job, _outcome(job, entry, self.client.endpoint))
+            return True
+        if self._overdue(job):
+            return await self._time_out(job)
+        return False
+
+    def _overdue(self, job):
+        started = job.time_transferring
+        return started is not None and started.timestamp() + self.timeout <= self.clock.seconds()
+
+    async def _time_out(self, job):
+        """Cancel the FTS job, then end ours in ERROR; wait for the next cycle if FTS cannot be told."""
+        try:
+            answer = await self.client.cancel(job.fts_jobid)
+        except FTSUnavailable as error:
+            self.log.warn("job {job_id}: transfer overdue, but FTS could not be told to cancel {fts_jobid} "
+                          "({error}); will try again", job_id=job.job_id, fts_jobid=job.fts_jobid, error=error)
+            return False
+        except FTSRefused as error:
+            answer = {"http_status": f"{error.code}", "http_message": error.message}
+        if isinstance(answer, dict) and str(answer.get("http_status", "")).startswith("304"):
+            return False  # it ended meanwhile: the next cycle reports how
+        limit = self.timeout
+        self.log.info("job {job_id}: transfer overdue after {limit:g}s; FTS job {fts_jobid} cancelled",
+                      job_id=job.job_id, limit=limit, fts_jobid=job.fts_jobid)
+        await self.outcomes.transfer_done(job, TransferResult(
+            False, f"transfer timed out after {limit:g}s; FTS job {job.fts_jobid} cancelled",
+            _details(job.fts_jobid, self.client.endpoint, answer if isinstance(answer, dict) else {})))
+        return True
+
+
+def _details(fts_jobid, endpoint, entry):
+    """JSON for fts_details: FTS's view of the job, shortened to fit the column."""
+    detail = {"fts_jobid": fts_jobid, "endpoint": endpoint}
+    if isinstance(entry, dict):
+        detail.update(entry)
+    files = list(detail.get("files") or [])
+    text = json.dumps(detail, default=str)
+    while len(text) > MAX_DETAILS_CHARS and files:
+        files = files[: len(files) // 2]
+        detail["files"] = files
+        detail["files_omitted"] = len(entry.get("files") or []) - len(files)
+        text = json.dumps(detail, default=str)
+    return text[:MAX_DETAILS_CHARS]
+
+
+def _file_name(entry):
+    metadata = entry.get("file_metadata")
+    if isinstance(metadata, dict) and metadata.get("path"):
+        return str(metadata["path"])
+    return str(entry.get("dest_surl") or entry.get("file_id") or "a file")
+
+
+def _outcome(job, entry, endpoint):
+    """The TransferResult of a job FTS has finished with (state FINISHED, FAILED, FINISHEDDIRTY, CANCELED)."""
+    state = entry.get("job_state")
+    fts_jobid = entry.get("job_id") or job.fts_jobid
+    files = [f for f in entry.get("files") or [] if isinstance(f, dict)]
+    details = _details(fts_jobid, endpoint, entry)
+    if state == "FINISHED":
+        size = sum(int(f.get("filesize") or 0) for f in files)
+        count = len(files) or len(job.files()) or 1
+        return TransferResult(True, f"FTS delivered {count} file(s), {size} bytes to {job.destination_path} "
+                                    f"(FTS job {fts_jobid})", details)
+    msg = f"FTS job {fts_jobid} ended {state}"
+    if entry.get("reason"):
+        msg += f": {entry['reason']}"
+    failed = [f for f in files if f.get("file_state") != "FINISHED"]
+    if failed:
+        shown = "; ".join(f"{_file_name(f)}: {f.get('file_state') or '?'}: {f.get('reason') or 'no reason given'}"
+                          for f in failed[:FAILED_FILES_SHOWN])
+        more = f"; and {len(failed) - FAILED_FILES_SHOWN} more" if len(failed) > FAILED_FILES_SHOWN else ""
+        msg += f"; {len(failed)} of {len(files)} file(s) not delivered: {shown}{more}"
+    return TransferResult(False, msg, details)

@@ -1,0 +1,59 @@
+"""The timer service backends poll with (the FTS poller, the Tape REST poller).
+
+A Poller runs one cycle at start and then every interval on its clock, one
+cycle at a time.  A cycle that fails is logged and the timer goes on (a
+failing LoopingCall would stop for good); stopping the service cancels the
+cycle in flight, so shutdown never waits on a remote service.
+"""
+
+from twisted.application.internet import TimerService
+from twisted.internet import defer
+from twisted.logger import Logger
+
+
+class Poller(TimerService):
+    """Asks client about the jobs it takes from store, reporting to outcomes (IOutcomes).
+
+    Subclasses define cycle() (a coroutine) and name what they poll in `service`.
+    """
+
+    log = Logger()
+    service = "remote service"
+
+    def __init__(self, client, store, clock, outcomes, poll_interval):
+        super().__init__(poll_interval, self.poll_once)
+        self.client = client
+        self.store = store
+        self.clock = clock
+        self.outcomes = outcomes
+        self.poll_interval = poll_interval
+        self.polls = 0  # cycles ended, for tests and monitoring
+        self._cycle = None
+
+    async def cycle(self):
+        raise NotImplementedError
+
+    def nothing(self):
+        """What poll_once fires with when its cycle failed or was cancelled."""
+        return None
+
+    def poll_once(self):
+        """One cycle; fires with what cycle() returned.  Never fails (timer-safe)."""
+        self._cycle = defer.Deferred.fromCoroutine(self._safely())
+        return self._cycle
+
+    async def _safely(self):
+        try:
+            return await self.cycle()
+        except defer.CancelledError:
+            return self.nothing()
+        except Exception:
+            self.log.failure("{service} polling cycle failed; the next one will try again", service=self.service)
+            return self.nothing()
+        finally:
+            self.polls += 1
+
+    def stopService(self):
+        if self._cycle is not None:
+            self._cycle.cancel()
+        return super().stopService()
