@@ -309,3 +309,42 @@ class JobStoreContract:
         self.assertEqual((got.lease_owner, got.lease_until), (leases.IN_QUEUE, self.clock.seconds() + 60))
         self.assertEqual((yield self.store.get(worked.job_id)).lease_owner, "worker")
         self.assertEqual((yield self.store.hold_in_queue(jobs.SUBMITTED, [], 60)), 0)
+
+    @defer.inlineCallbacks
+    def test_history_written_with_each_change(self):
+        """Creation, every transition and every noted attempt are in the job's history, in order, with actor and reason."""
+        job = a_job()
+        yield self.store.create(job, actor="user CN=Ann")
+        self.clock.advance(2)
+        yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING, actor="worker-1")
+        self.assertFalse((yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING, actor="late")))
+        self.assertTrue((yield self.store.update(job.job_id, jobs.STAGING, {"stage_attempts": 2},
+                                                 note=("worker-2", "staging attempt 2"))))
+        self.assertTrue((yield self.store.note(job.job_id, jobs.STAGING, "stager", "tape library busy")))
+        self.assertFalse((yield self.store.note(job.job_id, jobs.STAGED, "stager", "not in that state")))
+        yield self.store.transition(job.job_id, jobs.STAGING, jobs.ERROR, {"detailed_status": "tape unreadable"},
+                                    actor="stager")
+        history = yield self.store.events(job.job_id)
+        self.assertEqual(
+            [(e["kind"], e["old_status"], e["new_status"], e["actor"], e["reason"]) for e in history],
+            [("state", None, jobs.SUBMITTED, "user CN=Ann", None),
+             ("state", jobs.SUBMITTED, jobs.STAGING, "worker-1", None),
+             ("attempt", jobs.STAGING, jobs.STAGING, "worker-2", "staging attempt 2"),
+             ("attempt", jobs.STAGING, jobs.STAGING, "stager", "tape library busy"),
+             ("state", jobs.STAGING, jobs.ERROR, "stager", "tape unreadable")],
+        )
+        self.assertEqual(history[1]["time"].timestamp(), self.clock.seconds())
+        got = yield self.store.get(job.job_id)
+        self.assertEqual(got.time_updated.timestamp(), self.clock.seconds())
+        self.assertEqual((yield self.store.events(jobs.new_job_id())), [])
+
+    @defer.inlineCallbacks
+    def test_v1_fields_stored(self):
+        """Priority, label, metadata and the destination host are stored; the prototype's view leaves them out."""
+        job = a_job(priority=5, label="run-7", metadata='{"obs": 42}', destination_path="davs://se.example.org:2880/d")
+        yield self.store.create(job)
+        got = yield self.store.get(job.job_id)
+        self.assertEqual((got.priority, got.label, got.metadata, got.destination_host),
+                         (5, "run-7", '{"obs": 42}', "se.example.org"))
+        self.assertNotIn("label", got.public_view())
+        self.assertEqual(got.public_view(v1=True)["metadata"], {"obs": 42})

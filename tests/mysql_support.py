@@ -75,6 +75,8 @@ def execute(statement, args=None, database=None):
 def kill_connections(ids, timeout=5.0):
     """KILL these server connections and wait until the server has let go of them all."""
     ids = sorted(ids)
+    if not ids:
+        return
     connection = admin_connection()
     try:
         cursor = connection.cursor()

@@ -155,6 +155,12 @@ class TransferAPI:
         return job
 
     @staticmethod
+    def _actor(request):
+        """Who the caller is, in job histories."""
+        identity = getattr(request, "identity", None)
+        return identity.name if identity is not None else "anonymous user"
+
+    @staticmethod
     def _allow(request, *methods):
         if request.method.decode("ascii", "replace") not in methods:
             request.setHeader("Allow", ", ".join(methods))
@@ -198,7 +204,7 @@ class TransferAPI:
         job_id = self._job_id(self._params(request, ["job_id"])["job_id"])
         await self._visible_job(request, job_id, "cancel")
         try:
-            await self.pipeline.cancel(job_id)
+            await self.pipeline.cancel(job_id, actor=self._actor(request))
         except JobNotFound:
             raise HTTPError(404, f"no job {job_id}", job_id) from None
         except JobFinished as finished:
@@ -236,7 +242,7 @@ class TransferAPI:
         expires = job.time_staging.timestamp() + self.stager.timeout
         if self.clock.seconds() > expires:
             raise HTTPError(403, "authcode has expired; the job will be staged again", job_id)
-        if not await self.pipeline.staging_done(job, result):
+        if not await self.pipeline.staging_done(job, result, actor=f"the stager at {result.staged_to or 'its callback'}"):
             raise HTTPError(403, f"job {job_id} is no longer waiting for staging", job_id)
         return _json(request, 200, {"job_id": job_id, "error": False, "msg": "staging result recorded"})
 

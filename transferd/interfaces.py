@@ -39,21 +39,34 @@ class IJobStore(IService):
     def schema_version():
         """Fire with the schema version the database is at (0: none yet)."""
 
-    def create(job, hold=None):
-        """Insert a new SUBMITTED job (time_submitted set by the store), under hold."""
+    def create(job, hold=None, actor=None):
+        """Insert a new SUBMITTED job (time_submitted set by the store), under hold.
+
+        actor (here and below): who makes the change, for the job's history,
+        which the store writes in the same transaction as the change.
+        """
 
     def get(job_id):
         """Fire with the Job, or None when there is no such job."""
 
-    def transition(job_id, old, new, fields=None, hold=None):
+    def transition(job_id, old, new, fields=None, hold=None, actor=None):
         """Compare-and-set old -> new, setting time_<new> and fields, leaving the job under hold.
 
         Raises InvalidTransition for a move the state machine forbids.  Fires
         with True when the row changed, False when the job was not in old.
         """
 
-    def update(job_id, status, fields):
-        """Set fields on a job still in status (the pipeline's re-staging); fire with True/False."""
+    def update(job_id, status, fields, note=None):
+        """Set fields on a job still in status (the pipeline's re-staging); fire with True/False.
+
+        note: (actor, reason) of an attempt, recorded in the history with the change.
+        """
+
+    def note(job_id, status, actor, reason):
+        """Record an attempt in the history of a job still in status; fire with True/False."""
+
+    def events(job_id):
+        """Fire with the job's history, oldest first (dicts: kind, old_status, new_status, time, actor, reason)."""
 
     def record_stager_request(job_id, request_id):
         """Store the stager's own id for a STAGING job's request; fire with True if the job is still STAGING."""
@@ -121,10 +134,13 @@ class IJobQueue(IService):
 class IOutcomes(Interface):
     """Where stagers, movers and their pollers report how a job's staging or transfer ended."""
 
-    def staging_done(job, result):
-        """Record a StageResult for a STAGING job; fire with True when it was recorded."""
+    def staging_done(job, result, actor):
+        """Record a StageResult for a STAGING job; fire with True when it was recorded.
 
-    def transfer_done(job, result):
+        actor: who says so, for the job's history (e.g. "the tape system").
+        """
+
+    def transfer_done(job, result, actor):
         """Record a TransferResult for a TRANSFERRING job; fire with True when it was recorded."""
 
 

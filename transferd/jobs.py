@@ -105,7 +105,11 @@ class TransferResult:
 
 # Columns the API never shows: the stager's callback code hash and the
 # workers' and pollers' lease bookkeeping.
-HIDDEN_FIELDS = frozenset({"stager_callback", "lease_owner", "lease_until", "poll_owner", "poll_until"})
+HIDDEN_FIELDS = frozenset({"stager_callback", "lease_owner", "lease_until", "poll_owner", "poll_until", "deliveries"})
+# Columns /transferStatus (the prototype's contract) does not show; the v1 API does.
+V1_FIELDS = frozenset({"priority", "label", "metadata", "destination_host", "time_updated"})
+
+DEFAULT_PRIORITY = 3  # 1 (lowest) to 5 (highest), as FTS has
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +133,11 @@ class Job:
     stage_attempts: int = 0
     lease_owner: Optional[str] = None
     lease_until: Optional[float] = None  # epoch seconds
+    priority: int = DEFAULT_PRIORITY
+    label: Optional[str] = None
+    metadata: Optional[str] = None  # JSON object given at submission
+    destination_host: Optional[str] = None  # the host of destination_path, kept to filter by
+    deliveries: int = 0  # leases taken on the job in its current state (crash loops end in ERROR)
     time_submitted: Optional[datetime] = None
     time_staging: Optional[datetime] = None
     time_staged: Optional[datetime] = None
@@ -136,6 +145,7 @@ class Job:
     time_success: Optional[datetime] = None
     time_error: Optional[datetime] = None
     time_cancelled: Optional[datetime] = None
+    time_updated: Optional[datetime] = None
 
     @property
     def terminal(self) -> bool:
@@ -147,16 +157,16 @@ class Job:
             return ()
         return tuple(StagedFile(**entry) for entry in json.loads(self.staged_files))
 
-    def public_view(self) -> dict[str, Any]:
-        """The job as /transferStatus shows it: every non-null field but the hidden ones."""
+    def public_view(self, v1=False) -> dict[str, Any]:
+        """The job as /transferStatus shows it (v1: as the v1 API does): every non-null field but the hidden ones."""
         view = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is None or field.name in HIDDEN_FIELDS:
+            if value is None or field.name in HIDDEN_FIELDS or (field.name in V1_FIELDS and not v1):
                 continue
             if isinstance(value, datetime):
                 value = value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-            elif field.name == "staged_files":
+            elif field.name in ("staged_files", "metadata"):
                 value = json.loads(value)
             view[field.name] = value
         return view

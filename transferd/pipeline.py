@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import socket
 import uuid
 
 from twisted.application.service import Service
@@ -70,6 +71,7 @@ class Pipeline(Service):
         self.lease = lease
         self.requeue_after = requeue_after
         self.owner = f"worker-{uuid.uuid4()}"
+        self.actor = f"transferd on {socket.gethostname()}"  # who its workers' changes are by, in job histories
         self.held = set()
         self._staging = set()  # staging handlers in flight, cancelled when the daemon stops
         self._holds_to_extend = {}  # status -> job ids whose message was just confirmed
@@ -110,7 +112,7 @@ class Pipeline(Service):
 
     async def submit(self, job):
         """Commit a new job, then publish it; a failed publish is left to the reconciler."""
-        await self.store.create(job, hold=leases.in_queue(self.lease))
+        await self.store.create(job, hold=leases.in_queue(self.lease), actor=job.submitter or "anonymous user")
         self.log.info(
             "job {job_id} SUBMITTED: {product_id} -> {destination}",
             job_id=job.job_id, product_id=job.product_id, destination=job.destination_path,
@@ -182,6 +184,7 @@ class Pipeline(Service):
                 job.job_id, job.status, jobs.ERROR,
                 {"detailed_status": f"staging timed out after {job.stage_attempts} attempt(s) "
                                     f"of {self.stager.timeout:g}s each"},
+                actor=self.actor,
             )
             return
         authcode = secrets.token_urlsafe(32)
@@ -189,11 +192,13 @@ class Pipeline(Service):
         asked_at = self.clock.seconds()  # the authcode expires at asked_at + stager.timeout
         if job.status == jobs.SUBMITTED:
             started = await self.store.transition(
-                job.job_id, jobs.SUBMITTED, jobs.STAGING, fields, hold=leases.worker(self.owner, self.lease)
+                job.job_id, jobs.SUBMITTED, jobs.STAGING, fields, hold=leases.worker(self.owner, self.lease),
+                actor=self.actor,
             )
         else:
             fields["time_staging"] = jobs.utc_from_seconds(self.clock.seconds())
-            started = await self.store.update(job.job_id, jobs.STAGING, fields)
+            started = await self.store.update(job.job_id, jobs.STAGING, fields,
+                                              note=(self.actor, f"staging attempt {attempt} of {self.stager.max_attempts}"))
             self.log.info("job {job_id} staging again (attempt {attempt})", job_id=job.job_id, attempt=attempt)
         if not started:
             return
@@ -209,7 +214,7 @@ class Pipeline(Service):
 
     # -- outcomes (IOutcomes) -----------------------------------------------
 
-    async def staging_done(self, job, result):
+    async def staging_done(self, job, result, actor="the stager"):
         """Record a staging outcome for a STAGING job; fire with True when it was recorded."""
         if result.success:
             fields = {
@@ -219,7 +224,7 @@ class Pipeline(Service):
                 "staged_files": json.dumps([f.to_dict() for f in result.files]) if result.files else None,
             }
             done = await self.store.transition(
-                job.job_id, jobs.STAGING, jobs.STAGED, fields, hold=leases.in_queue(self.lease)
+                job.job_id, jobs.STAGING, jobs.STAGED, fields, hold=leases.in_queue(self.lease), actor=actor
             )
             if done:
                 await self.publish(TRANSFER_QUEUE, job.job_id, jobs.STAGED)
@@ -229,21 +234,21 @@ class Pipeline(Service):
         reason = result.msg or "no reason given"
         return await self.store.transition(
             job.job_id, jobs.STAGING, jobs.ERROR,
-            {"detailed_status": f"staging failed: {reason}", "stager_status": reason},
+            {"detailed_status": f"staging failed: {reason}", "stager_status": reason}, actor=actor,
         )
 
-    async def transfer_done(self, job, result):
+    async def transfer_done(self, job, result, actor="the mover"):
         """Record a transfer outcome for a TRANSFERRING job; fire with True when it was recorded."""
         if result.success:
             done = await self.store.transition(
                 job.job_id, jobs.TRANSFERRING, jobs.SUCCESS,
-                {"detailed_status": result.msg or "delivered", "fts_details": result.details},
+                {"detailed_status": result.msg or "delivered", "fts_details": result.details}, actor=actor,
             )
         else:
             done = await self.store.transition(
                 job.job_id, jobs.TRANSFERRING, jobs.ERROR,
                 {"detailed_status": f"transfer failed: {result.msg or 'no reason given'}",
-                 "fts_details": result.details},
+                 "fts_details": result.details}, actor=actor,
             )
         await self._free_copy(job)
         return done
@@ -260,7 +265,8 @@ class Pipeline(Service):
             return
         if job.status == jobs.STAGED:
             if not await self.store.transition(
-                job.job_id, jobs.STAGED, jobs.TRANSFERRING, hold=leases.worker(self.owner, self.lease)
+                job.job_id, jobs.STAGED, jobs.TRANSFERRING, hold=leases.worker(self.owner, self.lease),
+                actor=self.actor,
             ):
                 return
             job = dataclasses.replace(job, status=jobs.TRANSFERRING)
@@ -281,13 +287,14 @@ class Pipeline(Service):
             await self.store.transition(
                 job.job_id, job.status, jobs.ERROR,
                 {"detailed_status": f"transfer failed: {result.msg or 'no reason given'}",
-                 "fts_details": result.details},
+                 "fts_details": result.details}, actor=self.actor,
             )
             await self._free_copy(job)
             return
         waiting = leases.waiting(self.mover.timeout)
         if job.status == jobs.STAGED:
-            handed_over = await self.store.transition(job.job_id, jobs.STAGED, jobs.TRANSFERRING, hold=waiting)
+            handed_over = await self.store.transition(job.job_id, jobs.STAGED, jobs.TRANSFERRING, hold=waiting,
+                                                      actor=self.actor)
         else:
             handed_over = await self.store.end_lease(job.job_id, self.owner, then=waiting)
         if not handed_over:
@@ -299,7 +306,7 @@ class Pipeline(Service):
 
     # -- cancellation and failures ---------------------------------------
 
-    async def cancel(self, job_id):
+    async def cancel(self, job_id, actor="a user"):
         """Cancel a job; fire with the job as it was, raise JobNotFound or JobFinished."""
         while True:
             job = await self.store.get(job_id)
@@ -308,7 +315,8 @@ class Pipeline(Service):
             if job.terminal:
                 raise JobFinished(job)
             if await self.store.transition(
-                job_id, job.status, jobs.CANCELLED, {"detailed_status": "cancelled at the user's request"}
+                job_id, job.status, jobs.CANCELLED, {"detailed_status": "cancelled at the user's request"},
+                actor=actor,
             ):
                 break
         if job.status == jobs.STAGING:
@@ -323,7 +331,8 @@ class Pipeline(Service):
         """A message failed max_deliveries times: its job ends in ERROR with the reason."""
         job = await self.store.get(job_id)
         if job is not None and not job.terminal:
-            await self.store.transition(job_id, job.status, jobs.ERROR, {"detailed_status": reason})
+            await self.store.transition(job_id, job.status, jobs.ERROR, {"detailed_status": reason},
+                                        actor=f"the {queue} queue")
 
     # -- helpers ----------------------------------------------------------
 

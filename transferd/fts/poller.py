@@ -19,6 +19,8 @@ from transferd.fts.client import TERMINAL_STATES, FTSError, FTSRefused, FTSUnava
 from transferd.jobs import TransferResult
 from transferd.polling import Poller
 
+ACTOR = "FTS"  # who ends a job's transfer, in its history
+
 # A poll request's ids stay under this many characters (Apache's request line
 # limit is 8190 bytes), whatever bulk_size says.
 MAX_IDS_CHARS = 7000
@@ -87,7 +89,7 @@ class FTSPoller(Poller):
             return False
         entry = answers[job.fts_jobid]
         if entry is None:
-            await self.outcomes.transfer_done(job, TransferResult(
+            await self.outcomes.transfer_done(job, actor=ACTOR, result=TransferResult(
                 False, f"lost by FTS: {self.client.endpoint} no longer knows its job {job.fts_jobid}",
                 _details(job.fts_jobid, self.client.endpoint, {"http_status": "404 Not Found"})))
             return True
@@ -96,7 +98,7 @@ class FTSPoller(Poller):
             return False
         state = entry.get("job_state")
         if state in TERMINAL_STATES:
-            await self.outcomes.transfer_done(job, _outcome(job, entry, self.client.endpoint))
+            await self.outcomes.transfer_done(job, _outcome(job, entry, self.client.endpoint), actor=ACTOR)
             return True
         if self._overdue(job):
             return await self._time_out(job)
@@ -121,7 +123,7 @@ class FTSPoller(Poller):
         limit = self.timeout
         self.log.info("job {job_id}: transfer overdue after {limit:g}s; FTS job {fts_jobid} cancelled",
                       job_id=job.job_id, limit=limit, fts_jobid=job.fts_jobid)
-        await self.outcomes.transfer_done(job, TransferResult(
+        await self.outcomes.transfer_done(job, actor=ACTOR, result=TransferResult(
             False, f"transfer timed out after {limit:g}s; FTS job {job.fts_jobid} cancelled",
             _details(job.fts_jobid, self.client.endpoint, answer if isinstance(answer, dict) else {})))
         return True

@@ -211,6 +211,20 @@ def _create_indexes(cursor, table, version):
             cursor.execute(table.create_index(index))
 
 
+def _retype(cursor, table, column):
+    """MODIFY a column to its described kind, unless it has it already; values that would not fit stop it."""
+    wanted = schema.KINDS[column.kind]["mysql"].lower()
+    if _columns(cursor, table.name)[column.name].column_type == wanted:
+        return
+    length = int(wanted[wanted.index("(") + 1:-1]) if "(" in wanted else None
+    if length is not None:
+        cursor.execute(f"SELECT COUNT(*) FROM {table.name} WHERE CHAR_LENGTH({column.name}) > %s", (length,))
+        if cursor.fetchone()[0]:
+            raise RuntimeError(f"{table.name}.{column.name} holds values longer than {length} characters;"
+                               f" shorten them before upgrading (transferd keeps it as {wanted})")
+    cursor.execute(f"ALTER TABLE {table.name} MODIFY {column.name} {column.definition('mysql')}")
+
+
 def _add_column(table, column, version):
     return f"ADD COLUMN {column.name} {column.definition('mysql')} AFTER {table.after(column.name, version)}"
 
@@ -235,8 +249,12 @@ def _migration(version):
             missing = [_add_column(table, column, version) for column in columns if column.name not in present]
             if missing:
                 cursor.execute(f"ALTER TABLE {table.name} " + ", ".join(missing))
+        for table, column in schema.retyped(version):
+            _retype(cursor, table, column)
         for table in {table for table, _index in indexed}:
             _create_indexes(cursor, table, version)
+        for fill in schema.BACKFILLS.get(version, ()):
+            fill(cursor, "%s")
 
     return migrate
 

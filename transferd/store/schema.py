@@ -19,11 +19,13 @@ KINDS = {
     "status": {"sqlite": "VARCHAR(16)", "mysql": "VARCHAR(16)"},
     "short": {"sqlite": "VARCHAR(64)", "mysql": "VARCHAR(64)"},
     "name": {"sqlite": "VARCHAR(255)", "mysql": "VARCHAR(255)"},
+    "identity": {"sqlite": "VARCHAR(512)", "mysql": "VARCHAR(512)"},  # a DN or SUB=..., ISS=...
     "text": {"sqlite": "TEXT", "mysql": "TEXT"},
     "long_text": {"sqlite": "TEXT", "mysql": "MEDIUMTEXT"},
     "count": {"sqlite": "INTEGER", "mysql": "INT"},
     "seconds": {"sqlite": "DOUBLE", "mysql": "DOUBLE"},
     "time": {"sqlite": "TIMESTAMP", "mysql": "DATETIME(6)"},
+    "serial": {"sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT", "mysql": "BIGINT NOT NULL AUTO_INCREMENT"},
 }
 
 
@@ -34,9 +36,13 @@ class Column:
     since: int = 1  # the schema version that added it
     required: bool = False  # NOT NULL
     default: str = None  # SQL literal
+    retyped: tuple = None  # (version, kind before it): the version that gave the column its kind
 
-    def definition(self, dialect):
-        sql = KINDS[self.kind][dialect]
+    def kind_at(self, version):
+        return self.retyped[1] if self.retyped and version < self.retyped[0] else self.kind
+
+    def definition(self, dialect, version=None):
+        sql = KINDS[self.kind_at(version) if version else self.kind][dialect]
         if self.required:
             sql += " NOT NULL"
         elif self.kind == "time":
@@ -67,10 +73,13 @@ class Table:
     def columns_since(self, version):
         return [column for column in self.columns if column.since == version]
 
+    def columns_retyped(self, version):
+        return [column for column in self.columns if column.retyped and column.retyped[0] == version]
+
     def create(self, dialect, version, if_missing=False):
         """CREATE TABLE as of schema version (the columns it had then; indexes are separate statements)."""
-        lines = [f"    {c.name} {c.definition(dialect)}" for c in self.columns if c.since <= version]
-        if self.key:
+        lines = [f"    {c.name} {c.definition(dialect, version)}" for c in self.columns if c.since <= version]
+        if self.key and not (dialect == "sqlite" and self.column(self.key[0]).kind == "serial"):
             lines.append(f"    PRIMARY KEY ({', '.join(self.key)})")
         sql = f"CREATE TABLE {'IF NOT EXISTS ' if if_missing else ''}{self.name} (\n" + ",\n".join(lines) + "\n)"
         if dialect == "mysql":
@@ -92,11 +101,11 @@ JOBS = Table(
     "jobs",
     columns=(
         Column("job_id", "id", required=True),
-        Column("product_id", "text"),
+        Column("product_id", "name", retyped=(3, "text")),
         Column("status", "status", required=True),
         Column("detailed_status", "text"),
         Column("destination_path", "text"),
-        Column("submitter", "text"),
+        Column("submitter", "identity", retyped=(3, "text")),
         Column("fts_jobid", "name"),
         Column("fts_details", "text"),
         Column("stager_callback", "short"),  # SHA-256 hex of the current authcode
@@ -110,18 +119,68 @@ JOBS = Table(
         Column("lease_until", "seconds"),
         Column("poll_owner", "short", since=2),
         Column("poll_until", "seconds", since=2),
-    ) + tuple(Column(name, "time") for name in TIME_COLUMNS),
+        # Version 3: what the v1 API lists, filters and explains; deliveries that survive a crash.
+        Column("priority", "count", since=3, required=True, default="3"),  # 1 (low) to 5 (high), as FTS has
+        Column("label", "name", since=3),
+        Column("metadata", "long_text", since=3),  # the submitter's JSON object
+        Column("destination_host", "name", since=3),
+        Column("deliveries", "count", since=3, required=True, default="0"),  # leases taken in this state
+    ) + tuple(Column(name, "time") for name in TIME_COLUMNS) + (
+        Column("time_updated", "time", since=3),  # the last change of any kind
+    ),
     key=("job_id",),
     indexes=(
         Index("jobs_status_lease", ("status", "lease_until")),
         Index("jobs_status_poll", ("status", "poll_until"), since=2),
+        Index("jobs_submitted", ("time_submitted", "job_id"), since=3),
+        Index("jobs_status_submitted", ("status", "time_submitted"), since=3),
+        Index("jobs_submitter_submitted", ("submitter", "time_submitted"), since=3),
+        Index("jobs_product", ("product_id",), since=3),
+        Index("jobs_label", ("label",), since=3),
+        Index("jobs_destination_host", ("destination_host", "time_submitted"), since=3),
+        Index("jobs_status_updated", ("status", "time_updated"), since=3),
+        Index("jobs_updated", ("time_updated",), since=3),
     ),
+)
+
+# Every state change and every attempt of every job, written in the
+# transaction that makes it: the job's history (v1 API, events).
+JOB_EVENTS = Table(
+    "job_events",
+    columns=(
+        Column("event_id", "serial"),
+        Column("job_id", "id", required=True),
+        Column("time", "time"),
+        Column("kind", "status", required=True),  # "state" (a transition) or "attempt"
+        Column("old_status", "status"),
+        Column("new_status", "status"),
+        Column("actor", "text"),  # who made it: a user's identity, a worker, a poller, the reconciler
+        Column("reason", "text"),
+    ),
+    key=("event_id",),
+    indexes=(Index("job_events_job", ("job_id", "event_id"), since=3),),
+    since=3,
+)
+
+# A batch submitted with a submission_id, so that sending it again returns its first answer.
+SUBMISSIONS = Table(
+    "submissions",
+    columns=(
+        Column("submission_key", "short", required=True),  # SHA-256 hex of (submitter, submission_id)
+        Column("submitter", "identity"),
+        Column("submission_id", "name"),
+        Column("time_submitted", "time"),
+        Column("results", "long_text"),  # the per-item answer, JSON
+    ),
+    key=("submission_key",),
+    indexes=(Index("submissions_time", ("time_submitted",), since=3),),
+    since=3,
 )
 
 SCHEMA_VERSION = Table("schema_version", columns=(Column("version", "count", required=True),))
 
 # Every table transferd keeps, in the order they are created.
-TABLES = (JOBS,)
+TABLES = (JOBS, JOB_EVENTS, SUBMISSIONS)
 
 # The prototype's columns (legacy/prototype_schema.sql): a jobs table without
 # all of them is not one transferd may alter.
@@ -145,6 +204,39 @@ def changes(version):
     return created, added, indexed
 
 
+def retyped(version):
+    """(table, column) pairs whose kind changes in version (MySQL MODIFYs them; SQLite types are advisory)."""
+    return [(table, column) for table in TABLES if table.since < version for column in table.columns_retyped(version)]
+
+
+def destination_host(url):
+    """The host a destination URL names ("" when none), as the destination_host column keeps it."""
+    from urllib.parse import urlsplit
+
+    try:
+        return (urlsplit(url).hostname or "")[:255]
+    except ValueError:
+        return ""
+
+
+def backfill_version_3(cursor, placeholder):
+    """Version 3: destination_host and time_updated for the rows that predate them."""
+    cursor.execute("UPDATE jobs SET time_updated = COALESCE(time_error, time_cancelled, time_success,"
+                   " time_transferring, time_staged, time_staging, time_submitted) WHERE time_updated IS NULL")
+    while True:
+        cursor.execute("SELECT job_id, destination_path FROM jobs WHERE destination_host IS NULL"
+                       " AND destination_path IS NOT NULL LIMIT 1000")
+        rows = cursor.fetchall()
+        if not rows:
+            return
+        cursor.executemany(f"UPDATE jobs SET destination_host = {placeholder} WHERE job_id = {placeholder}",
+                           [(destination_host(path), job_id) for job_id, path in rows])
+
+
+# Steps that move data, by schema version, run after the version's DDL: callable(cursor, placeholder).
+BACKFILLS = {3: [backfill_version_3]}
+
+
 def sqlite_migrations():
     """Per schema version, the SQLite statements that bring a database to it (run in one transaction)."""
     migrations = []
@@ -155,5 +247,6 @@ def sqlite_migrations():
         steps += [f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.definition('sqlite')}"
                   for table, column in added]
         steps += [table.create_index(index) for table, index in indexed]
+        steps += [lambda cursor, fill=fill: fill(cursor, "?") for fill in BACKFILLS.get(version, ())]
         migrations.append(steps)
     return migrations

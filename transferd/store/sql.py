@@ -16,7 +16,8 @@ from transferd.interfaces import IJobStore
 from transferd.store import schema
 
 SELECT_JOB = "SELECT " + ", ".join(jobs.COLUMNS) + " FROM jobs"
-TIME_COLUMNS = frozenset(schema.TIME_COLUMNS)
+TIME_COLUMNS = frozenset(column.name for column in schema.JOBS.columns if column.kind == "time")
+EVENT_COLUMNS = tuple(column.name for column in schema.JOB_EVENTS.columns)
 # A lease that anyone may take (parameters: now, the queue-hold owner); see transferd.leases.
 FREE_OR_IN_QUEUE = "(lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
 
@@ -91,7 +92,9 @@ class SQLJobStore(Service):
         values = dict(zip(jobs.COLUMNS, row))
         for column in TIME_COLUMNS:
             values[column] = self._time_from_db(values[column])
-        values["stage_attempts"] = int(values["stage_attempts"] or 0)
+        for column in ("stage_attempts", "deliveries"):
+            values[column] = int(values[column] or 0)
+        values["priority"] = int(values["priority"] or jobs.DEFAULT_PRIORITY)
         for column in ("lease_until", "poll_until"):
             if values[column] is not None:
                 values[column] = float(values[column])
@@ -153,22 +156,33 @@ class SQLJobStore(Service):
 
     # -- IJobStore --------------------------------------------------------
 
-    def create(self, job, hold=None):
+    def create(self, job, hold=None, actor=None):
         now = self._now()
+        moment = self._time_to_db(jobs.utc_from_seconds(now))
         row = dict(
             job_id=job.job_id,
             product_id=job.product_id,
             destination_path=job.destination_path,
+            destination_host=schema.destination_host(job.destination_path),
             submitter=job.submitter,
+            priority=job.priority,
+            label=job.label,
+            metadata=job.metadata,
             status=jobs.SUBMITTED,
             stage_attempts=0,
-            time_submitted=self._time_to_db(jobs.utc_from_seconds(now)),
+            time_submitted=moment,
+            time_updated=moment,
             **self._lease_fields(hold, now),
         )
         query = self._sql(
             f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})"
         )
-        return self._run(lambda cursor: cursor.execute(query, tuple(row.values())), idempotent=False)
+
+        def interaction(cursor):
+            cursor.execute(query, tuple(row.values()))
+            self._record_event(cursor, job.job_id, now, "state", None, jobs.SUBMITTED, actor, None)
+
+        return self._run(interaction, idempotent=False)
 
     def get(self, job_id):
         def interaction(cursor):
@@ -176,14 +190,23 @@ class SQLJobStore(Service):
 
         return self._run(interaction)
 
-    def transition(self, job_id, old, new, fields=None, hold=None):
+    def transition(self, job_id, old, new, fields=None, hold=None, actor=None):
         fields = dict(fields or {})
         jobs.check_transition(old, new, fields)
         now = self._now()
-        fields.update(status=new, **{jobs.TIME_COLUMN[new]: jobs.utc_from_seconds(now)}, **self._lease_fields(hold, now))
+        moment = jobs.utc_from_seconds(now)
+        fields.update(status=new, deliveries=0, time_updated=moment, **{jobs.TIME_COLUMN[new]: moment},
+                      **self._lease_fields(hold, now))
         sets, params = self._assignments(fields)
         query = self._sql(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ? AND status = ?")
-        d = self._rowcount(query, params + [job_id, old])
+        reason = fields.get("detailed_status")
+
+        def interaction(cursor):
+            cursor.execute(query, (*params, job_id, old))
+            if cursor.rowcount <= 0:
+                return False
+            self._record_event(cursor, job_id, now, "state", old, new, actor, reason)
+            return True
 
         def logged(changed):
             if changed:
@@ -192,16 +215,45 @@ class SQLJobStore(Service):
                     job_id=job_id,
                     old=old,
                     new=new,
-                    why=f": {fields['detailed_status']}" if fields.get("detailed_status") else "",
+                    why=f": {reason}" if reason else "",
                 )
             return changed
 
-        return d.addCallback(logged)
+        return self._run(interaction, idempotent=False).addCallback(logged)
 
-    def update(self, job_id, status, fields):
-        sets, params = self._assignments(dict(fields))
+    def update(self, job_id, status, fields, note=None):
+        """note: (actor, reason) of an attempt, recorded in the job's history with the change."""
+        now = self._now()
+        fields = dict(fields, time_updated=jobs.utc_from_seconds(now))
+        sets, params = self._assignments(fields)
         query = self._sql(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ? AND status = ?")
-        return self._rowcount(query, params + [job_id, status])
+
+        def interaction(cursor):
+            cursor.execute(query, (*params, job_id, status))
+            if cursor.rowcount <= 0:
+                return False
+            if note is not None:
+                self._record_event(cursor, job_id, now, "attempt", status, status, *note)
+            return True
+
+        return self._run(interaction, idempotent=note is None)
+
+    def note(self, job_id, status, actor, reason):
+        """Record an attempt in the history of a job still in status (nothing else changes); fire True/False."""
+        return self.update(job_id, status, {}, note=(actor, reason))
+
+    def events(self, job_id):
+        """The job's history, oldest first: dicts of EVENT_COLUMNS (time as a datetime)."""
+        query = self._sql(f"SELECT {', '.join(EVENT_COLUMNS)} FROM job_events WHERE job_id = ? ORDER BY event_id")
+
+        def interaction(cursor):
+            cursor.execute(query, (job_id,))
+            rows = [dict(zip(EVENT_COLUMNS, row)) for row in cursor.fetchall()]
+            for row in rows:
+                row["time"] = self._time_from_db(row["time"])
+            return rows
+
+        return self._run(interaction)
 
     def record_stager_request(self, job_id, request_id):
         return self.update(job_id, jobs.STAGING, {"stager_request": request_id})
@@ -308,6 +360,13 @@ class SQLJobStore(Service):
         cursor.execute(self._sql(SELECT_JOB + " WHERE job_id = ?"), (job_id,))
         row = cursor.fetchone()
         return self._job_from_row(row) if row else None
+
+    def _record_event(self, cursor, job_id, now, kind, old, new, actor, reason):
+        cursor.execute(
+            self._sql("INSERT INTO job_events (job_id, time, kind, old_status, new_status, actor, reason)"
+                      " VALUES (?, ?, ?, ?, ?, ?, ?)"),
+            (job_id, self._time_to_db(jobs.utc_from_seconds(now)), kind, old, new, actor, reason),
+        )
 
     @staticmethod
     def _lease_fields(hold, now):

@@ -111,7 +111,7 @@ class TapeRestPoller(Poller):
 
     async def _report(self, job, outcome):
         try:
-            await self.outcomes.staging_done(job, outcome)
+            await self.outcomes.staging_done(job, outcome, actor="the tape system")
         except Exception:
             self.log.failure("job {job_id}: could not record the staging outcome; it will be polled again",
                              job_id=job.job_id)
