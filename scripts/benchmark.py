@@ -60,10 +60,10 @@ RSS_GOAL_MIB = 200  # daemon RSS with RSS jobs TRANSFERRING
 # measured `rounds` times, alternating, and the median round is reported.
 # e2e: jobs submitted per end-to-end run, one run per prefetch; rss: jobs TRANSFERRING.
 FULL = dict(rounds=3, submit={1: 400, 16: 2000, 64: 3000}, probe={1: 500, 16: 2000, 64: 3000}, status=2000,
-            e2e=2000, prefetch=(8, 32), rss=10_000)
+            e2e=2000, prefetch=(8, 32), rss=10_000, batches=200, list=1000)
 QUICK = dict(rounds=1, submit={1: 100, 16: 400, 64: 640}, probe={1: 100, 16: 400, 64: 640}, status=400,
-             e2e=300, prefetch=(32,), rss=3000)
-SECTIONS = ("backends", "e2e", "rss")
+             e2e=300, prefetch=(32,), rss=3000, batches=40, list=200)
+SECTIONS = ("backends", "e2e", "rss", "v1")
 
 
 # -- the backends -------------------------------------------------------------
@@ -167,7 +167,8 @@ class Daemon:
     and fts=(a running FakeFTS, {[fts] settings}): [transfer] backend = fts.
     """
 
-    def __init__(self, workdir, backends, pool_max=None, prefetch=1, stager_delay=3600, fts=None, reconciler=None):
+    def __init__(self, workdir, backends, pool_max=None, prefetch=1, stager_delay=3600, fts=None, reconciler=None,
+                 schemes="file"):
         self.workdir = workdir
         self.port = _free_port()
         self.logfile = os.path.join(workdir, "transferd.log")
@@ -190,7 +191,7 @@ class Daemon:
                 "staging_root": os.path.join(workdir, "staging"),
                 "delay": stager_delay,
             },
-            "transfer": {"allowed_schemes": "file", "file_roots": self.deliveries},
+            "transfer": {"allowed_schemes": schemes, "file_roots": self.deliveries},
             # No reconciler pass (beyond the one at start) and no requeueing during the run.
             "reconciler": {"interval": 3600, "requeue_after": 3600} if reconciler is None else reconciler,
         }
@@ -953,6 +954,243 @@ def daemon_memory(args, work, root):
         )
 
 
+# -- the v1 API: batches and listings ---------------------------------------------------
+
+V1_BATCH = 100  # jobs per POST /api/v1/jobs
+V1_LEVELS = (1, 4, 16)  # concurrent clients posting batches
+V1_BATCH_GOAL = 2.0  # batch jobs/s over the per-item raw floor
+V1_LIST_ROWS = 1_000_000  # jobs in the table for the GET /api/v1/jobs latencies
+V1_LIST_GOAL_MS = 20.0  # p99
+
+
+def _post_json(path, body):
+    data = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n")
+    return head.encode() + data
+
+
+def batch_requests(count, prefix):
+    """count POST /api/v1/jobs requests of V1_BATCH jobs each, every job to its own davs:// destination.
+
+    davs://, as FTS deliveries are: a file:// destination costs a realpath() of
+    its directories on top (about 0.05 ms a job), to keep it under file_roots.
+    """
+    return [
+        _post_json("/api/v1/jobs", {"jobs": [
+            {"product_id": PRODUCT, "destination_path": f"davs://se.example.org:2880/data/{prefix}-{n}-{i}"}
+            for i in range(V1_BATCH)]})
+        for n in range(count)
+    ]
+
+
+def batch_throughput(daemon, backends, meter, work):
+    """Jobs accepted per second in batches of V1_BATCH and the per-item floor at each concurrency, alternating.
+
+    Returns ({clients: (Load, Floor)}, the floor at the clients where section 2 finds it highest).
+    """
+    results = {}
+    for concurrency in V1_LEVELS:
+        count = max(work["batches"] * concurrency // max(V1_LEVELS), 2 * concurrency)
+        loads, floors = [], []
+        for round_ in range(work["rounds"]):
+            load = measure_http(daemon, meter, batch_requests(count + concurrency, f"b{concurrency}-{round_}"),
+                                concurrency, {200})
+            loads.append(load)
+            floors.append(measure_floor(backends, meter, concurrency, min(count * V1_BATCH, work["submit"][64])))
+        results[concurrency] = (_median(loads, "rate"), _median(floors, "sequence"))
+    wide = max(LEVELS)
+    floor = _median([measure_floor(backends, meter, wide, work["submit"][wide]) for _ in range(work["rounds"])],
+                    "sequence")
+    return results, floor
+
+
+# Columns of the generated jobs (fill_jobs) and the SQL making each from seq, the row's number.
+GENERATED = {
+    # uuid4-like, as transferd's ids are: random, so a listing's rows lie all over the primary key
+    "job_id": ("CONCAT(SUBSTR(h, 1, 8), '-', SUBSTR(h, 9, 4), '-4', SUBSTR(h, 14, 3), '-', SUBSTR('89ab', 1 + seq % 4, 1),"
+               " SUBSTR(h, 18, 3), '-', SUBSTR(h, 21, 12))"),
+    "product_id": "CONCAT('product-', seq)",
+    "status": ("CASE WHEN seq % 1000 < 3 THEN 'SUBMITTED' WHEN seq % 1000 < 6 THEN 'STAGING'"
+               " WHEN seq % 1000 < 8 THEN 'STAGED' WHEN seq % 1000 < 10 THEN 'TRANSFERRING'"
+               " WHEN seq % 1000 < 20 THEN 'ERROR' WHEN seq % 1000 < 30 THEN 'CANCELLED' ELSE 'SUCCESS' END"),
+    "detailed_status": "'generated'",
+    "destination_path": "CONCAT('davs://se', seq % 20, '.example.org/data/product-', seq)",
+    "destination_host": "CONCAT('se', seq % 20, '.example.org')",
+    "submitter": "CONCAT('/DC=org/DC=example/CN=User ', seq % 100)",
+    "label": "CONCAT('run-', seq DIV 1000)",
+    "stage_attempts": "1",
+    "time_submitted": "@start - INTERVAL (seq * 2) SECOND",
+    "time_updated": "@start - INTERVAL (seq * 2) SECOND + INTERVAL 60 SECOND",
+}
+
+
+def fill_jobs(backends, total):
+    """Fill the jobs table to `total` rows inside MariaDB (the seq engine), its secondary indexes built afterwards.
+
+    Realistic spread: 97% SUCCESS, 1% ERROR, 1% CANCELLED, 1% active; 100 submitters, 20 destination hosts,
+    a label per 1,000 jobs, one job every 2 s back from now, random job ids.  Returns the seconds it took,
+    and the table's data and index sizes in bytes.
+    """
+    from transferd.store import schema
+
+    start = time.monotonic()
+    connection = backends.connect()
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT COUNT(*) FROM jobs")
+        missing = total - cursor.fetchone()[0]
+        indexes = list(schema.JOBS.indexes)
+        cursor.execute("ALTER TABLE jobs " + ", ".join(f"DROP INDEX {index.name}" for index in indexes))
+        cursor.execute("SET @start = UTC_TIMESTAMP(6) - INTERVAL 1 HOUR")
+        cursor.execute(f"INSERT INTO jobs ({', '.join(GENERATED)}) SELECT {', '.join(GENERATED.values())}"
+                       f" FROM (SELECT seq, MD5(CONCAT(seq, '-', RAND())) AS h FROM seq_1_to_{missing}) AS generated")
+        connection.commit()
+        cursor.execute("ALTER TABLE jobs " + ", ".join(
+            f"ADD INDEX {index.name} ({', '.join(index.columns)})" for index in indexes))
+        cursor.execute("ANALYZE TABLE jobs")
+        cursor.fetchall()
+        cursor.execute("SELECT data_length, index_length FROM information_schema.TABLES"
+                       " WHERE table_schema = DATABASE() AND table_name = 'jobs'")
+        sizes = cursor.fetchone()
+        cursor.execute("SELECT @@innodb_buffer_pool_size")
+        pool = cursor.fetchone()[0]
+    finally:
+        connection.close()
+    return time.monotonic() - start, sizes, pool
+
+
+def list_shapes(backends, rng, count):
+    """(label, [request paths]) for each kind of listing measured, with random values and cursors."""
+    from transferd.api_v1 import encode_cursor
+
+    connection = backends.connect()
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT time_submitted, job_id FROM jobs ORDER BY RAND() LIMIT %s", (count,))
+        places = [encode_cursor(types.SimpleNamespace(time_submitted=moment.replace(tzinfo=datetime.timezone.utc),
+                                                       job_id=job_id)) for moment, job_id in cursor.fetchall()]
+    finally:
+        connection.close()
+    hour_ago = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    user = lambda: quote(f"/DC=org/DC=example/CN=User {rng.randrange(100)}")  # noqa: E731
+    shapes = {
+        "newest 100": lambda i: "",
+        "after a random cursor": lambda i: f"cursor={places[i]}",
+        "status=STAGING (0.3%)": lambda i: "status=STAGING",
+        "status=SUCCESS, random cursor": lambda i: f"status=SUCCESS&cursor={places[i]}",
+        "the 4 active states": lambda i: "status=SUBMITTED,STAGING,STAGED,TRANSFERRING",
+        "submitter (1% each)": lambda i: f"submitter={user()}",
+        "submitter, random cursor": lambda i: f"submitter={user()}&cursor={places[i]}",
+        "submitter + status=ERROR": lambda i: f"submitter={user()}&status=ERROR",
+        "label (1,000 jobs each)": lambda i: f"label=run-{rng.randrange(V1_LIST_ROWS // 1000)}",
+        "destination_host (5%)": lambda i: f"destination_host=se{rng.randrange(20)}.example.org",
+        "product_id": lambda i: f"product_id=product-{rng.randrange(1, V1_LIST_ROWS)}",
+        "updated_after 2 h ago": lambda i: f"updated_after={hour_ago}",
+    }
+    return [(label, [_get("/api/v1/jobs?" + make(i)) for i in range(count)]) for label, make in shapes.items()]
+
+
+# The list queries whose plans the report shows (query string -> JobFilter and cursor for list_query).
+EXPLAINED = (
+    ("(none)", {}, False),
+    ("cursor=...", {}, True),
+    ("status=STAGING", {"statuses": ("STAGING",)}, False),
+    ("status=SUBMITTED,STAGING,STAGED,TRANSFERRING", {"statuses": ("SUBMITTED", "STAGING", "STAGED", "TRANSFERRING")},
+     False),
+    ("submitter=...&cursor=...", {"submitter": "/DC=org/DC=example/CN=User 7"}, True),
+    ("submitter=...&status=ERROR", {"submitter": "/DC=org/DC=example/CN=User 7", "statuses": ("ERROR",)}, False),
+    ("label=...", {"label": "run-17"}, False),
+    ("destination_host=...", {"destination_host": "se3.example.org"}, False),
+    ("product_id=...", {"product_id": "product-4711"}, False),
+    ("updated_after=...", {"updated_after": datetime.datetime.now(datetime.timezone.utc)}, False),
+)
+
+
+def explain_list_queries(backends):
+    """EXPLAIN of the statement the store runs for each listing in EXPLAINED: [(query string, plan rows)]."""
+    from transferd import jobs
+    from transferd.store.mysql import MySQLJobStore
+
+    store = MySQLJobStore(None, None, None)  # only to build statements: no pool, no connection
+    connection = backends.connect()
+    plans = []
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT time_submitted, job_id FROM jobs ORDER BY time_submitted DESC LIMIT 500000, 1")
+        middle = cursor.fetchone()
+        for label, fields, paged in EXPLAINED:
+            statement, params = store.list_query(jobs.JobFilter(**fields), 101, middle if paged else None)
+            cursor.execute("EXPLAIN " + statement, params)
+            names = [column[0] for column in cursor.description]
+            plans.append((label, [dict(zip(names, row)) for row in cursor.fetchall()]))
+    finally:
+        connection.close()
+    return plans
+
+
+def v1_benchmark(args, work, root):
+    """Section 6: the v1 API on MySQL and RabbitMQ: batch submissions against the per-item floor; listings of 1M jobs."""
+    rng = random.Random(2)
+    workdir = os.path.join(root, "v1")
+    os.makedirs(workdir)
+    with contextlib.ExitStack() as stack:
+        backends, daemon = start_idle_daemon(args, stack, workdir, schemes="file, davs")
+        meter = CPUMeter(daemon.process.pid)
+        prepare_floor(backends)
+        step(f"v1: batches of {V1_BATCH} and the per-item raw floor")
+        batches, wide_floor = batch_throughput(daemon, backends, meter, work)
+        accepted = backends.count_jobs()
+        step(f"v1: filling the jobs table to {V1_LIST_ROWS} rows")
+        filled = fill_jobs(backends, V1_LIST_ROWS)
+        step("v1: GET /api/v1/jobs latencies")
+        listings = [(label, measure_http(daemon, meter, requests, 1, {200}))
+                    for label, requests in list_shapes(backends, rng, work["list"] + 1)]
+        plans = explain_list_queries(backends)
+        report_v1(batches, wide_floor, accepted, filled, listings, plans, memory_kib(daemon.process.pid))
+
+
+def report_v1(batches, wide_floor, accepted, filled, listings, plans, memory):
+    _heading(f"6. The v1 API: POST /api/v1/jobs, {V1_BATCH} jobs per request, vs the per-item raw floor"
+             f" (goal {V1_BATCH_GOAL:g}x)")
+    print(f"""\
+   workers idle as in section 2; floor = INSERT+COMMIT then persistent publish+confirm, per item (as in section 2)
+clients requests   jobs/s  p50 ms  p99 ms  daemon CPU ms/job  CPU% dmn  gen   db   mq |  floor/s | jobs/s / floor""")
+    for concurrency, (load, floor) in batches.items():
+        jobs_rate = load.rate * V1_BATCH
+        print(f"{concurrency:7d} {load.count:8d} {jobs_rate:8.0f} {load.percentile(50):7.1f} {load.percentile(99):7.1f}"
+              f" {load.daemon_ms / V1_BATCH:18.3f}      {_cpu(load.cpu_percent)} | {floor.sequence:8.0f} |"
+              f" {jobs_rate / floor.sequence:14.2f}")
+    print(f"{max(LEVELS):7d} {'':8s} {'':8s} {'':7s} {'':7s} {'':18s}      {'':19s} | {wide_floor.sequence:8.0f} |"
+          f"  (floor only)")
+    best_concurrency, (best, _) = max(batches.items(), key=lambda item: item[1][0].rate)
+    best_floor = max([floor.sequence for _, floor in batches.values()] + [wide_floor.sequence])
+    print(f"\nBest: {best.rate * V1_BATCH:.0f} jobs/s at {best_concurrency} client(s),"
+          f" {best.rate * V1_BATCH / best_floor:.2f}x the best per-item floor of this run ({best_floor:.0f}/s);"
+          f" the daemon used {best.cpu_percent['daemon']:.0f}% of a core, {best.daemon_ms / V1_BATCH:.3f} ms per job."
+          f"\n{accepted} jobs accepted in all.")
+    _heading(f"7. GET /api/v1/jobs with {V1_LIST_ROWS} jobs in the table (goal p99 < {V1_LIST_GOAL_MS:g} ms), 1 client")
+    print(f"""\
+   filled in {filled[0]:.0f} s inside MariaDB: data {_mib(filled[1][0] / 1024):.0f} MiB, indexes\
+ {_mib(filled[1][1] / 1024):.0f} MiB, innodb_buffer_pool_size {_mib(filled[2] / 1024):.0f} MiB;
+   limit=100 (the default); each shape with random values
+listing                              requests  p50 ms  p90 ms  p99 ms  daemon CPU ms/req  CPU% dmn   db  goal""")
+    for label, load in listings:
+        met = "met" if load.percentile(99) < V1_LIST_GOAL_MS else "NOT met"
+        print(f"{label:36s} {load.count:8d} {load.percentile(50):7.2f} {load.percentile(90):7.2f}"
+              f" {load.percentile(99):7.2f} {load.daemon_ms:18.2f}      {_cpu(load.cpu_percent, ('daemon', 'mariadb'))}"
+              f"  {met}")
+    print("\nEXPLAIN of the statements behind them (the store's list_query, limit 101):")
+    print("  (a deferred join: the subquery picks the page's ids from an index, then 101 rows come by primary key;"
+          " its plan:)")
+    for label, rows in plans:
+        for row in rows:
+            if row["select_type"] == "DERIVED":
+                print(f"  {label:44s} type={row['type']} key={row['key']} rows={row['rows']} Extra={row['Extra']}")
+    print(f"\nDaemon memory at the end: VmRSS {_mib(memory['VmRSS']):.1f} MiB, peak {_mib(memory['VmHWM']):.1f} MiB.",
+          flush=True)
+
+
 # -- the report -------------------------------------------------------------------
 
 
@@ -1078,7 +1316,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
     parser.add_argument("--only", action="append", choices=SECTIONS,
-                        help="run only this part (repeatable): backends (sections 1-3), e2e (4), rss (5)")
+                        help="run only this part (repeatable): backends (sections 1-3), e2e (4), rss (5), v1 (6-7)")
     parser.add_argument("--prefetch", type=int, action="append",
                         help="end to end with this [queue] prefetch (repeatable; default 8 and 32, --quick 32)")
     parser.add_argument("--e2e-jobs", type=int, help="jobs per end-to-end run (default 2000, --quick 300)")
@@ -1094,20 +1332,26 @@ def step(what):
     print(f"-- {what}", file=sys.stderr, flush=True)
 
 
+def start_idle_daemon(args, stack, workdir, **options):
+    """A fresh database and queue prefix and the daemon on them, its workers idle; the stack undoes all of it."""
+    backends = Backends(args.mysql_url, args.amqp_url)
+    stack.callback(backends.close)
+    daemon = Daemon(workdir, backends, args.pool_max, **options)
+    stack.callback(daemon.stop)
+    stack.callback(step, "cleaning up: stopping the daemon, dropping the database and the queues")
+    step(f"starting the daemon (database {backends.database}, queue prefix {backends.prefix})")
+    daemon.start()
+    step(f"the daemon runs as pid {daemon.process.pid} on port {daemon.port}")
+    return backends, daemon
+
+
 def backends_benchmark(args, work, root):
     """Sections 1 to 3: the API alone (workers idle) on MySQL and RabbitMQ, and the raw floor."""
     rng = random.Random(1)
     workdir = os.path.join(root, "backends")
     os.makedirs(workdir)
     with contextlib.ExitStack() as stack:
-        backends = Backends(args.mysql_url, args.amqp_url)
-        stack.callback(backends.close)
-        daemon = Daemon(workdir, backends, args.pool_max)
-        stack.callback(daemon.stop)
-        stack.callback(step, "cleaning up: stopping the daemon, dropping the database and the queues")
-        step(f"starting the daemon (database {backends.database}, queue prefix {backends.prefix})")
-        daemon.start()
-        step(f"the daemon runs as pid {daemon.process.pid} on port {daemon.port}")
+        backends, daemon = start_idle_daemon(args, stack, workdir)
         meter = CPUMeter(daemon.process.pid)
         step("load-generator check")
         probe = loadgen_check(daemon, meter, work)
@@ -1154,6 +1398,8 @@ def main(argv=None):
             report_e2e([end_to_end(args, work, root, prefetch) for prefetch in work["prefetch"]], args.pool_max)
         if "rss" in sections:
             report_memory(daemon_memory(args, work, root))
+        if "v1" in sections:
+            v1_benchmark(args, work, root)
         print(f"\nThe whole run took {time.monotonic() - started:.0f} s.", flush=True)
         return 0
     except KeyboardInterrupt:

@@ -27,19 +27,32 @@ ensure_venv() {
     local extras=$1
     command -v python3 >/dev/null || apt_install python3
     if [ ! -x "$VENV/bin/python" ]; then
-        python3 -m venv "$VENV" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$VENV"; }
+        # python3-venv brings ensurepip; ca-certificates lets pip verify PyPI
+        apt_install python3-venv ca-certificates
+        python3 -m venv "$VENV"
     fi
     say "installing transferd${extras} into .venv"
     "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-    # compat mode puts the checkout on sys.path, so twistd finds twisted/plugins/transferd_plugin.py
-    if ! "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT$extras" \
-            --config-settings editable_mode=compat >"$VENV/pip-install.log" 2>&1; then
+    if ! "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT$extras" >"$VENV/pip-install.log" 2>&1; then
         cat "$VENV/pip-install.log" >&2
         echo "pip could not install transferd (log above, also in .venv/pip-install.log)" >&2
         exit 1
     fi
+    plugin_path "$VENV"
+}
+
+plugin_path() {
+    # plugin_path VENV : let the venv's twistd find the checkout's twisted/plugins.
+    # An editable install maps the transferd package only; twistd looks for
+    # plugins in every sys.path entry's twisted/plugins directory, so a .pth
+    # adds a directory whose twisted/plugins is a link to the checkout's.
+    local venv=$1 site
+    site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    mkdir -p "$venv/transferd-plugins/twisted"
+    ln -sfn "$ROOT/twisted/plugins" "$venv/transferd-plugins/twisted/plugins"
+    echo "$venv/transferd-plugins" >"$site/transferd-plugins.pth"
     # Regenerate Twisted's plugin cache so twistd finds 'transferd' at once.
-    "$VENV/bin/python" -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+    "$venv/bin/python" -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 }
 
 wait_port() {
@@ -53,15 +66,37 @@ wait_port() {
     return 1
 }
 
+start_logged() {
+    # start_logged NAME LOG PORT SECONDS COMMAND... : start a server in the background, its output
+    # in LOG, and wait until it listens on PORT; if it exits or stays silent, show its output and stop.
+    local name=$1 log=$2 port=$3 seconds=$4 pid
+    shift 4
+    say "starting $name (output in $log)"
+    : >"$log"
+    as_root nohup "$@" >>"$log" 2>&1 </dev/null &
+    pid=$!
+    for _ in $(seq "$((seconds * 2))"); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "$name exited before listening on 127.0.0.1:$port; its output ($log):" >&2
+            tail -n 40 "$log" >&2
+            exit 1
+        fi
+        sleep 0.5
+    done
+    echo "$name does not listen on 127.0.0.1:$port after ${seconds}s; its output ($log):" >&2
+    tail -n 40 "$log" >&2
+    exit 1
+}
+
 ensure_mariadb() {
     # MariaDB on 127.0.0.1:3306 with root and an empty password, database 'test'.
     [ -x /usr/sbin/mariadbd ] || apt_install mariadb-server
     apt_install mariadb-client
     if ! (exec 3<>/dev/tcp/127.0.0.1/3306) 2>/dev/null; then
-        say "starting MariaDB"
         as_root install -d -o mysql -g mysql /run/mysqld
-        as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
-        wait_port 3306 60
+        # mariadbd refuses to run as root: it runs as the mysql user Debian's package made.
+        start_logged MariaDB /tmp/transferd-mariadb.log 3306 60 /usr/sbin/mariadbd --user=mysql
     fi
     if ! mariadb -h127.0.0.1 -uroot -e "SELECT 1" >/dev/null 2>&1; then
         # A fresh Debian install lets root in only through the socket: allow the empty TCP password tests use.
@@ -75,11 +110,13 @@ ensure_rabbitmq() {
     # RabbitMQ on 127.0.0.1:5672 with guest/guest.
     command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
     if ! as_root rabbitmqctl -q status >/dev/null 2>&1; then
-        say "starting RabbitMQ"
-        as_root rabbitmq-server -detached
+        # Debian's rabbitmq-server runs the node as the rabbitmq user; in the foreground its errors reach the log.
+        start_logged RabbitMQ /tmp/transferd-rabbitmq.log 5672 120 rabbitmq-server
     fi
-    as_root rabbitmqctl -q await_startup --timeout 120 >/dev/null 2>&1 || true
     # The app may have been stopped (rabbitmqctl stop_app) while the node runs.
-    (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null || as_root rabbitmqctl -q start_app >/dev/null 2>&1 || true
+    if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+        as_root rabbitmqctl -q await_startup --timeout 120 >/dev/null 2>&1 || true
+        as_root rabbitmqctl -q start_app >/dev/null 2>&1 || true
+    fi
     wait_port 5672 120
 }

@@ -5,8 +5,9 @@
 # With arguments, runs just pytest with them (e.g. scripts/test.sh tests/test_api.py -x).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # swig and libssl-dev build M2Crypto, needed by the official FTS3 client (PyPI fts3) the tests run;
-# the openssl command checks the tests' certificate hashes and DNs against OpenSSL's own.
-apt_install build-essential pkg-config libmariadb-dev python3-dev curl swig libssl-dev openssl
+# the openssl command checks the tests' certificate hashes and DNs against OpenSSL's own;
+# tmux gives transferctl watch a real terminal to draw in (tests/test_cli_terminal.py).
+apt_install build-essential pkg-config libmariadb-dev python3-dev curl swig libssl-dev openssl tmux
 ensure_venv "[mysql,test]"
 ensure_mariadb
 ensure_rabbitmq
@@ -14,9 +15,13 @@ cd "$ROOT"
 if [ $# -gt 0 ]; then
     exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
 fi
-# Two phases: everything that can share the machine runs in parallel; tests
-# marked serial (they stop RabbitMQ's app) run alone afterwards.
+# Three phases: everything that can share the machine runs in parallel; the
+# outage tests (slow, mostly waiting, each with servers of its own) run side
+# by side, one worker each; tests marked serial (they stop RabbitMQ's app)
+# run alone afterwards.
 say "running the test suite (parallel phase)"
-"$VENV/bin/python" -m pytest -n 2 -p no:cacheprovider -m "not serial"
+"$VENV/bin/python" -m pytest -n 2 -p no:cacheprovider -m "not serial and not outage"
+say "running the test suite (outage phase: servers killed and restarted)"
+"$VENV/bin/python" -m pytest -n 4 -p no:cacheprovider -m outage
 say "running the test suite (serial phase: broker restarts)"
 "$VENV/bin/python" -m pytest -p no:cacheprovider -m serial

@@ -8,7 +8,7 @@ names are private to the test, and may set redelivery_wait (seconds).
 from twisted.internet import defer, reactor, task
 from zope.interface.verify import verifyObject
 
-from transferd.interfaces import IJobQueue
+from transferd.interfaces import IJobQueue, StoreUnavailable
 from tests.support import wait_for
 
 
@@ -112,3 +112,32 @@ class JobQueueContract:
         yield wait_for(lambda: len(attempts) == 2, self.redelivery_wait * 2)
         yield task.deferLater(reactor, 0.3, lambda: None)
         self.assertEqual(attempts, ["flaky", "flaky"])
+
+    @defer.inlineCallbacks
+    def test_store_outage_does_not_count(self):
+        """When a handler fails because the job store is away, more often than max_deliveries, it is not dead-lettered."""
+        queue = yield self._queue(max_deliveries=2)
+        attempts = []
+
+        def handler(job_id):
+            attempts.append(job_id)
+            if len(attempts) <= 4:
+                raise StoreUnavailable("the database at db:3306/transferd is unreachable")
+
+        queue.consume("staging", handler, 1, NO_DEAD_LETTERS)
+        yield queue.publish("staging", "waits-for-the-store")
+        yield wait_for(lambda: len(attempts) == 5, self.redelivery_wait * 5)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(len(attempts), 5)
+
+    @defer.inlineCallbacks
+    def test_publish_many_delivers_every_id(self):
+        """publish_many() fires once every id is accepted, and each id reaches the consumer once."""
+        queue = yield self._queue()
+        seen = []
+        queue.consume("staging", seen.append, 8, NO_DEAD_LETTERS)
+        batch = [f"job-{i}" for i in range(100)]
+        yield queue.publish_many("staging", batch)
+        yield wait_for(lambda: len(seen) >= 100, self.redelivery_wait)
+        self.assertEqual(sorted(seen), sorted(batch))
+        yield queue.publish_many("staging", [])

@@ -11,6 +11,7 @@ from zope.interface.verify import verifyObject
 
 from transferd import jobs, leases
 from transferd.interfaces import IJobStore
+from transferd.store.sql import SubmissionExists
 
 
 def a_job(**overrides):
@@ -348,3 +349,131 @@ class JobStoreContract:
                          (5, "run-7", '{"obs": 42}', "se.example.org"))
         self.assertNotIn("label", got.public_view())
         self.assertEqual(got.public_view(v1=True)["metadata"], {"obs": 42})
+
+    @defer.inlineCallbacks
+    def test_create_many_commits_jobs_and_history_together(self):
+        """create_many() stores every job SUBMITTED under the hold, each with its first history row."""
+        batch = [a_job(submitter="CN=Ann", label=f"l{i}") for i in range(3)]
+        yield self.store.create_many(batch, hold=leases.in_queue(30), actor="CN=Ann")
+        for job in batch:
+            got = yield self.store.get(job.job_id)
+            self.assertEqual((got.status, got.label, got.lease_owner, got.lease_until),
+                             (jobs.SUBMITTED, job.label, leases.IN_QUEUE, self.clock.seconds() + 30))
+            history = yield self.store.events(job.job_id)
+            self.assertEqual([(e["new_status"], e["actor"]) for e in history], [(jobs.SUBMITTED, "CN=Ann")])
+
+    @defer.inlineCallbacks
+    def test_create_many_is_all_or_nothing(self):
+        """When one job of a batch cannot be stored, none of the batch is."""
+        existing = yield self._submitted()
+        batch = [a_job(), a_job(job_id=existing.job_id), a_job()]
+        yield self.assertFailure(self.store.create_many(batch), Exception)
+        self.assertIsNone((yield self.store.get(batch[0].job_id)))
+        self.assertIsNone((yield self.store.get(batch[2].job_id)))
+        self.assertEqual(len((yield self.store.events(existing.job_id))), 1)
+
+    @defer.inlineCallbacks
+    def test_submission_stored_once(self):
+        """A submission's answer is stored with its jobs; the same submitter and id again fails and creates nothing."""
+        first = [a_job(submitter="CN=Ann")]
+        answer = {"submission_id": "s-1", "accepted": 1, "results": [{"index": 0, "job_id": first[0].job_id}]}
+        self.assertIsNone((yield self.store.submission("CN=Ann", "s-1")))
+        yield self.store.create_many(first, submission=jobs.Submission("CN=Ann", "s-1", answer))
+        self.assertEqual((yield self.store.submission("CN=Ann", "s-1")), answer)
+        again = [a_job(submitter="CN=Ann")]
+        yield self.assertFailure(
+            self.store.create_many(again, submission=jobs.Submission("CN=Ann", "s-1", {"other": True})),
+            SubmissionExists)
+        self.assertIsNone((yield self.store.get(again[0].job_id)))
+        self.assertEqual((yield self.store.submission("CN=Ann", "s-1")), answer)
+        self.assertIsNone((yield self.store.submission("CN=Bob", "s-1")))
+        yield self.store.create_many([], submission=jobs.Submission(None, "s-1", {"refused": 1}))
+        self.assertEqual((yield self.store.submission(None, "s-1")), {"refused": 1})
+
+    @defer.inlineCallbacks
+    def _listed(self, job_filter=jobs.JobFilter(), limit=100, after=None):
+        return [job.job_id for job in (yield self.store.list_jobs(job_filter, limit, after))]
+
+    @defer.inlineCallbacks
+    def test_list_jobs_newest_first_with_filters(self):
+        """list_jobs() orders by time_submitted then job_id, newest first, and each filter narrows it."""
+        old = yield self._submitted(submitter="CN=Ann", label="run-1", destination_path="davs://a.example.org/d")
+        self.clock.advance(10)
+        middle = yield self._submitted(submitter="CN=Bob", product_id="other", label="run-1")
+        self.clock.advance(10)
+        new = yield self._submitted(submitter="CN=Ann")
+        yield self.store.transition(new.job_id, jobs.SUBMITTED, jobs.STAGING)
+        t0 = jobs.utc_from_seconds(self.clock.seconds())
+        self.assertEqual((yield self._listed()), [new.job_id, middle.job_id, old.job_id])
+        self.assertEqual((yield self._listed(limit=2)), [new.job_id, middle.job_id])
+        cases = [
+            (jobs.JobFilter(statuses=(jobs.STAGING,)), [new]),
+            (jobs.JobFilter(statuses=(jobs.STAGING, jobs.SUBMITTED)), [new, middle, old]),
+            (jobs.JobFilter(submitter="CN=Ann"), [new, old]),
+            (jobs.JobFilter(label="run-1"), [middle, old]),
+            (jobs.JobFilter(product_id="other"), [middle]),
+            (jobs.JobFilter(destination_host="a.example.org"), [old]),
+            (jobs.JobFilter(submitted_after=jobs.utc_from_seconds(self.clock.seconds() - 15)), [new, middle]),
+            (jobs.JobFilter(submitted_before=jobs.utc_from_seconds(self.clock.seconds() - 15)), [old]),
+            (jobs.JobFilter(updated_after=jobs.utc_from_seconds(self.clock.seconds() - 1)), [new]),
+            (jobs.JobFilter(job_ids=(old.job_id, new.job_id), submitter="CN=Ann"), [new, old]),
+            (jobs.JobFilter(label="run-1", submitter="CN=Ann", statuses=(jobs.SUBMITTED,)), [old]),
+            (jobs.JobFilter(submitted_after=t0), []),
+        ]
+        for job_filter, expected in cases:
+            self.assertEqual((yield self._listed(job_filter)), [job.job_id for job in expected], job_filter)
+
+    @defer.inlineCallbacks
+    def test_list_jobs_pages_neither_skip_nor_repeat(self):
+        """Paging with after= the last job seen returns every job once, ties in time included, while jobs arrive."""
+        existing = []
+        for i in range(7):
+            existing.append((yield self._submitted()))
+            if i % 3 == 2:
+                self.clock.advance(1)  # several jobs share each time_submitted
+        seen, after = [], None
+        while True:
+            page = yield self.store.list_jobs(jobs.JobFilter(), 2, after)
+            seen += [job.job_id for job in page]
+            yield self._submitted()  # a new job arrives between pages
+            if len(page) < 2:
+                break
+            after = (page[-1].time_submitted, page[-1].job_id)
+        self.assertEqual(sorted(seen), sorted(job.job_id for job in existing))
+        self.assertEqual(len(seen), len(set(seen)))
+
+    @defer.inlineCallbacks
+    def test_count_before(self):
+        """count_before() counts the jobs in a state that entered it before a moment (the jobs ahead in a queue)."""
+        first = yield self._submitted()
+        self.clock.advance(1)
+        second = yield self._submitted()
+        self.clock.advance(1)
+        yield self._submitted()
+        yield self.store.transition(first.job_id, jobs.SUBMITTED, jobs.STAGING)
+        now = jobs.utc_from_seconds(self.clock.seconds())
+        self.assertEqual((yield self.store.count_before(jobs.SUBMITTED, "time_submitted", now)), 1)
+        got = yield self.store.get(second.job_id)
+        self.assertEqual((yield self.store.count_before(jobs.SUBMITTED, "time_submitted", got.time_submitted)), 0)
+        self.assertEqual((yield self.store.count_before(jobs.STAGING, "time_updated", now)), 0)
+        self.assertEqual((yield self.store.count_before(
+            jobs.STAGING, "time_updated", jobs.utc_from_seconds(self.clock.seconds() + 1))), 1)
+        self.assertRaises(ValueError, self.store.count_before, jobs.SUBMITTED, "status; DROP TABLE jobs", now)
+
+    @defer.inlineCallbacks
+    def test_recent_successes(self):
+        """recent_successes() returns the latest jobs to a host that succeeded, submitted since a moment."""
+        done = []
+        for i in range(3):
+            job = yield self._submitted(destination_path="davs://se.example.org/d")
+            for old, new in ((jobs.SUBMITTED, jobs.STAGING), (jobs.STAGING, jobs.STAGED),
+                             (jobs.STAGED, jobs.TRANSFERRING), (jobs.TRANSFERRING, jobs.SUCCESS)):
+                yield self.store.transition(job.job_id, old, new)
+            done.append(job.job_id)
+            self.clock.advance(10)
+        yield self._submitted(destination_path="davs://se.example.org/d")  # not done
+        yield self._submitted(destination_path="davs://other.example.org/d")
+        since = jobs.utc_from_seconds(self.clock.seconds() - 25)
+        found = yield self.store.recent_successes("se.example.org", since, 10)
+        self.assertEqual([job.job_id for job in found], [done[2], done[1]])
+        self.assertEqual(len((yield self.store.recent_successes("se.example.org", since, 1))), 1)

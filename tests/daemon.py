@@ -1,5 +1,6 @@
 """Run the real `twistd -n transferd` as a subprocess for end-to-end and fault tests."""
 
+import glob
 import os
 import signal
 import socket
@@ -62,6 +63,8 @@ class Daemon:
         self.name = name
         self.process = None
         self.starts = 0
+        self.command = [TWISTD]  # what runs twistd (tests/crashing_twistd.py, for one)
+        self.options = []  # more `twistd transferd` options, after --config
 
     @property
     def logfile(self):
@@ -69,15 +72,20 @@ class Daemon:
 
     @defer.inlineCallbacks
     def start(self, timeout=30):
+        self.launch()
+        yield wait_for(self._answers, timeout, interval=0.1)
+
+    def launch(self):
+        """Start the process without waiting for it (tests without a reactor wait in their own way)."""
         self.starts += 1
         self.process = subprocess.Popen(
-            [TWISTD, "--pidfile=", "-n", "--logfile", self.logfile, "transferd", "--config", self.config_path],
+            [*self.command, "--pidfile=", "-n", "--logfile", self.logfile, "transferd", "--config", self.config_path,
+             *self.options],
             cwd=self.workdir,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=open(self.logfile + ".stderr", "w"),
         )
-        yield wait_for(self._answers, timeout, interval=0.1)
 
     @defer.inlineCallbacks
     def _answers(self):
@@ -107,8 +115,9 @@ class Daemon:
         """Every log line this daemon wrote, across restarts."""
         text = []
         for start in range(1, self.starts + 1):
-            for suffix in ("", ".stderr"):
-                path = os.path.join(self.workdir, f"{self.name}-{start}.log{suffix}")
+            log = os.path.join(self.workdir, f"{self.name}-{start}.log")
+            rotated = sorted(glob.glob(glob.escape(log) + ".[0-9]*"), key=lambda path: -int(path.rsplit(".", 1)[1]))
+            for path in [*rotated, log, log + ".stderr"]:  # twistd rotates its log every megabyte: oldest first
                 if os.path.exists(path):
                     with open(path, errors="replace") as handle:
                         text.append(handle.read())

@@ -7,6 +7,7 @@ from twisted.trial import unittest
 
 from transferd import jobs
 from transferd.pipeline import hash_authcode
+from transferd.store.sql import DatabaseUnavailable
 from tests.harness import Harness
 
 
@@ -149,6 +150,29 @@ class SubmitTransferTests(APITestCase):
         data = yield self.assertRefused(500, self.submit(), "internal error")
         self.assertNotIn("disk on fire", data["msg"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class StoreUnavailableTests(APITestCase):
+    @defer.inlineCallbacks
+    def unavailable(self, method, path, **kwargs):
+        """The answer while the store says its database is away: 503 with Retry-After and what to do."""
+        def away(*args, **kwargs):
+            return defer.fail(DatabaseUnavailable("the database at db:3306/transferd is unreachable (refused)"))
+
+        self.h.store.get = self.h.store.create = away
+        response, body = yield self.h.request(method, path, **kwargs)
+        self.assertEqual((response.code, response.headers.getRawHeaders("retry-after")), (503, ["5"]))
+        self.assertEqual(json.loads(body), {"job_id": None, "error": True, "msg": "the job store is unavailable right"
+                                                                                  " now; try again in 5 seconds"})
+
+    def test_submit_while_the_database_is_away(self):
+        """While the database is away, /submitTransfer answers 503 with Retry-After, not 500."""
+        return self.unavailable("POST", "/submitTransfer",
+                                data={"product_id": "sample-001", "destination_path": self.h.destination})
+
+    def test_status_while_the_database_is_away(self):
+        """While the database is away, /transferStatus answers 503 with Retry-After, not 500."""
+        return self.unavailable("GET", "/transferStatus?job_id=" + jobs.new_job_id())
 
 
 class TransferStatusTests(APITestCase):

@@ -15,7 +15,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 
 from transferd.auth.tokens import (FETCH_TIMEOUT, LEEWAY, MAX_JWKS_BYTES, REFETCH_INTERVAL, JWKSError, TokenError,
-                                   TokenVerifier, parse_jwks)
+                                   TokenVerifier, TrustedIssuer, parse_jwks)
 from transferd.testing.tokens import AUDIENCE, JWKSServer, TokenIssuer, compact
 
 ISS_A = "https://idp-a.example.org"
@@ -188,16 +188,24 @@ class FileJWKSTests(VerifierTestCase):
         forged = compact(self.a.header("ES256"), self.a.claims(), b"x" * 64)
         await self.refused(self.verifier, forged, f"the key {self.a.kid} of issuer {ISS_A} is not an ES256 key")
 
-    async def test_token_without_kid(self):
-        """When a token has no kid, the issuer's only key of its type verifies it; with several, it is refused."""
-        self.assertEqual(await self.accepted(self.verifier, self.a.token(headers={"kid": None})), (ISS_A, "alice"))
-        await self.refused(self.verifier, self.b.token(headers={"kid": None}, extra={"iss": ISS_A}),
+    async def test_token_without_kid_refused(self):
+        """When a token has no kid and its issuer is not configured to allow that, it is refused naming the profile."""
+        await self.refused(self.verifier, self.a.token(headers={"kid": None}),
+                           f"the token names no key (kid), which the WLCG token profile requires; issuer {ISS_A}")
+
+    async def test_token_without_kid_where_allowed(self):
+        """When the issuer is trusted kid-optional, a token without kid is verified by its only key of that type."""
+        verifier = self.start({ISS_A: TrustedIssuer(self.jwks_file(self.a), kid_optional=True),
+                               ISS_B: TrustedIssuer(self.jwks_file(self.b))})
+        self.assertEqual(await self.accepted(verifier, self.a.token(headers={"kid": None})), (ISS_A, "alice"))
+        await self.refused(verifier, self.b.token(headers={"kid": None}, extra={"iss": ISS_A}),
                            f"issuer {ISS_A} has no ES256 key")
+        await self.refused(verifier, self.b.token(headers={"kid": None}), "the token names no key (kid)")
         second = TokenIssuer(ISS_A, "rsa")
         path = os.path.join(self.directory, "two.json")
         with open(path, "w", encoding="utf-8") as handle:
             json.dump({"keys": [self.a.jwk(), second.jwk()]}, handle)
-        verifier = self.start({ISS_A: path})
+        verifier = self.start({ISS_A: TrustedIssuer(path, kid_optional=True)})
         await self.refused(verifier, second.token(headers={"kid": None}),
                            f"the token names no key (kid) and issuer {ISS_A} has several RS256 keys")
         self.assertEqual(await self.accepted(verifier, second.token()), (ISS_A, "alice"))

@@ -11,6 +11,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from transferd.config import ConfigError, load_config
+from transferd.interfaces import ServiceAway
 from transferd.stagers import callback
 from transferd.stagers.callback import CallbackStager
 from transferd.testing.servers import QuietSite, TrackingFactory
@@ -96,7 +97,7 @@ class CallbackStagerTests(unittest.TestCase):
         self.clock = task.Clock()
 
     def make(self, url=None, clock=None, **overrides):
-        settings = dict(timeout=600.0, max_attempts=3, retry_delay=2.0, request_timeout=30.0, random=lambda: 0.5)
+        settings = dict(timeout=600.0, max_attempts=3, retry_delay=2.0, request_timeout=30.0)
         settings.update(overrides)
         stager = CallbackStager(url or self.served.url + "/stage", "http://transferd.example.org:8080/",
                                 reactor, clock or self.clock, **settings)
@@ -105,15 +106,9 @@ class CallbackStagerTests(unittest.TestCase):
         return stager
 
     @defer.inlineCallbacks
-    def wait_for_retry(self, requests):
-        """Wait until the server has seen requests POSTs and the stager sleeps on the clock; return the sleep."""
-        yield wait_for(lambda: len(self.fake.of("POST")) == requests and self.sleeps())
-        return self.sleeps()[0]
-
-    def sleeps(self):
-        """Delayed calls on the clock other than request timeouts (30 s)."""
-        return [call.getTime() - self.clock.seconds() for call in self.clock.getDelayedCalls()
-                if call.getTime() - self.clock.seconds() < 30]
+    def away(self, stager):
+        """Stage once; fire the ServiceAway it fails with."""
+        return (yield self.assertFailure(stager.stage(a_job("sample-001"), "code"), ServiceAway))
 
     @defer.inlineCallbacks
     def test_accepted_request_fires_none(self):
@@ -130,55 +125,53 @@ class CallbackStagerTests(unittest.TestCase):
         self.assertIs((yield stager.check("sample-001")), None)
 
     @defer.inlineCallbacks
-    def test_unavailable_stager_is_retried_with_backoff(self):
-        """When the stager answers 503 twice, the same request is sent again after jittered, doubling waits."""
-        self.fake.answers.extend([(503, b'{"msg": "busy"}'), (503, b"busy")])
-        stager = self.make(random=lambda: 0.5)
-        job = a_job("sample-001")
-        staging = stager.stage(job, "code")
-        self.assertEqual((yield self.wait_for_retry(1)), 1.0)  # half of retry_delay (2 s)
-        self.clock.advance(1.0)
-        self.assertEqual((yield self.wait_for_retry(2)), 2.0)  # half of 4 s
-        self.clock.advance(2.0)
-        self.assertIsNone((yield staging))
-        bodies = [seen.body for seen in self.fake.requests]
-        self.assertEqual(len(bodies), 3)
-        self.assertEqual(bodies[0], bodies[2])
-
-    def test_backoff_ceiling_doubles_up_to_a_limit(self):
-        """The wait before retry n is drawn below retry_delay * 2**(n-1), never above max_retry_delay."""
-        stager = self.make(retry_delay=2.0, max_retry_delay=10.0, random=lambda: 0.999)
-        waits = [stager._backoff(n) for n in range(1, 6)]
-        self.assertEqual([round(w, 2) for w in waits], [2.0, 4.0, 7.99, 9.99, 9.99])
-        self.assertEqual(self.make(random=lambda: 0.0)._backoff(3), 0.0)
+    def test_unavailable_stager_is_away(self):
+        """A 503 is ServiceAway after one request, with the stager's message; the pipeline asks again later."""
+        self.fake.answers.append((503, b'{"msg": "tape library in maintenance"}'))
+        away = yield self.away(self.make())
+        self.assertEqual(str(away), f"the stager at {self.served.url}/stage cannot take requests now: HTTP 503:"
+                                    " tape library in maintenance")
+        self.assertEqual(away.retry_after, 2.0)
+        self.assertEqual(len(self.fake.requests), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     @defer.inlineCallbacks
-    def test_unreachable_stager_fails_after_max_attempts(self):
-        """When nothing listens at the stager's URL, stage() fires a failure naming the URL, attempts and error."""
+    def test_retry_after_is_followed(self):
+        """A stager's Retry-After longer than retry_delay is the wait; an HTTP date or nonsense is not."""
+        def answer(retry_after):
+            def render(request):
+                request.setResponseCode(503)
+                request.setHeader("Retry-After", retry_after)
+                return b""
+            return render
+
+        self.fake.answers.extend([answer("120"), answer("Wed, 21 Oct 2026 07:28:00 GMT"), answer("nan"),
+                                  answer("1"), answer("999999")])
+        stager = self.make()
+        waits = []
+        for _ in range(5):
+            waits.append((yield self.away(stager)).retry_after)
+        self.assertEqual(waits, [120.0, 2.0, 2.0, 2.0, 3600.0])
+
+    @defer.inlineCallbacks
+    def test_unreachable_stager_is_away(self):
+        """When nothing listens at the stager's URL, stage() fails with ServiceAway naming the URL and the error."""
         url = f"http://127.0.0.1:{free_port()}/stage"
-        stager = self.make(url=url, clock=reactor, max_attempts=3, retry_delay=0.01)
-        result = yield stager.stage(a_job("sample-001"), "code")
-        self.assertFalse(result.success)
-        self.assertIn(f"the stager at {url} could not be reached after 3 attempts: ", result.msg)
-        self.assertIn("refused", result.msg)
+        away = yield self.away(self.make(url=url, clock=reactor))
+        self.assertIn(f"the stager at {url} cannot be reached: ", str(away))
+        self.assertIn("refused", str(away))
 
     @defer.inlineCallbacks
-    def test_server_errors_exhaust_attempts(self):
-        """When every try answers 5xx, the failure carries the last status and the stager's message."""
-        self.fake.default = (500, b'{"error": true, "msg": "tape library offline"}')
-        stager = self.make(clock=reactor, max_attempts=2, retry_delay=0.01)
-        result = yield stager.stage(a_job("sample-001"), "code")
-        self.assertFalse(result.success)
-        self.assertIn("could not be reached after 2 attempts: HTTP 500: tape library offline", result.msg)
-        self.assertEqual(len(self.fake.requests), 2)
-
-    @defer.inlineCallbacks
-    def test_too_many_requests_is_retried(self):
-        """429 and 408 mean "later": they are retried like 5xx."""
-        self.fake.answers.extend([(429, b""), (408, b"")])
-        stager = self.make(clock=reactor, max_attempts=3, retry_delay=0.01)
-        self.assertIsNone((yield stager.stage(a_job("sample-001"), "code")))
-        self.assertEqual(len(self.fake.requests), 3)
+    def test_server_errors_and_later_answers_are_away(self):
+        """500, 429 and 408 all mean "later": ServiceAway with the status."""
+        self.fake.answers.extend([(500, b'{"error": true, "msg": "tape library offline"}'), (429, b""), (408, b"")])
+        stager = self.make(clock=reactor)
+        messages = []
+        for _ in range(3):
+            messages.append(str((yield self.away(stager))))
+        self.assertIn("HTTP 500: tape library offline", messages[0])
+        self.assertIn("HTTP 429", messages[1])
+        self.assertIn("HTTP 408", messages[2])
 
     @defer.inlineCallbacks
     def test_refusal_fails_at_once(self):
@@ -195,25 +188,16 @@ class CallbackStagerTests(unittest.TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     @defer.inlineCallbacks
-    def test_hung_stager_times_out_and_is_retried(self):
-        """A request without a complete answer within request_timeout is abandoned and tried again."""
+    def test_hung_stager_is_away(self):
+        """A request without a complete answer within request_timeout is abandoned: ServiceAway saying so."""
         self.fake.answers.append(None)
         stager = self.make(request_timeout=30.0)
         staging = stager.stage(a_job("sample-001"), "code")
         yield wait_for(lambda: self.fake.hanging)
         self.clock.advance(30.0)
-        self.assertEqual((yield self.wait_for_retry(1)), 1.0)
-        self.clock.advance(1.0)
-        self.assertIsNone((yield staging))
-        self.assertEqual(len(self.fake.requests), 2)
-
-    @defer.inlineCallbacks
-    def test_hung_stager_message(self):
-        """When every try hangs, the failure says no complete answer came in time."""
-        self.fake.default = None
-        stager = self.make(clock=reactor, max_attempts=2, retry_delay=0.01, request_timeout=0.2)
-        result = yield stager.stage(a_job("sample-001"), "code")
-        self.assertIn("could not be reached after 2 attempts: no complete answer within 0.2s", result.msg)
+        away = yield self.assertFailure(staging, ServiceAway)
+        self.assertIn("cannot be reached: no complete answer within 30s", str(away))
+        self.assertEqual(len(self.fake.requests), 1)
 
     @defer.inlineCallbacks
     def test_cancel_and_free_copy_send_delete(self):
@@ -236,21 +220,6 @@ class CallbackStagerTests(unittest.TestCase):
         yield stager.free_copy(job)
         yield wait_for(lambda: not stager._work)
 
-    def retrying(self):
-        """A stager whose stage() waits to retry a 503; fires (stager, stage() Deferred)."""
-        self.fake.answers.append((503, b""))
-        stager = self.make()
-        staging = stager.stage(a_job("sample-001"), "code")
-        return self.wait_for_retry(1).addCallback(lambda _: (stager, staging))
-
-    @defer.inlineCallbacks
-    def test_stop_cancels_pending_retries(self):
-        """Stopping during a retry wait fails stage() with CancelledError and leaves no timer behind."""
-        stager, staging = yield self.retrying()
-        yield stager.stopService()
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        yield self.assertFailure(staging, defer.CancelledError)
-
     @defer.inlineCallbacks
     def test_stop_cancels_requests_in_flight(self):
         """Stopping with a request hanging cancels it: stage() fails with CancelledError."""
@@ -263,13 +232,15 @@ class CallbackStagerTests(unittest.TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     @defer.inlineCallbacks
-    def test_cancelled_stage_call_stops_retrying(self):
-        """Cancelling stage() during a retry wait (the daemon stopping) ends it: no timer, no further POST."""
-        stager, staging = yield self.retrying()
+    def test_cancelled_stage_call_stops_the_request(self):
+        """Cancelling stage() while the stager hangs (the daemon stopping) ends it: no timer, nothing left."""
+        self.fake.answers.append(None)
+        stager = self.make()
+        staging = stager.stage(a_job("sample-001"), "code")
+        yield wait_for(lambda: self.fake.hanging)
         staging.cancel()
         yield self.assertFailure(staging, defer.CancelledError)
         self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.assertEqual(len(self.fake.of("POST")), 1)
         self.assertFalse(stager._work)
 
 
@@ -282,14 +253,15 @@ class FromConfigTests(unittest.TestCase):
         return load_config(None, overrides)
 
     def test_settings_from_config(self):
-        """[stager] url, timeout, max_attempts, retry_delay and [api] public_url reach the stager."""
+        """[stager] url, timeout, max_attempts, retry_delay, give_up_after and [api] public_url reach the stager."""
         stager = callback.from_config(
             self.config(backend="callback", url="http://stager:8081/stage", timeout="120",
-                        max_attempts="4", retry_delay="0.5"), reactor, reactor, None)
+                        max_attempts="4", retry_delay="0.5", give_up_after="600"), reactor, reactor, None)
         self.addCleanup(stager.stopService)
-        self.assertEqual((stager.url, stager.callback_url, stager.timeout, stager.max_attempts, stager.retry_delay),
+        self.assertEqual((stager.url, stager.callback_url, stager.timeout, stager.max_attempts, stager.retry_delay,
+                          stager.give_up_after),
                          ("http://stager:8081/stage", "http://transferd.example.org:8080/doneStaging",
-                          120.0, 4, 0.5))
+                          120.0, 4, 0.5, 600.0))
 
     def test_url_required(self):
         """backend = callback without a url is refused with a message naming the key."""
@@ -321,18 +293,17 @@ class FromConfigTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_https_refuses_an_unknown_server(self):
-        """A server whose certificate ca_path does not vouch for is not reached: staging fails with the reason."""
+        """A server whose certificate ca_path does not vouch for is not reached: the stager is away, saying why."""
         paths = write_tls_files(os.path.abspath(self.mktemp()))
         other = write_tls_files(os.path.abspath(self.mktemp()))
         fake = Recorder()
         served = serve(self, fake, tls=paths.server_options)
         stager = callback.from_config(
-            self.config(backend="callback", url=served.url + "/stage", ca_path=other.ca, max_attempts="1",
+            self.config(backend="callback", url=served.url + "/stage", ca_path=other.ca,
                         cert=paths.client_cert, key=paths.client_key), reactor, reactor, None)
         self.addCleanup(stager.stopService)
-        result = yield stager.stage(a_job("sample-001"), "code")
-        self.assertFalse(result.success)
-        self.assertIn("could not be reached after 1 attempts", result.msg)
+        away = yield self.assertFailure(stager.stage(a_job("sample-001"), "code"), ServiceAway)
+        self.assertIn("cannot be reached", str(away))
         self.assertEqual(fake.requests, [])
 
 

@@ -6,6 +6,7 @@ HTTPS on loopback. Also: the daemon refuses to listen beyond loopback
 without authentication.
 """
 
+import datetime
 import json
 import os
 import subprocess
@@ -33,7 +34,7 @@ class Credentials:
 
     def __init__(self, directory):
         self.directory = directory
-        ca = testx509.make_ca(key_kind="ec")
+        self.ca = ca = testx509.make_ca(key_kind="ec")
         self.alice = testx509.make_user(ca, "Alice Example", key_kind="ec")
         self.bob = testx509.make_user(ca, "Bob Example", key_kind="ec")
         self.mallory = testx509.make_user(ca, "Mallory Example", key_kind="ec")
@@ -57,7 +58,7 @@ class Credentials:
         """An HTTPS client trusting the test CA, presenting who's certificate or proxy (None: no certificate)."""
         if who is None:
             policy = client_tls_policy(self.paths.ca_cert)
-        elif who == "bob-proxy":
+        elif self.files[who].proxy:
             policy = client_tls_policy(self.paths.ca_cert, self.files[who].proxy)
         else:
             policy = client_tls_policy(self.paths.ca_cert, self.files[who].user_cert, self.files[who].user_key)
@@ -232,6 +233,50 @@ class StagerCertificateTests(ExposedDaemonTestCase):
         views = yield self.daemon_wait({job_id: ("alice", None)})
         self.assertEqual(views[0]["status"], jobs.SUCCESS, views)
         self.assertEqual(views[0]["stager_hostname"], STAGER_HOST)
+
+
+class VOMSTests(ExposedDaemonTestCase):
+    """[auth] voms_dir and an FQAN in admins: VOMS proxies over real TLS, believed only when their AC is good."""
+
+    def setUp(self):
+        super().setUp()
+        creds, ca = self.creds, self.creds.ca
+        voms = testx509.make_voms_server(ca, "voms.meerkat.test", key_kind="ec")
+        stranger = testx509.make_voms_server(ca, "voms.stranger.test", key_kind="ec")
+        vomsdir = testx509.write_voms_dir(os.path.join(creds.directory, "vomsdir"), {"meerkat": [voms]})
+        production = ["/meerkat/Role=production/Capability=NULL"]
+        proxies = {
+            "valid": testx509.make_voms_proxy(creds.bob, voms, "meerkat", production, key_kind="ec"),
+            "member": testx509.make_voms_proxy(creds.bob, voms, "meerkat", ["/meerkat/Role=NULL/Capability=NULL"],
+                                               key_kind="ec"),
+            "expired": testx509.make_voms_proxy(
+                creds.bob, voms, "meerkat", production, key_kind="ec", ac_lifetime_seconds=60,
+                ac_now=datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=1)),
+            "forged": testx509.make_voms_proxy(creds.bob, voms, "meerkat", production, key_kind="ec",
+                                               signer_key=stranger.key),
+            "untrusted": testx509.make_voms_proxy(creds.bob, stranger, "meerkat", production, key_kind="ec"),
+        }
+        for name, proxy in proxies.items():
+            creds.files[name] = testx509.write_credentials(os.path.join(creds.directory, name), proxy=proxy)
+        return self.start_transferd({"voms_dir": vomsdir, "admins": "/meerkat/Role=production"})
+
+    @defer.inlineCallbacks
+    def test_fqan_admin(self):
+        """Only a proxy with a good production AC sees Alice's job; expired, forged and untrusted ACs get 403."""
+        job_id = yield self.submit("alice")
+        code, view = yield self.call("valid", "GET", f"/transferStatus?job_id={job_id}")
+        self.assertEqual(code, 200, view)
+        self.assertEqual(view["submitter"], dn(self.creds.alice))
+        for who in ("member", "expired", "forged", "untrusted"):
+            code, data = yield self.call(who, "GET", f"/transferStatus?job_id={job_id}")
+            self.assertEqual(code, 403, (who, data))
+        # Whatever its AC, the proxy still authenticates Bob: his own job is his.
+        bob_job = yield self.submit("forged")
+        code, view = yield self.call("expired", "GET", f"/transferStatus?job_id={bob_job}")
+        self.assertEqual((code, view["submitter"]), (200, dn(self.creds.bob)))
+        logs = self.daemon.logs()
+        for reason in ("does not include now", "signature does not verify", "not a VOMS server configured"):
+            self.assertIn(reason, logs)
 
 
 class SecureByDefaultTests(unittest.TestCase):

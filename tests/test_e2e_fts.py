@@ -147,6 +147,16 @@ class FTSEndToEndTests(unittest.TestCase):
             self.assertTrue(filecmp.cmp(source, target, shallow=False))
 
     @staticmethod
+    def wait_detail(daemon, job_id, words):
+        """Wait until the job's detailed_status says words."""
+
+        @defer.inlineCallbacks
+        def says():
+            return words in (yield daemon.status(job_id)).get("detailed_status", "")
+
+        return wait_for(says, 20, interval=0.1)
+
+    @staticmethod
     def fts_jobs_for(state, job_id):
         return [job for job in state["jobs"] if job["sid"] == job_id]
 
@@ -250,10 +260,28 @@ class FTSEndToEndTests(unittest.TestCase):
         """While FTS is down jobs wait STAGED; once it is back they are submitted and delivered."""
         daemon, fake = yield self.start(start_fake=False, queue={"max_deliveries": "100"})
         job_id = yield daemon.submit("sample-001", self.destination)
-        yield wait_for(lambda: "Connection was refused" in daemon.logs(), 20, interval=0.1)
+        yield self.wait_detail(daemon, job_id, "Connection was refused")
         self.assertEqual((yield daemon.status(job_id))["status"], jobs.STAGED)
+        self.assertIn("could not tell our VO at start-up", daemon.logs())
         yield fake.start()
         view = (yield daemon.wait_terminal([job_id], timeout=20))[job_id]
         self.assertEqual(view["status"], jobs.SUCCESS, view)
         self.assertDelivered("sample-001")
         self.assertEqual(len(self.fts_jobs_for((yield fake.state()), job_id)), 1)
+
+    @defer.inlineCallbacks
+    def test_a_token_fts_refuses_waits_for_its_renewal(self):
+        """A token FTS takes for anonymous leaves the job STAGED, logged once as an error; the renewed token delivers it."""
+        with open(self.token_file, "w") as handle:
+            handle.write("stale-token\n")
+        daemon, fake = yield self.start()
+        job_id = yield daemon.submit("sample-001", self.destination)
+        yield self.wait_detail(daemon, job_id, "takes us for an anonymous user")
+        self.assertEqual((yield daemon.status(job_id))["status"], jobs.STAGED)
+        with open(self.token_file, "w") as handle:
+            handle.write(TOKEN + "\n")
+        view = (yield daemon.wait_terminal([job_id], timeout=20))[job_id]
+        self.assertEqual(view["status"], jobs.SUCCESS, view)
+        self.assertDelivered("sample-001")
+        self.assertEqual(daemon.logs().count("FTS credentials:"), 1)
+        self.assertIn("accepts our credentials again", daemon.logs())

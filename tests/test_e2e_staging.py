@@ -137,7 +137,8 @@ class CallbackStagingTests(unittest.TestCase):
             view = views[job_id]
             self.assertEqual(view["status"], jobs.SUCCESS, view)
             self.assertEqual((view["stage_attempts"], view["stager_hostname"]), (1, "stager.test"))
-            self.assertEqual(view["stager_path"], os.path.join(stager.staging, job_id, product))
+            staged = os.path.join(stager.staging, job_id, product)
+            self.assertEqual(view.get("stager_path", staged), staged)  # shown until the copy is freed
             self.assertEqual(view["staged_files"], expected_files(self.archive, product))
             self.assertDelivered(product)
             # The job has ended: transferd told the stager (DELETE), which freed the staged copy.
@@ -171,14 +172,20 @@ class CallbackStagingTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_stager_down_then_started(self):
-        """Jobs submitted while the stager is down are staged once it starts, within the retry attempts."""
+        """Jobs submitted while the stager is down wait, saying why, and are staged once it starts, in one attempt."""
         stager = yield self.start_stager(start=False)
-        daemon = yield self.start_transferd(stager.url + "/stage", max_attempts="12", timeout="30")
+        daemon = yield self.start_transferd(stager.url + "/stage", timeout="30")
         job_ids = []
         for product in ("sample-001", "sample-002"):
             job_ids.append((yield daemon.submit(product, self.destination)))
-        yield wait_for(lambda: all(f"job {job_id}: the stager at {stager.url}/stage could not take the request"
-                                   in daemon.logs() for job_id in job_ids), 10)
+
+        @defer.inlineCallbacks
+        def waiting():
+            views = yield defer.gatherResults([daemon.status(job_id) for job_id in job_ids])
+            return all((view.get("detailed_status") or "").startswith(f"waiting: the stager at {stager.url}/stage cannot be"
+                                                          " reached: ") for view in views)
+
+        yield wait_for(waiting, 10)
         yield stager.start()
         views = yield daemon.wait_terminal(job_ids, timeout=30)
         self.assertEqual({view["status"] for view in views.values()}, {jobs.SUCCESS}, views)
@@ -188,14 +195,16 @@ class CallbackStagingTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unreachable_stager_fails_the_job(self):
-        """When the stager stays unreachable for every attempt, the job ends in ERROR saying so."""
+        """When the stager stays unreachable for give_up_after, the job ends in ERROR naming the outage."""
         url = f"http://127.0.0.1:{free_port()}/stage"
-        daemon = yield self.start_transferd(url, max_attempts="2", retry_delay="0.05")
+        daemon = yield self.start_transferd(url, give_up_after="2", retry_delay="0.2")
         job_id = yield daemon.submit("sample-001", self.destination)
         views = yield daemon.wait_terminal([job_id], timeout=20)
         self.assertEqual(views[job_id]["status"], jobs.ERROR)
-        self.assertIn(f"staging failed: the stager at {url} could not be reached after 2 attempts: ",
-                      views[job_id]["detailed_status"])
+        self.assertRegex(views[job_id]["detailed_status"],
+                         rf"^staging failed: the stager at {url} cannot be reached: .*refused.*"
+                         r" \(gave up after [23]s of trying\)$")
+        self.assertEqual(views[job_id]["stage_attempts"], 0)
 
     @defer.inlineCallbacks
     def test_stager_timeout_restages_with_a_new_authcode(self):
@@ -334,8 +343,8 @@ class BadCallbackTests(unittest.TestCase):
         self.assertEqual(answer[0], 200, answer)
         views = yield daemon.wait_terminal([job_id], timeout=20)
         done = views[job_id]
-        self.assertEqual((done["status"], done["stager_path"], done["stager_status"]),
-                         (jobs.SUCCESS, staged, "staged by the test"))
+        self.assertEqual((done["status"], done.get("stager_path", staged), done["stager_status"]),
+                         (jobs.SUCCESS, staged, "staged by the test"))  # stager_path shown until the copy is freed
         for replay in (dict(good, success=False, msg="late failure"), dict(good, path=staged + "-other")):
             answer = yield self.report(daemon, replay)
             self.assertEqual(answer[0], 403, answer)

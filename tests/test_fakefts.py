@@ -6,11 +6,12 @@ import uuid
 import zlib
 
 import treq
-from twisted.internet import defer, reactor, ssl
+from twisted.internet import defer, reactor, ssl, task
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from transferd.testing.fakefts import FakeFTSServer, Options, Rule, TestPKI, makeService, route_of
+from transferd.testing.tokens import TokenIssuer
 from tests.support import wait_for
 
 TOKEN = "s3cret-token"
@@ -72,33 +73,50 @@ class FakeFTSTestCase(unittest.TestCase):
 
 class ProtocolTests(FakeFTSTestCase):
     async def test_version_and_whoami(self):
-        """GET / gives the api version; /whoami the VO, its id and FTS's base id."""
-        await self.start(vo="myvo")
+        """GET / gives FTS's api version 3.13.4; /whoami the VO (the token issuer's host name), its id and FTS's base id."""
+        await self.start()
         code, body = await self.call("GET", "/")
-        self.assertEqual(code, 200)
-        self.assertEqual(set(body["api"]), {"major", "minor", "patch"})
+        self.assertEqual((code, body["api"]), (200, {"major": 3, "minor": 13, "patch": 4}))
         code, who = await self.call("GET", "/whoami")
         self.assertEqual(code, 200)
-        self.assertEqual(who["vos"], ["myvo"])
+        self.assertEqual(who["vos"], ["iam.example.org"])
         self.assertEqual(who["base_id"], "01874efb-4735-4595-bc9c-591aef8240c9")
-        self.assertEqual(who["vos_id"], [str(uuid.uuid5(uuid.UUID(who["base_id"]), "myvo"))])
+        self.assertEqual(who["vos_id"], [str(uuid.uuid5(uuid.UUID(who["base_id"]), "iam.example.org"))])
         self.assertEqual(who["method"], "oauth2")
 
-    async def test_bad_or_missing_token(self):
-        """Without a token, or with a wrong one, FTS answers 401 with a JSON message."""
-        await self.start()
-        for token in (None, "wrong"):
+    async def test_configured_vo_and_a_jwts_issuer(self):
+        """A VO given to the fake is every user's; without one, a JWT's VO is its issuer's host name."""
+        issuer = TokenIssuer("https://wlcg.cern.example:8443/")
+        token = issuer.token(sub="robot")
+        await self.start(tokens=[TOKEN, token])
+        code, who = await self.call("GET", "/whoami", token=token)
+        self.assertEqual((who["vos"], who["user_dn"]), (["wlcg.cern.example"], "robot"))
+        self.fake.vo = "myvo"
+        self.assertEqual((await self.call("GET", "/whoami"))[1]["vos"], ["myvo"])
+
+    async def test_bad_missing_or_expired_token_is_anonymous(self):
+        """A wrong, missing or expired token makes the caller anonymous: whoami 200, POST 403, GET and DELETE 500."""
+        expired = TokenIssuer("https://iam.example.org/").token(lifetime=-10)
+        await self.start(tokens=[TOKEN, expired], duration=60)
+        known = (await self.call("POST", "/jobs", self.job("known")))[1]["job_id"]
+        for token in (None, "wrong", expired):
+            code, who = await self.call("GET", "/whoami", token=token)
+            self.assertEqual((code, who["method"], who["user_dn"], who["vos"], who["delegation_id"]),
+                             (200, "unauthenticated", "anon", [], None))
             code, body = await self.call("POST", "/jobs", self.job(), token=token)
-            self.assertEqual(code, 401)
-            self.assertTrue(body["message"])
-        self.assertEqual(self.fake.jobs, {})
+            self.assertEqual((code, body), (403, {"status": "403 Forbidden", "message": "Not enough permissions"}))
+            for method in ("GET", "DELETE"):
+                code, body = await self.call(method, f"/jobs/{known}", token=token)
+                self.assertEqual((code, body["status"]), (500, "500 Internal Server Error"), method)
+        self.assertEqual(list(self.fake.jobs), [known])
+        self.assertEqual(self.fake.jobs[known]["job_state"], "ACTIVE", "not cancelled")
 
     async def test_deterministic_id_and_duplicate(self):
         """A deterministic submission gets uuid5(uuid5(BASE_ID, vo), sid); the same sid again is 409."""
         await self.start()
         self.assertEqual(_known_id("transferd", "sid-1"), KNOWN_ID)
         code, body = await self.call("POST", "/jobs", self.job("sid-1"))
-        self.assertEqual((code, body), (200, {"job_id": KNOWN_ID}))
+        self.assertEqual((code, body), (200, {"job_id": _known_id("iam.example.org", "sid-1")}))
         code, body = await self.call("POST", "/jobs", self.job("sid-1"))
         self.assertEqual(code, 409)
         self.assertIn("duplicated", body["message"])
@@ -188,16 +206,45 @@ class ProtocolTests(FakeFTSTestCase):
         self.assertEqual(route_of("PUT", "/delegation/abc/credential"), "PUT /delegation/{id}/credential")
 
     async def test_cancel(self):
-        """DELETE cancels an active job (200), leaves an ended one (304) and does not know others (404)."""
+        """DELETE cancels an active job (200), answers 200 saying 304 for an ended one, and 404 for others."""
         await self.start(slow=["slow=30"])
         files = [{"sources": ["gsiftp://h/slow"], "destinations": ["gsiftp://d/slow"]}]
         job_id = (await self.call("POST", "/jobs", self.job("a", files)))[1]["job_id"]
         code, body = await self.call("DELETE", f"/jobs/{job_id}")
-        self.assertEqual((code, body["job_state"]), (200, "CANCELED"))
+        self.assertEqual((code, body["job_state"], body["http_status"]), (200, "CANCELED", "200 Ok"))
         code, body = await self.call("GET", f"/jobs/{job_id}?files=file_state,reason")
         self.assertEqual(body["files"][0], {"file_state": "CANCELED", "reason": "Job canceled by the user"})
-        self.assertEqual((await self.call("DELETE", f"/jobs/{job_id}"))[0], 304)
+        code, body = await self.call("DELETE", f"/jobs/{job_id}")
+        self.assertEqual((code, body["job_state"], body["http_status"]), (200, "CANCELED", "304 Not Modified"))
         self.assertEqual((await self.call("DELETE", f"/jobs/{uuid.uuid4()}"))[0], 404)
+        self.fake.cancel_ended_http_304 = True
+        self.assertEqual(await self.call("DELETE", f"/jobs/{job_id}"), (304, b""))
+
+    async def test_paths_too_long_for_apache(self):
+        """A GET of 109 job ids answers; 110 get Apache's HTML 404, as FTS behind Apache does."""
+        await self.start()
+        ids = [str(uuid.uuid4()) for _ in range(110)]
+        code, body = await self.call("GET", "/jobs/" + ",".join(ids[:109]))
+        self.assertEqual((code, len(body)), (207, 109))
+        code, body = await self.call("GET", "/jobs/" + ",".join(ids))
+        self.assertEqual(code, 404)
+        self.assertIn(b"<title>404 Not Found</title>", body)
+        self.assertEqual(self.fake.count("GET", "/jobs/{ids}"), 1)
+
+    async def test_token_files_start_in_token_prep_and_sizes_come_at_the_end(self):
+        """A token submission's files start TOKEN_PREP with filesize null; the size is there once the file ends."""
+        clock = task.Clock()
+        await self.start(clock=clock, duration=5)
+        files = [{"sources": ["gsiftp://h/p"], "destinations": ["gsiftp://d/p"], "filesize": 42}]
+        job_id = (await self.call("POST", "/jobs", self.job("t", files)))[1]["job_id"]
+        code, (entry,) = await self.call("GET", f"/jobs/{job_id}/files")
+        self.assertEqual((entry["file_state"], entry["filesize"], entry["user_filesize"]), ("TOKEN_PREP", None, 42))
+        clock.advance(1)
+        self.assertEqual([(f["file_state"], f["filesize"]) for f in (await self.call("GET", f"/jobs/{job_id}/files"))[1]],
+                         [("ACTIVE", None)])
+        clock.advance(5)
+        code, (entry,) = await self.call("GET", f"/jobs/{job_id}/files")
+        self.assertEqual((entry["file_state"], entry["filesize"]), ("FINISHED", 42))
 
 
 class OutcomeTests(FakeFTSTestCase):
@@ -306,15 +353,16 @@ class CopyTests(FakeFTSTestCase):
 class X509Tests(FakeFTSTestCase):
     """HTTPS with client certificates: identity from the certificate, delegation as FTS does it."""
 
-    async def start_tls(self, **options):
+    async def start_tls(self, with_certificate=True, **options):
         self.pki = TestPKI.create(os.path.abspath(self.mktemp()))
         client_cert = ssl.PrivateCertificate.loadPEM(_read(self.pki.user_cert)
                                                      + _read(self.pki.user_key))
         ca = ssl.Certificate.loadPEM(_read(self.pki.ca))
+        credential = {"clientCertificate": client_cert} if with_certificate else {}
 
         class Policy:
             def creatorForNetloc(self, hostname, port):
-                return ssl.optionsForClientTLS(hostname.decode(), trustRoot=ca, clientCertificate=client_cert)
+                return ssl.optionsForClientTLS(hostname.decode(), trustRoot=ca, **credential)
 
         from zope.interface import directlyProvides
         from twisted.web.iweb import IPolicyForHTTPS
@@ -323,8 +371,15 @@ class X509Tests(FakeFTSTestCase):
         directlyProvides(policy, IPolicyForHTTPS)
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)
-        await self.start(tls_options=self.pki.server_options(), auth="x509", token=None,
+        options.setdefault("token", None)
+        await self.start(tls_options=self.pki.server_options(), auth="x509",
                          agent=Agent(reactor, contextFactory=policy, pool=pool), **options)
+
+    async def test_client_certificates_are_optional(self):
+        """Over HTTPS a client without a certificate gets through the handshake: with a token it is that user, else anonymous."""
+        await self.start_tls(with_certificate=False, token=TOKEN)
+        self.assertEqual((await self.call("GET", "/whoami"))[1]["method"], "oauth2")
+        self.assertEqual((await self.call("GET", "/whoami", token=None))[1]["method"], "unauthenticated")
 
     async def test_identity_and_delegation(self):
         """The DN comes from the certificate; submitting needs a delegated proxy (419), which the PUT provides."""
@@ -354,8 +409,10 @@ class X509Tests(FakeFTSTestCase):
         self.assertEqual(code, 201)
         code, info = await self.call("GET", f"/delegation/{dlg}", token=None)
         self.assertTrue(info["termination_time"])
+        self.assertEqual(info["voms_attrs"], [""], "no VOMS attributes, as FTS shows them")
+        self.assertEqual(who["vos"], [dlg])
         code, body = await self.call("POST", "/jobs", self.job(), token=None)
-        self.assertEqual((code, body), (200, {"job_id": KNOWN_ID}))
+        self.assertEqual((code, body), (200, {"job_id": _known_id(dlg, "sid-1")}), "the VO is the delegation id")
         self.fake.expire_credentials(left=600)
         code, body = await self.call("POST", "/jobs", self.job("sid-2"), token=None)
         self.assertEqual(code, 419)
@@ -389,10 +446,11 @@ class PluginTests(unittest.TestCase):
         options = Options()
         options.parseOptions(["--endpoint", "tcp:0:interface=127.0.0.1", "--copy", "--duration", "0.1",
                               "--token", "a", "--token", "b", "--fail", "x=FAILED:why", "--slow", "y=3",
-                              "--submit-delay", "2"])
+                              "--submit-delay", "2", "--cancel-ended-http-304"])
         service = makeService(options)
         fake = service.fake
         self.assertEqual((fake.tokens, fake.copy, fake.duration, fake.submit_delay), ({"a", "b"}, True, 0.1, 2.0))
+        self.assertEqual((fake.vo, fake.cancel_ended_http_304), (None, True))
         self.assertEqual(fake.rules, [Rule("x", "FAILED", "why"), Rule("y", duration=3.0)])
         from twisted.python import usage
 

@@ -1,10 +1,12 @@
 """The FTS3 client against the fake FTS3 over real loopback HTTP(S): answers, failures, credentials."""
 
+import contextlib
 import os
 import shutil
 import uuid
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
 from transferd.fts.client import (
@@ -17,9 +19,26 @@ from transferd.fts.client import (
     deterministic_job_id,
 )
 from transferd.testing.fakefts import FakeFTSServer, TestPKI
+from transferd.testing.tokens import TokenIssuer
 from transferd.tls import load_trust_root
 
 TOKEN = "token-one"
+
+
+@contextlib.contextmanager
+def capture_errors():
+    """The error-level log events emitted inside the block."""
+    events = []
+
+    def observer(event):
+        if event.get("log_level") == LogLevel.error:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observer)
 
 
 def _read(path):
@@ -80,18 +99,46 @@ class TokenClientTests(ClientTestCase):
         """The client reads FTS's api version, who it is, and learns its VO from /whoami."""
         await self.start(vo="skao")
         client = self.client()
-        self.assertEqual(set(await client.version()), {"major", "minor", "patch"})
+        self.assertEqual(await client.version(), {"major": 3, "minor": 13, "patch": 4})
         self.assertEqual((await client.whoami())["method"], "oauth2")
         self.assertEqual(await client.vo(), "skao")
         await client.vo()
         self.assertEqual(self.fake.count("GET", "/whoami"), 2, "the VO is asked once")
+
+    async def test_one_whoami_at_a_time(self):
+        """Eight submissions starting at once share one /whoami to learn the VO."""
+        await self.start()
+        client = self.client()
+        vos = await defer.gatherResults([defer.ensureDeferred(client.vo()) for _ in range(8)])
+        self.assertEqual(vos, ["iam.example.org"] * 8)
+        self.assertEqual(self.fake.count("GET", "/whoami"), 1)
+
+    async def test_configured_vo_must_be_ftss(self):
+        """A configured VO that /whoami contradicts is a credentials error naming [fts] vo; the right one is accepted."""
+        await self.start()
+        with self.assertRaises(FTSCredentialsError) as caught:
+            await self.client(vo="transferd").vo()
+        self.assertIn("[fts] vo = transferd", caught.exception.message)
+        self.assertIn("'iam.example.org'", caught.exception.message)
+        self.assertEqual(await self.client(vo="iam.example.org").vo(), "iam.example.org")
+
+    async def test_vo_learnt_again_for_a_new_token(self):
+        """When the token file holds a token of another issuer, the VO is learnt again from /whoami."""
+        first, second = (TokenIssuer(f"https://{host}/").token() for host in ("iam.one.example", "iam.two.example"))
+        await self.start(token=None, tokens=[first, second])
+        self.write_token(first)
+        client = self.client()
+        self.assertEqual(await client.vo(), "iam.one.example")
+        self.write_token(second)
+        self.assertEqual(await client.vo(), "iam.two.example")
+        self.assertEqual(self.fake.count("GET", "/whoami"), 2)
 
     async def test_submit_predicts_the_id_and_409_on_repeat(self):
         """FTS assigns exactly the predicted id; a second submission of the sid is FTSConflict."""
         await self.start()
         client = self.client()
         sid = str(uuid.uuid4())
-        self.assertEqual(await client.submit(job(sid)), deterministic_job_id("transferd", sid))
+        self.assertEqual(await client.submit(job(sid)), deterministic_job_id(await client.vo(), sid))
         with self.assertRaises(FTSConflict):
             await client.submit(job(sid))
         self.assertEqual(len(self.fake.jobs_for_sid(sid)), 1)
@@ -146,29 +193,106 @@ class TokenClientTests(ClientTestCase):
         self.assertEqual(await client.status([str(uuid.uuid4())]), {})
 
     async def test_cancel(self):
-        """cancel() fires with the CANCELED job, a 304 marker once it has ended, None when unknown."""
+        """cancel() fires with the CANCELED job, a 304 marker once it has ended (in a 200's body or as HTTP 304), None when unknown."""
         await self.start(slow=["slow=30"])
         client = self.client()
         fts_id = await client.submit(job("c", name="slow"))
         self.assertEqual((await client.cancel(fts_id))["job_state"], "CANCELED")
-        self.assertTrue((await client.cancel(fts_id))["http_status"].startswith("304"))
+        again = await client.cancel(fts_id)
+        self.assertEqual((again["http_status"], again["job_state"]), ("304 Not Modified", "CANCELED"))
+        self.fake.cancel_ended_http_304 = True
+        self.assertEqual(await client.cancel(fts_id), {"job_id": fts_id, "http_status": "304 Not Modified"})
         self.assertIsNone(await client.cancel(str(uuid.uuid4())))
-        self.assertEqual(self.fake.count("DELETE", "/jobs/{ids}"), 3)
+        self.assertEqual(self.fake.count("DELETE", "/jobs/{ids}"), 4)
+
+    def test_poll_batches_stay_under_the_path_limit(self):
+        """However large bulk_size is, a poll carries at most 103 job ids: its path stays under 3,840 bytes."""
+        client = FTSClient("https://fts.example.org:8446", reactor, reactor)
+        self.addCleanup(client.stop)
+        ids = [str(uuid.uuid4()) for _ in range(1000)]
+        batches = list(client.batches(ids, bulk_size=500))
+        self.assertEqual([len(b) for b in batches], [103] * 9 + [73])
+        self.assertEqual(sum(batches, []), ids)
+        self.assertLess(max(len("/jobs/" + ",".join(b)) for b in batches), 4096 - 256)
+        self.assertEqual([len(b) for b in client.batches(ids[:30], bulk_size=20)], [20, 10])
+        prefixed = FTSClient("https://fts.example.org:8446/" + "p" * 1000, reactor, reactor)
+        self.addCleanup(prefixed.stop)
+        self.assertEqual(len(next(prefixed.batches(ids, bulk_size=500))), 76, "the endpoint's own path counts")
+
+    async def test_a_404_for_many_ids_means_too_long(self):
+        """Apache's 404 for a poll of many ids splits the poll in halves and lowers the limit; no job is lost or unknown."""
+        await self.start(slow=["slow=30"])
+        client = self.client()
+        known = [await client.submit(job(f"k{i}", name="slow")) for i in range(3)]
+        ids = known + [str(uuid.uuid4()) for _ in range(117)]
+        client.max_path_bytes = 10_000  # as if the margin were not there
+        answers = await client.status(ids)
+        self.assertEqual(set(answers), set(ids))
+        self.assertEqual({answers[i]["job_state"] for i in known}, {"ACTIVE"})
+        self.assertEqual(sum(answers[i] is None for i in ids), 117)
+        self.assertEqual(self.fake.requests["too long"], 1)
+        self.assertEqual(client.max_path_bytes, len("/jobs/" + ",".join(ids)) - 1)
+        self.assertEqual([len(b) for b in client.batches(ids, bulk_size=200)], [119, 1])
 
     async def test_token_is_read_again_when_the_file_changes(self):
-        """A renewed token file is used at the next call; a refused token is a credentials error."""
-        await self.start()
+        """A renewed token file is used at the next call; an unreadable one is a credentials error."""
+        await self.start(tokens=["token-two"])
         client = self.client()
         await client.whoami()
-        self.fake.tokens = {"token-two"}
-        with self.assertRaises(FTSCredentialsError):
-            await client.whoami()
         self.write_token("token-two")
         self.assertEqual((await client.whoami())["method"], "oauth2")
         os.unlink(self.token_file)
         with self.assertRaises(FTSCredentialsError) as caught:
             await client.whoami()
         self.assertIn("cannot read the FTS token file", caught.exception.message)
+
+    async def test_token_ftss_takes_for_anonymous(self):
+        """A token FTS takes for anonymous (403 on POST, 500 on GET) is a credentials error, logged once, not sent again until the file changes."""
+        await self.start(slow=["slow=30"])
+        client = self.client()
+        running = await client.submit(job("before", name="slow"))
+        self.fake.tokens = {"token-two"}
+        with capture_errors() as errors:
+            with self.assertRaises(FTSCredentialsError) as caught:
+                await client.submit(job("refused"))
+            self.assertIn("takes us for an anonymous user", caught.exception.message)
+            self.assertIn("403: Not enough permissions", caught.exception.message)
+            with self.assertRaises(FTSCredentialsError):
+                await client.status([running])
+            self.assertEqual((self.fake.count("POST", "/jobs"), self.fake.count("GET", "/jobs/{ids}")), (2, 0))
+        self.assertEqual(len(errors), 1, errors)
+        self.write_token("token-two")
+        self.assertEqual((await client.status([running]))[running]["job_state"], "ACTIVE")
+        self.assertEqual(await client.submit(job("refused")), deterministic_job_id(await client.vo(), "refused"))
+
+    async def test_500_or_403_while_fts_knows_us_is_ftss_answer(self):
+        """A 500 or a 403 while /whoami still names us is FTS's answer: FTS away, or a real refusal."""
+        await self.start()
+        client = self.client()
+        self.fake.respond_next(500, body=b'{"status": "500", "message": "database is away"}')
+        with self.assertRaises(FTSUnavailable) as caught:
+            await client.status([str(uuid.uuid4())])
+        self.assertNotIsInstance(caught.exception, FTSCredentialsError)
+        self.fake.respond_next(403, body=b'{"status": "403 Forbidden", "message": "destination banned"}')
+        with self.assertRaises(FTSRefused) as caught:
+            await client.submit(job("banned"))
+        self.assertEqual(caught.exception.message, "destination banned")
+        self.assertEqual(self.fake.count("GET", "/whoami"), 2)
+
+    async def test_expired_token_is_not_sent(self):
+        """A JWT whose exp has passed is a credentials error before anything is sent; its renewal is used at once."""
+        issuer = TokenIssuer("https://iam.example.org/")
+        expired, fresh = issuer.token(lifetime=-5), issuer.token(lifetime=600)
+        await self.start(token=None, tokens=[expired, fresh])
+        self.write_token(expired)
+        client = self.client()
+        with self.assertRaises(FTSCredentialsError) as caught:
+            await client.submit(job("x"))
+        self.assertIn("expired at", caught.exception.message)
+        self.assertEqual(sum(self.fake.requests.values()), 0)
+        self.write_token(fresh)
+        await client.submit(job("x"))
+        self.assertEqual(len(self.fake.jobs), 1)
 
     async def test_requests_are_bounded_and_bodies_read(self):
         """Many calls on one pool reuse connections: every answer body is read."""
@@ -199,7 +323,7 @@ class X509ClientTests(ClientTestCase):
         who = await client.whoami()
         self.assertEqual(who["user_dn"], self.pki.user_dn)
         first = await client.submit(job("one"))
-        self.assertEqual(first, deterministic_job_id("transferd", "one"))
+        self.assertEqual(first, deterministic_job_id(who["delegation_id"], "one"), "a VO without VOMS: the delegation id")
         self.assertEqual(self.fake.count("PUT", "/delegation/{id}/credential"), 1)
         self.assertEqual(self.fake.count("GET", "/delegation/{id}/request"), 1)
         await client.submit(job("two"))

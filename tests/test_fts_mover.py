@@ -20,6 +20,7 @@ from transferd.interfaces import ServiceAway
 from transferd.jobs import Job, StagedFile
 from transferd.movers.fts import FTSMover, from_config
 from transferd.testing.fakefts import FakeFTSServer, TestPKI
+from transferd.testing.tokens import TokenIssuer
 from transferd.wiring import build
 from tests.support import wait_for
 from tests.test_pipeline import ScriptedStager
@@ -70,8 +71,8 @@ class MoverTestCase(unittest.TestCase):
         self.addCleanup(self.store.stopService)
         self.mover.startService()
         self.addCleanup(self.mover.stopService)
-        if self.client.auth == "token":
-            await self.client.vo()  # learnt once: forced answers below then meet the call they mean
+        if self.client.auth == "token" and "vo" not in (fts or {}):
+            self.vo = await self.client.vo()  # learnt once: forced answers below then meet the call they mean
 
     async def staged(self, product="prod", files=None, job_id=None):
         """A STAGED job whose product was staged to stager.example.org:/staging/<job>/<product>."""
@@ -148,7 +149,7 @@ class SubmissionTests(MoverTestCase):
         await submitting
         done = await self.job(job.job_id)
         self.assertEqual((done.status, done.fts_jobid), (jobs.TRANSFERRING, pending.fts_jobid))
-        self.assertEqual(done.fts_jobid, deterministic_job_id("transferd", job.job_id))
+        self.assertEqual(done.fts_jobid, deterministic_job_id(self.vo, job.job_id))
         fts_job = self.fake.jobs[done.fts_jobid]
         self.assertEqual(fts_job["_files"][0]["source_surl"],
                          f"gsiftp://stager.example.org/staging/{job.job_id}/prod")
@@ -228,13 +229,54 @@ class SubmissionTests(MoverTestCase):
         self.assertEqual(self.fake.jobs_for_sid(job.job_id)[0]["job_state"], "CANCELED")
         self.assertGreaterEqual(self.fake.count("DELETE", "/jobs/{ids}"), 1)
 
-    async def test_vo_mismatch_records_ftss_id(self):
-        """When FTS's id differs from the prediction (a wrong [fts] vo), FTS's id is recorded for polling."""
+    async def test_configured_vo_ftss_disagrees_with(self):
+        """A configured [fts] vo that FTS contradicts submits nothing: the job waits STAGED, the error naming [fts] vo."""
         await self.start(fts={"vo": "not-the-fts-vo"})
         job = await self.staged()
+        with self.assertRaises(ServiceAway) as caught:
+            await self.mover.transfer(job)
+        self.assertIn("[fts] vo = not-the-fts-vo", str(caught.exception))
         await self.pipeline.transfer(job.job_id)
         after = await self.job(job.job_id)
-        self.assertEqual(after.fts_jobid, deterministic_job_id("transferd", job.job_id))
+        self.assertEqual((after.status, after.fts_jobid), (jobs.STAGED, None))
+        self.assertEqual(self.fake.count("POST", "/jobs"), 0)
+
+    async def test_token_fts_takes_for_anonymous_keeps_the_job_staged(self):
+        """A token FTS no longer accepts (anonymous: 403) leaves the job STAGED, not ERROR; a renewed token submits it."""
+        await self.start()
+        job = await self.staged()
+        self.fake.tokens = {"renewed-token"}
+        await self.pipeline.transfer(job.job_id)
+        after = await self.job(job.job_id)
+        self.assertEqual((after.status, after.lease_owner), (jobs.STAGED, None))
+        self.assertGreater(after.lease_until, self.clock.seconds(), "waiting")
+        self.clock.advance(600)
+        await self.pipeline.transfer(job.job_id)
+        self.assertEqual(self.fake.count("POST", "/jobs"), 1, "the refused token is not sent again")
+        with open(self.token_file, "w") as handle:
+            handle.write("renewed-token")
+        self.clock.advance(600)
+        await self.pipeline.transfer(job.job_id)
+        self.assertEqual((await self.job(job.job_id)).status, jobs.TRANSFERRING)
+        self.assertEqual(self.fake.count("POST", "/jobs"), 2)
+
+    async def test_an_id_recorded_in_another_vo_is_asked_about_first(self):
+        """When the VO changed since a job's id was recorded (a new token), FTS is asked about that id: no second FTS job."""
+        issuers = [TokenIssuer(f"https://{host}/") for host in ("iam.one.example", "iam.two.example")]
+        first, second = (issuer.token(lifetime=30 * 86400, now=self.clock.seconds()) for issuer in issuers)
+        with open(self.token_file, "w") as handle:
+            handle.write(first)
+        await self.start(token=None, tokens=[first, second], slow=["/prod=600"])
+        job = await self.staged()
+        self.assertIsNone(await self.mover.transfer(job))  # FTS has it; the daemon "dies" before recording it
+        recorded = (await self.job(job.job_id)).fts_jobid
+        self.assertEqual(recorded, deterministic_job_id("iam.one.example", job.job_id))
+        with open(self.token_file, "w") as handle:
+            handle.write(second)
+        await self.pipeline.transfer(job.job_id)
+        after = await self.job(job.job_id)
+        self.assertEqual((after.status, after.fts_jobid), (jobs.TRANSFERRING, recorded))
+        self.assertEqual((self.fake.count("POST", "/jobs"), self.fake.submissions[job.job_id]), (1, 1))
 
     async def test_x509_submission_delegates(self):
         """With X.509 the mover's first submission delegates a proxy to FTS, then submits."""
@@ -283,7 +325,7 @@ class PollerTests(MoverTestCase):
         finished, running, lost = (await self.staged("fine"), await self.staged("slow"), await self.staged("gone"))
         for job in (finished, running, lost):
             await self.pipeline.transfer(job.job_id)
-        finished_id = deterministic_job_id("transferd", finished.job_id)
+        finished_id = deterministic_job_id(self.vo, finished.job_id)
         self.clock.advance(1)
         self.assertEqual((self.fake.jobs[finished_id]["job_state"], len(self.fake.lost)), ("FINISHED", 1))
         before = self.fake.count("GET", "/jobs/{ids}")
@@ -295,9 +337,9 @@ class PollerTests(MoverTestCase):
         self.assertIn("lost by FTS", (await self.job(lost.job_id)).detailed_status)
 
     async def test_bulk_polling_cost(self):
-        """1000 TRANSFERRING jobs cost ceil(1000 / bulk_size) GET requests per cycle."""
+        """1000 TRANSFERRING jobs cost ceil(1000 / 103) GET requests per cycle when bulk_size is larger: no 404 from Apache."""
         await self.start(slow=["/slow=600"])
-        self.poller.bulk_size = 100
+        self.poller.bulk_size = 500
         self.poller.poll_interval = 30  # one cycle's hold lasts, so a second cycle finds nothing to poll
         semaphore = defer.DeferredSemaphore(32)
         ids = [jobs.new_job_id() for _ in range(1000)]
@@ -314,14 +356,14 @@ class PollerTests(MoverTestCase):
             cursor.executemany(
                 "INSERT INTO jobs (job_id, product_id, destination_path, status, fts_jobid, stage_attempts,"
                 " time_submitted, time_transferring) VALUES (?, 'slow', ?, 'TRANSFERRING', ?, 1, ?, ?)",
-                [(i, DESTINATION, deterministic_job_id("transferd", i), now, now) for i in ids])
+                [(i, DESTINATION, deterministic_job_id(self.vo, i), now, now) for i in ids])
 
         await self.store.pool.runInteraction(insert)
         before = self.fake.count("GET", "/jobs/{ids}")
         summary = await self.poller.poll_once()
         self.assertEqual(summary["jobs"], 1000)
-        self.assertEqual(self.fake.count("GET", "/jobs/{ids}") - before, math.ceil(1000 / 100))
-        self.assertEqual(summary["reported"], 0)
+        self.assertEqual(self.fake.count("GET", "/jobs/{ids}") - before, math.ceil(1000 / 103))
+        self.assertEqual((summary["reported"], self.fake.requests["too long"]), (0, 0))
         self.assertEqual((await self.poller.poll_once())["requests"], 0, "taken for this cycle")
 
     async def test_timeout_cancels_then_errors(self):
@@ -333,7 +375,7 @@ class PollerTests(MoverTestCase):
         self.assertEqual((await self.poller.poll_once())["reported"], 0, "not overdue yet")
         self.assertEqual(self.fake.count("DELETE", "/jobs/{ids}"), 0)
         self.clock.advance(3600)
-        self.fake.respond_next(200, body=json.dumps([{"job_id": deterministic_job_id("transferd", job.job_id),
+        self.fake.respond_next(200, body=json.dumps([{"job_id": deterministic_job_id(self.vo, job.job_id),
                                                       "job_state": "ACTIVE", "http_status": "200 Ok"}]).encode())
         self.fake.respond_next(503)  # the DELETE: FTS cannot be told, so the job waits for the next cycle
         self.clock.advance(1)
@@ -369,6 +411,34 @@ class PollerTests(MoverTestCase):
         self.assertEqual(await self.poller.poll_once(), {"jobs": 0, "requests": 0, "reported": 0})
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    async def test_outages_never_end_a_transfer_before_its_timeout(self):
+        """FTS down, or taking our token for anonymous, for most of transfer_timeout: the job stays TRANSFERRING, then times out."""
+        await self.start(slow=["/prod=100000"])
+        job = await self.staged()
+        await self.pipeline.transfer(job.job_id)
+        await self.server.stop_listening()
+        for _ in range(10):
+            self.clock.advance(170)
+            await self.poller.poll_once()
+        self.fake.tokens = {"other"}
+        await self.server.start()
+        for _ in range(10):
+            self.clock.advance(170)
+            await self.poller.poll_once()
+        self.assertEqual((await self.job(job.job_id)).status, jobs.TRANSFERRING)  # 3400 s of the 3600
+        self.assertEqual(self.fake.count("GET", "/jobs/{ids}"), 1, "the refused token is not sent again")
+        self.fake.tokens = {TOKEN, "other"}
+        with open(self.token_file, "w") as handle:
+            handle.write("other")
+        self.clock.advance(100)
+        await self.poller.poll_once()
+        self.assertEqual((await self.job(job.job_id)).status, jobs.TRANSFERRING)
+        self.clock.advance(200)
+        await self.poller.poll_once()
+        after = await self.job(job.job_id)
+        self.assertEqual(after.status, jobs.ERROR)
+        self.assertIn("transfer timed out after 3600s", after.detailed_status)
+
     async def test_fts_down_skips_the_cycle(self):
         """When FTS cannot be reached, the cycle reports nothing and the jobs stay TRANSFERRING."""
         await self.start(duration=0)
@@ -403,6 +473,9 @@ class ConfigTests(unittest.TestCase):
         self.addCleanup(mover.stopService)
         self.assertTrue(mover.asynchronous)
         self.assertEqual((mover.poll_interval, mover.bulk_size, mover.priority, mover.timeout), (5.0, 50, 4, 86400.0))
+        self.assertEqual(mover.give_up_after, 86400.0)
+        self.assertEqual(from_config(self.config(endpoint="https://f:8446", auth="token", token_file=self.token(),
+                                                 give_up_after="7200"), reactor, reactor, None).give_up_after, 7200.0)
         self.assertLessEqual({"gsiftp", "davs", "https", "root", "srm", "s3"}, mover.schemes)
         (poller,) = mover.pollers(outcomes=None)
         self.assertIsInstance(poller, FTSPoller)

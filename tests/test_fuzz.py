@@ -30,12 +30,13 @@ SETTINGS = settings(max_examples=150, deadline=None, database=None,
 class Target:
     """A running transferd (embedded set-up, stager parked for an hour) and a view of its jobs."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, **sections):
+        """sections: configuration sections over the embedded set-up's (tests.daemon.daemon_config)."""
         self.port = free_port()
         self.workdir = workdir
         sample.create(os.path.join(workdir, "archive"))
         os.makedirs(os.path.join(workdir, "deliveries"))
-        config = daemon_config(workdir, self.port, stager={"delay": "3600"})
+        config = daemon_config(workdir, self.port, stager={"delay": "3600"}, **sections)
         self.log = open(os.path.join(workdir, "transferd.log.stderr"), "w")
         self.process = subprocess.Popen(
             [TWISTD, "--pidfile=", "-n", "--logfile", os.path.join(workdir, "transferd.log"),

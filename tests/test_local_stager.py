@@ -3,6 +3,7 @@ import os
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from transferd.interfaces import ServiceAway
 from transferd.stagers.local import LocalStager
 from tests.contract_stager import (
     DIR_CONTENT, DIR_PRODUCT, FILE_CONTENT, FILE_PRODUCT, StagerContract, a_job, read_tree, write_archive,
@@ -119,9 +120,12 @@ class LocalStagerTests(unittest.TestCase):
         self.assertEqual(result.files[0].size, len(FILE_CONTENT))
 
     @defer.inlineCallbacks
-    def test_archive_gone_fails_the_deferred(self):
-        """When the archive itself is gone (unmounted), staging fails the Deferred instead of the job."""
+    def test_archive_gone_is_the_stager_away(self):
+        """When the archive itself is gone (unmounted), staging fails with ServiceAway and check() cannot tell."""
         os.rename(self.archive_root, self.archive_root + ".away")
+        self.assertIsNone((yield self.stager.check(FILE_PRODUCT)))
         staging = self.stager.stage(a_job(FILE_PRODUCT), "code")
         self.clock.advance(30)
-        yield self.assertFailure(staging, OSError)
+        away = yield self.assertFailure(staging, ServiceAway)
+        self.assertEqual(str(away), f"the archive root {self.archive_root} is not a directory (is the archive mounted?)")
+        self.assertEqual(away.retry_after, self.stager.retry_delay)

@@ -14,11 +14,12 @@ from zope.interface import implementer
 
 from transferd import jobs, leases
 from transferd.config import load_config
-from transferd.interfaces import IMover, IStager, ServiceAway
+from transferd.interfaces import IMover, IStager, ServiceAway, StoreUnavailable
 from transferd.jobs import StageResult, TransferResult
 from transferd.pipeline import authcode_matches
 from transferd.queue import STAGING_QUEUE, TRANSFER_QUEUE
 from transferd.wiring import build
+from tests.support import wait_for
 
 
 @implementer(IStager)
@@ -27,6 +28,7 @@ class ScriptedStager(Service):
 
     timeout = 100.0
     max_attempts = 2
+    give_up_after = 3600.0
     batch_size = 1
 
     def __init__(self):
@@ -45,6 +47,8 @@ class ScriptedStager(Service):
             return defer.fail(self.answer)
         if isinstance(self.answer, defer.Deferred):
             return self.answer
+        if callable(self.answer):
+            return self.answer()  # a Deferred of its own for each call
         return defer.succeed(self.answer)
 
     def cancel(self, job):
@@ -64,6 +68,7 @@ class ScriptedMover(Service):
     schemes = frozenset({"file"})
     asynchronous = False
     timeout = None
+    give_up_after = 7200.0
 
     def __init__(self):
         self.answer = TransferResult(success=True, msg="done")
@@ -125,6 +130,7 @@ class PipelineTestCase(unittest.TestCase):
 
 
 class PipelineTests(PipelineTestCase):
+    timeout = 20
     @defer.inlineCallbacks
     def test_asynchronous_stager_holds_until_timeout_then_restages_with_new_code(self):
         """A stager that reports later holds the job for its timeout; then the job is staged again with a new authcode."""
@@ -298,7 +304,25 @@ class PipelineTests(PipelineTestCase):
         yield self.pipeline.transfer(job_id)
         job = yield self.store.get(job_id)
         self.assertEqual((job.status, job.lease_owner, job.lease_until), (jobs.STAGED, None, self.clock.seconds() + 30))
+        self.assertEqual((job.deliveries, job.time_away), (0, jobs.utc_from_seconds(self.clock.seconds())))
+        self.clock.advance(31)
+        self.mover.answer = None  # FTS is back and accepts the job
+        yield self.pipeline.transfer(job_id)
+        job = yield self.store.get(job_id)
+        self.assertEqual((job.status, job.time_away, job.detailed_status), (jobs.TRANSFERRING, None, None))
 
+    @defer.inlineCallbacks
+    def test_transfer_service_away_too_long_is_error(self):
+        """An asynchronous mover away for its give_up_after ends the job in ERROR naming the outage."""
+        self.mover.asynchronous, self.mover.timeout = True, 500.0
+        self.mover.answer = ServiceAway("FTS at https://fts:8446 is away: HTTP 503", retry_after=30.0)
+        job_id = yield self.staged()
+        while not (job := (yield self.store.get(job_id))).terminal:
+            self.clock.advance(max(0, (job.lease_until or 0) - self.clock.seconds()) + 0.001)
+            yield self.pipeline.transfer(job_id)
+        self.assertEqual(job.detailed_status, "transfer failed: FTS at https://fts:8446 is away: HTTP 503"
+                                              " (gave up after 2h 0m of trying)")
+        self.assertEqual(self.stager.released, [job_id])
 
     @defer.inlineCallbacks
     def test_cancelled_while_submitting_is_stopped_once(self):
@@ -318,15 +342,140 @@ class PipelineTests(PipelineTestCase):
 
     @defer.inlineCallbacks
     def test_stager_away_waits_without_counting(self):
-        """A stager that is away leaves the job waiting retry_after seconds, with the delivery acknowledged."""
-        self.stager.answer = ServiceAway("tape library in maintenance", retry_after=40.0)
+        """When the stager is away, the job waits retry_after seconds saying why, and the try counts as no attempt."""
+        self.stager.answer = ServiceAway("the stager at http://stager/stage cannot be reached: refused", 40.0)
         job_id = yield self.submitted()
         yield self.pipeline.stage(job_id)
         job = yield self.store.get(job_id)
         self.assertEqual((job.status, job.lease_owner, job.lease_until), (jobs.STAGING, None, self.clock.seconds() + 40))
+        self.assertEqual((job.stage_attempts, job.deliveries), (0, 0))
+        self.assertEqual(job.time_away, jobs.utc_from_seconds(self.clock.seconds()))
+        self.assertEqual(job.detailed_status, "waiting: the stager at http://stager/stage cannot be reached: refused;"
+                                              " trying again in 40s, giving up 1h 0m from now")
+        self.assertEqual((yield self.store.events(job_id))[-1]["reason"],
+                         "the stager at http://stager/stage cannot be reached: refused; waiting (for up to 1h 0m)")
         self.assertEqual((yield self.reconciler.run_once()), 0)
         self.clock.advance(41)
         self.assertEqual((yield self.reconciler.run_once()), 1)
+
+    @defer.inlineCallbacks
+    def away_for(self, job_id, seconds):
+        """Drive the job through tries of a stager that stays away for seconds; return the waits it was given."""
+        waits, start = [], self.clock.seconds()
+        while self.clock.seconds() - start < seconds:
+            yield self.pipeline.stage(job_id)
+            job = yield self.store.get(job_id)
+            if job.terminal:
+                break
+            waits.append(round(job.lease_until - self.clock.seconds(), 1))
+            self.clock.advance(job.lease_until - self.clock.seconds() + 0.001)  # a lease ends once its time has passed
+        return waits
+
+    @defer.inlineCallbacks
+    def test_waits_grow_with_the_outage(self):
+        """Each wait is half as long as the stager has been away, at least retry_after, at most five minutes."""
+        self.stager.answer = ServiceAway("the stager is away", 10.0)
+        job_id = yield self.submitted()
+        waits = yield self.away_for(job_id, 1500)
+        self.assertEqual(waits[:12], [10, 10, 10, 15, 22.5, 33.8, 50.6, 76, 113.9, 170.9, 256.3, 300])
+        self.assertEqual(set(waits[12:]), {300})
+        events = yield self.store.events(job_id)
+        self.assertEqual([event["kind"] for event in events], ["state", "state", "attempt"])  # the outage noted once
+        self.stager.answer = None  # the stager is back and takes the request
+        yield self.pipeline.stage(job_id)
+        job = yield self.store.get(job_id)
+        self.assertEqual((job.status, job.stage_attempts, job.time_away, job.detailed_status),
+                         (jobs.STAGING, 1, None, None))
+        self.assertEqual((yield self.store.events(job_id))[-1]["reason"], "the stager is back after 27m 49s")
+
+    @defer.inlineCallbacks
+    def test_gives_up_after_give_up_after(self):
+        """A stager away for give_up_after ends the job in ERROR naming the outage, on time, not before."""
+        self.stager.answer = ServiceAway("the stager at http://stager/stage cannot take requests now: HTTP 503", 10.0)
+        job_id = yield self.submitted()
+        start = self.clock.seconds()
+        yield self.away_for(job_id, 7200)
+        job = yield self.store.get(job_id)
+        self.assertEqual(job.status, jobs.ERROR)
+        self.assertAlmostEqual(job.time_error.timestamp(), start + 3600, places=1)
+        self.assertEqual(job.detailed_status, "staging failed: the stager at http://stager/stage cannot take requests"
+                                              " now: HTTP 503 (gave up after 1h 0m of trying)")
+
+    @defer.inlineCallbacks
+    def test_max_attempts_counts_only_accepted_attempts(self):
+        """Tries while the stager is away are no attempts: two timed-out accepted attempts end the job, not the tries."""
+        job_id = yield self.submitted()
+        self.stager.answer = ServiceAway("away", 1.0)
+        yield self.away_for(job_id, 30)
+        for _ in range(2):  # accepted, then never called back
+            self.stager.answer = None
+            yield self.pipeline.stage(job_id)
+            self.clock.advance(101)
+            self.stager.answer = ServiceAway("away", 1.0)
+            yield self.away_for(job_id, 30)
+        yield self.pipeline.stage(job_id)
+        job = yield self.store.get(job_id)
+        self.assertEqual((job.status, job.detailed_status),
+                         (jobs.ERROR, "staging timed out after 2 attempt(s) of 100s each"))
+
+    @defer.inlineCallbacks
+    def test_daemon_crashing_on_a_job_ends_it(self):
+        """A job whose lease was taken max_deliveries times by workers that never gave it back ends in ERROR."""
+        job_id = yield self.submitted()
+        yield self.pipeline.stage(job_id)  # STAGED; this worker gave its lease back
+        self.assertEqual((yield self.store.get(job_id)).deliveries, 0)
+        for crash in range(self.pipeline.max_deliveries):
+            self.assertIsNotNone((yield self.store.take_lease(job_id, [jobs.STAGED], f"crashed-{crash}", 10)))
+            self.clock.advance(11)  # it died: its lease runs out
+        self.assertEqual((yield self.store.get(job_id)).deliveries, self.pipeline.max_deliveries)
+        yield self.pipeline.transfer(job_id)
+        job = yield self.store.get(job_id)
+        self.assertEqual(job.status, jobs.ERROR)
+        self.assertEqual(job.detailed_status, "failed 2 times in the transfer step: the daemon stopped (crashed or"
+                                              " was killed) while working on it each time")
+        self.assertEqual(self.mover.calls, [])
+        self.assertEqual(self.stager.released, [job_id])
+
+    @defer.inlineCallbacks
+    def test_job_a_worker_died_on_runs_alone(self):
+        """A job a worker died on waits, without its lease, until the steps running end; later ones wait for it."""
+        ordinary = yield self.staged()
+        suspect = yield self.staged()
+        later = yield self.staged()
+        yield self.store.take_lease(suspect, [jobs.STAGED], "crashed", 10)
+        self.clock.advance(11)  # that worker died
+        moving = {}
+        self.mover.transfer = lambda job: moving.setdefault(job.job_id, defer.Deferred())
+        steps = []
+        for job_id in (ordinary, suspect, later):  # in this order
+            steps.append(defer.ensureDeferred(self.pipeline.transfer(job_id)))
+            yield wait_for(lambda: len(self.pipeline._isolation._waiting) + len(moving) == len(steps))
+        self.assertEqual(list(moving), [ordinary])
+        job = yield self.store.get(suspect)
+        self.assertEqual((job.lease_owner, job.deliveries), (None, 1))  # waiting, its crash counted once
+        for step, job_id in enumerate((ordinary, suspect, later)):
+            moving[job_id].callback(TransferResult(success=True))
+            yield steps[step]
+            yield wait_for(lambda: len(moving) == min(step + 2, 3))
+            self.assertEqual(list(moving), [ordinary, suspect, later][:step + 2])
+        for job_id in moving:
+            self.assertEqual((yield self.status(job_id)), jobs.SUCCESS)
+
+    @defer.inlineCallbacks
+    def test_store_away_mid_step_counts_no_delivery(self):
+        """A lease the store was too far away to give back is given back once it is back: no delivery counted."""
+        self.mover.answer = RuntimeError("disk full")
+        job_id = yield self.staged()
+        transition = self.store.transition
+        self.store.transition = lambda *args, **kwargs: defer.fail(StoreUnavailable("the database is unreachable"))
+        end_lease = self.store.end_lease
+        self.store.end_lease = lambda *args, **kwargs: defer.fail(StoreUnavailable("the database is unreachable"))
+        yield self.assertFailure(defer.ensureDeferred(self.pipeline.transfer(job_id)), StoreUnavailable)
+        self.assertEqual((yield self.store.get(job_id)).deliveries, 1)
+        self.store.transition, self.store.end_lease = transition, end_lease
+        yield self.pipeline._renew_leases()
+        job = yield self.store.get(job_id)
+        self.assertEqual((job.status, job.lease_owner, job.deliveries), (jobs.STAGED, None, 0))
 
 
 class WorkerTests(PipelineTestCase):
@@ -340,6 +489,7 @@ class WorkerTests(PipelineTestCase):
         job = yield self.store.get(job_id)
         self.assertEqual(job.status, jobs.SUCCESS)
         self.assertEqual((job.stager_path, job.stage_attempts, job.lease_owner), ("/staged/p", 1, None))
+        self.assertNotIn("stager_path", job.public_view())  # the copy is freed: not shown any more
         self.assertEqual(self.stager.released, [job_id])
 
 
@@ -369,3 +519,15 @@ class WorkerTests(PipelineTestCase):
             row = connection.execute("SELECT status, lease_owner, lease_until FROM jobs WHERE job_id = ?",
                                      (job_id,)).fetchone()
         self.assertEqual(row, (jobs.STAGING, None, None))
+
+    @defer.inlineCallbacks
+    def test_stopping_starts_no_new_staging(self):
+        """With more jobs queued than workers, stopping abandons the stagings in flight and starts none of the rest."""
+        self.stager.answer = defer.Deferred  # recalls that never end
+        for _ in range(self.pipeline.stage_prefetch + 3):
+            yield self.submitted()
+        yield self.stager.asked
+        while len(self.stager.calls) < self.pipeline.stage_prefetch:
+            yield task.deferLater(reactor, 0.01, lambda: None)  # the workers take their leases (real SQLite threads)
+        yield self.daemon.stopService()
+        self.assertEqual(len(self.stager.calls), self.pipeline.stage_prefetch)

@@ -8,7 +8,7 @@ import os
 import socket
 from datetime import datetime, timezone
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from tests import mysql_support
@@ -240,7 +240,7 @@ class PrototypeUpgradeTests(StoreFixture, unittest.TestCase):
 
 
 class LostConnectionTests(StoreFixture, unittest.TestCase):
-    """KILLed connections and unreachable servers never take the store down."""
+    """KILLed connections, unreachable servers and deadlocks never take the store down."""
 
     async def setUp(self):
         self.fresh_url()
@@ -314,14 +314,46 @@ class LostConnectionTests(StoreFixture, unittest.TestCase):
         self.assertIsNone(got.fts_jobid)  # the uncommitted UPDATE died with its connection
         self.assertTrue(await self.store.transition(self.job.job_id, jobs.SUBMITTED, jobs.STAGING))
 
+    async def test_transition_chosen_as_deadlock_victim_runs_again(self):
+        """When a transition is the victim of a real deadlock, it runs again once the other transaction ends."""
+        other = mysql_support.admin_connection(self.database)
+        self.addCleanup(other.close)
+        cursor = other.cursor()
+        cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # takes gap locks
+        cursor.execute("CREATE TABLE filler (n INT PRIMARY KEY)")
+        cursor.execute("BEGIN")
+        # Many rows changed: InnoDB rolls back the lighter transaction, the store's.
+        cursor.executemany("INSERT INTO filler VALUES (%s)", [(n,) for n in range(500)])
+        cursor.execute("SELECT event_id FROM job_events WHERE event_id > 0 FOR UPDATE")  # no new event may go in
+        transition = self.store.transition(self.job.job_id, jobs.SUBMITTED, jobs.STAGING)
+        # The store's transaction holds the job's row and waits to record the event ...
+        await wait_for(lambda: self.sql("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE db = DATABASE()"
+                                        " AND info LIKE 'INSERT INTO job_events%'")[0][0] == 1)
+        # ... and now this one waits for the job's row: a deadlock, which rolls the store's transaction back.
+        await threads.deferToThread(cursor.execute, "UPDATE jobs SET label = 'other' WHERE job_id = %s",
+                                    (self.job.job_id,))
+        await threads.deferToThread(cursor.execute, "COMMIT")
+        self.assertTrue(await transition)
+        job = await self.store.get(self.job.job_id)
+        self.assertEqual((job.status, job.label), (jobs.STAGING, "other"))
+        events = await self.store.events(self.job.job_id)
+        self.assertEqual([event["new_status"] for event in events], [jobs.SUBMITTED, jobs.STAGING])
+
     async def test_unreachable_server(self):
-        """When the server cannot be reached at all, operations fail with DatabaseUnavailable after a few quick retries."""
+        """When the server cannot be reached, the first operation fails with DatabaseUnavailable after a few quick retries, the next at once."""
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]  # nothing listens here once the probe is closed
         store = self.open(f"mysql://root@127.0.0.1:{port}/nowhere")
         store.retry_delays = (0.0, 0.01)
-        for operation in (store.get(self.job.job_id), store.create(a_job())):
-            error = await self.assertFailure(operation, DatabaseUnavailable)
-            self.assertIn("unreachable", str(error))
-            self.assertIn("after 3 attempts", str(error))
+        tries = []
+        run = store.pool.runWithConnection
+        store.pool.runWithConnection = lambda *args: tries.append(1) or run(*args)
+        for operation, expected in ((store.get, 3), (store.create, 1), (store.get, 1)):
+            error = await self.assertFailure(operation(a_job()) if operation == store.create
+                                             else operation(self.job.job_id), DatabaseUnavailable)
+            self.assertTrue(str(error).startswith(f"the database at 127.0.0.1:{port}/nowhere is unreachable"
+                                                  f" (Can't connect to server on '127.0.0.1'"), error)
+            self.assertEqual(len(tries), expected)
+            tries.clear()
+

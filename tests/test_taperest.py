@@ -17,6 +17,7 @@ from twisted.trial import unittest
 
 from transferd import jobs
 from transferd.config import load_config, parse_database_url
+from transferd.interfaces import ServiceAway
 from transferd.pipeline import Reconciler
 from transferd.stagers import taperest
 from transferd.stagers.taperest import TapeRestStager
@@ -140,6 +141,11 @@ class TapeRestTestBase(unittest.TestCase):
 
     def all_in(self, rig, ids, *states):
         return self.statuses(rig, ids).addCallback(lambda s: all(v in states for v in s.values()))
+
+    def all_waiting(self, rig, ids):
+        """Every job waits for a stager that is away (its detailed_status says so)."""
+        return self.jobs_of(rig, ids).addCallback(
+            lambda found: all((j.detailed_status or "").startswith("waiting") for j in found.values()))
 
     def all_requested(self, rig, ids):
         return self.jobs_of(rig, ids).addCallback(lambda found: all(j.stager_request for j in found.values()))
@@ -371,45 +377,68 @@ class FailureTests(TapeRestTestBase):
     fake_options = {"recall_seconds": 5.0}
 
     @defer.inlineCallbacks
-    def test_5xx_retried_with_backoff(self):
-        """POST /stage answered 503 twice is sent a third time after retry_delay, then 2 x retry_delay."""
+    def test_5xx_delays_the_jobs(self):
+        """POST /stage answered 503 twice leaves the jobs STAGING, saying why; they are staged once it answers."""
         rig = yield self.rig()
-        self.fake.respond_next(503, 2, endpoint="stage")
+        self.fake.respond_next(503, 2, endpoint="stage", title="Service Unavailable", detail="tape library busy")
         ids = yield self.submit(rig, self.products(2))
         yield wait_for(lambda: rig.stager.queued == 2)
         self.clock.advance(0.2)
-        yield wait_for(lambda: self.fake.calls["stage"] == 1 and self.retry_pending(2.0, 3.0))
-        self.clock.advance(1.9)  # less than retry_delay: no retry yet
-        self.assertEqual(self.fake.calls["stage"], 1)
-        yield self.advance_until(lambda: self.all_requested(rig, ids), step=0.5)
-        self.assertEqual(self.fake.calls["stage"], 3)
-        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS))
-
-    @defer.inlineCallbacks
-    def test_unreachable_after_max_attempts(self):
-        """When every attempt gets 5xx the jobs end in ERROR saying the endpoint could not be reached."""
-        rig = yield self.rig(max_attempts=3)
-        self.fake.respond_next(500, 3, endpoint="stage", title="Internal Server Error", detail="database down")
-        ids = yield self.submit(rig, self.products(1))
-        yield wait_for(lambda: rig.stager.queued == 1)
-        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.ERROR), step=1)
+        yield wait_for(lambda: self.fake.calls["stage"] == 1)
+        yield wait_for(lambda: self.all_waiting(rig, ids))
         job = yield rig.store.get(ids[0])
-        self.assertIn("could not be reached after 3 attempt(s)", job.detailed_status)
-        self.assertIn("database down", job.detailed_status)
+        self.assertEqual(job.status, jobs.STAGING)
+        self.assertIn("cannot be reached: HTTP 503: Service Unavailable: tape library busy", job.detailed_status)
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS), step=5)
         self.assertEqual(self.fake.calls["stage"], 3)
 
     @defer.inlineCallbacks
-    def test_connection_refused(self):
-        """An endpoint nobody listens on fails the job after max_attempts, saying so."""
-        port = self.fake.port.getHost().port
+    def test_endpoint_away_for_ten_minutes(self):
+        """With the default [stager] settings, an endpoint away for ten minutes only delays the jobs, however often they try."""
+        port = self.fake.port_number
         yield self.fake.stop()
-        rig = yield self.rig(url=f"http://127.0.0.1:{port}/api/v1", max_attempts=2)
+        rig = yield self.rig(url=f"http://127.0.0.1:{port}", retry_delay=2, timeout=3600, max_attempts=3)
+        ids = yield self.submit(rig, self.products(3))
+        yield wait_for(lambda: rig.stager.queued == 3)
+        for _ in range(20):
+            self.clock.advance(30)
+            yield rig.pipeline.queue.idle()
+        found = yield self.jobs_of(rig, ids)
+        self.assertEqual({j.status for j in found.values()}, {jobs.STAGING})
+        self.assertIn(f"the Tape REST endpoint http://127.0.0.1:{port} cannot be reached",
+                      found[ids[0]].detailed_status)
+        events = yield rig.store.events(ids[0])
+        self.assertEqual(sum("cannot be reached" in (e["reason"] or "") for e in events), 1, "the outage's start")
+        yield self.fake.start()
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS), step=30)
+        for product_id in self.products(3):
+            self.assertDelivered(product_id)
+
+    @defer.inlineCallbacks
+    def test_gives_up_after_give_up_after(self):
+        """An endpoint away for longer than give_up_after fails the job, naming the outage."""
+        port = self.fake.port_number
+        yield self.fake.stop()
+        rig = yield self.rig(url=f"http://127.0.0.1:{port}/api/v1", give_up_after=600)
         ids = yield self.submit(rig, self.products(1))
-        yield wait_for(lambda: rig.stager.queued == 1)
-        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.ERROR), step=1)
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.ERROR), step=30)
         job = yield rig.store.get(ids[0])
-        self.assertIn(f"the Tape REST endpoint http://127.0.0.1:{port}/api/v1 could not be reached after 2",
-                      job.detailed_status)
+        self.assertIn(f"the Tape REST endpoint http://127.0.0.1:{port}/api/v1 cannot be reached", job.detailed_status)
+        self.assertIn("gave up after", job.detailed_status)
+
+    @defer.inlineCallbacks
+    def test_endpoint_away_while_staging(self):
+        """An endpoint gone while jobs are STAGING leaves them STAGING, polled in vain; they are staged once it is back."""
+        rig = yield self.rig()
+        ids = yield self.submit(rig, self.products(2))
+        yield self.send_batches(rig, ids)
+        yield self.fake.stop()
+        for _ in range(5):
+            yield self.cycle(rig)
+        self.assertEqual(set((yield self.statuses(rig, ids)).values()), {jobs.STAGING})
+        yield self.fake.start()
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS))
+        self.assertEqual(self.fake.calls["stage"], 1)
 
     @defer.inlineCallbacks
     def test_timeout_then_retry(self):
@@ -458,11 +487,13 @@ class FailureTests(TapeRestTestBase):
 
     @defer.inlineCallbacks
     def test_poll_5xx_waits_for_next_cycle(self):
-        """A 5xx answer to GET /stage/<id> leaves the jobs staging; the next cycle finishes them."""
+        """A 5xx answer to GET /stage/<id>, or a proxy's HTML 404, leaves the jobs staging; the next cycle finishes them."""
         rig = yield self.rig()
         ids = yield self.submit(rig, self.products(2))
         yield self.send_batches(rig, ids)
         self.fake.respond_next(503, 1, endpoint="status")
+        yield self.cycle(rig)
+        self.fake.respond_next(404, 1, endpoint="status", title="Not Found", html=True)
         yield self.cycle(rig)
         self.assertEqual(set((yield self.statuses(rig, ids)).values()), {jobs.STAGING})
         yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS))
@@ -476,6 +507,85 @@ class FailureTests(TapeRestTestBase):
         yield self.advance_until(lambda: self.all_in(rig, ids, jobs.ERROR))
         job = yield rig.store.get(ids[0])
         self.assertIn("No such file or directory", job.detailed_status)
+
+
+class DirectoryProductTests(TapeRestTestBase):
+    """Products listed from a mount of the tape namespace (here the archive directory itself): several files each."""
+
+    fake_options = {"recall_seconds": 30.0}
+
+    def directory_product(self, name, files):
+        """A directory product in the archive: {relative path: bytes}."""
+        for relative, data in files.items():
+            path = os.path.join(self.archive, name, relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as handle:
+                handle.write(data)
+        return name
+
+    @defer.inlineCallbacks
+    def test_a_directory_is_staged_in_one_request_and_delivered(self):
+        """A directory product's files go in one request with another job's; it is STAGED only once all are on disk."""
+        rig = yield self.rig(namespace_mount=self.archive)
+        tree = self.directory_product("tree", {"a": b"a" * 3, "sub/b": b"b" * 5, "sub/deeper/c": b"c" * 7})
+        (single,) = self.products(1)
+        self.fake.set_recall(self.path("tree/sub/b"), 300.0)
+        ids = yield self.submit(rig, [tree, single])
+        yield self.send_batches(rig, ids)
+        (request,) = self.fake.stage_requests.values()
+        self.assertEqual(sorted(request.files), sorted([self.path("tree/a"), self.path("tree/sub/b"),
+                                                        self.path("tree/sub/deeper/c"), self.path(single)]))
+        yield self.advance_until(lambda: self.all_in(rig, ids[1:], jobs.SUCCESS))
+        self.assertEqual((yield rig.store.get(ids[0])).status, jobs.STAGING, "one file is still on its way")
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS))
+        job = yield rig.store.get(ids[0])
+        self.assertEqual(job.stager_hostname, "127.0.0.1")
+        self.assertEqual(job.files(), (jobs.StagedFile("tree/a", 3), jobs.StagedFile("tree/sub/b", 5),
+                                       jobs.StagedFile("tree/sub/deeper/c", 7)))
+        for relative in ("a", "sub/b", "sub/deeper/c"):
+            self.assertDelivered(f"tree/{relative}")
+        yield wait_for(lambda: len(self.fake.released) == 4)
+        self.assertEqual(sorted(path for _, path in self.fake.released), sorted(request.files))
+
+    @defer.inlineCallbacks
+    def test_one_failing_file_fails_the_product(self):
+        """One file of a directory product FAILED ends its job in ERROR naming it; its other pending file is cancelled."""
+        rig = yield self.rig(namespace_mount=self.archive)
+        tree = self.directory_product("tree", {"a": b"a", "b": b"b", "c": b"c"})
+        self.fake.fail_path(self.path("tree/b"), "tape VOL007 is unreadable")
+        self.fake.set_recall(self.path("tree/c"), 1000.0)
+        ids = yield self.submit(rig, [tree])
+        yield self.send_batches(rig, ids)
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.ERROR))
+        job = yield rig.store.get(ids[0])
+        self.assertIn(f"1 of 3 file(s) of {self.path('tree')} failed: {self.path('tree/b')} failed: "
+                      "tape VOL007 is unreadable", job.detailed_status)
+        yield wait_for(lambda: self.fake.cancelled)
+        self.assertEqual(self.fake.cancelled, [(job.stager_request, self.path("tree/c"))])
+
+    @defer.inlineCallbacks
+    def test_a_product_not_in_the_namespace(self):
+        """A product the mount does not show is refused at submission (check) and fails staging without a request."""
+        rig = yield self.rig(namespace_mount=self.archive)
+        self.assertEqual((yield rig.stager.check("nowhere")), False)
+        self.assertEqual((yield rig.stager.check(self.products(1)[0])), True)
+        ids = yield self.submit(rig, ["nowhere"])
+        yield wait_for(lambda: self.all_in(rig, ids, jobs.ERROR))
+        self.assertIn("product 'nowhere' is not in the archive", (yield rig.store.get(ids[0])).detailed_status)
+        self.assertEqual(self.fake.calls["stage"], 0)
+
+    @defer.inlineCallbacks
+    def test_a_mount_that_is_not_there_is_an_outage(self):
+        """A namespace mount that is not there keeps the job waiting; once it is mounted the job is staged."""
+        mount = os.path.join(self.base, "mount")
+        rig = yield self.rig(namespace_mount=mount)
+        (product,) = self.products(1)
+        ids = yield self.submit(rig, [product])
+        yield wait_for(lambda: self.all_waiting(rig, ids))
+        self.assertIn(f"the tape namespace mount {mount}", (yield rig.store.get(ids[0])).detailed_status)
+        self.assertEqual((yield rig.stager.check(product)), None)
+        os.symlink(self.archive, mount)
+        yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS), step=5)
 
 
 class EndpointTests(TapeRestTestBase):
@@ -545,19 +655,31 @@ class StagerServiceTests(TapeRestTestBase):
         self.assertEqual(list(request.files), [self.path("p-1")])
 
     @defer.inlineCallbacks
-    def test_cancelled_batch_stops_retrying(self):
-        """When every stage() of a batch whose POST is being retried is cancelled, the retries stop."""
-        stager = yield self.stager(retry_delay=2.0, max_attempts=5)
-        self.fake.respond_next(503, 5, endpoint="stage")
+    def test_cancelled_batch_stops_its_post(self):
+        """When every stage() of a batch whose POST is unanswered is cancelled, the POST is dropped and never sent again."""
+        stager = yield self.stager()
+        self.fake.hang_next(1, endpoint="stage")
         pending = [stager.stage(self.a_job(f"p-{n}"), "c") for n in range(2)]
         self.clock.advance(0.2)
-        yield wait_for(lambda: self.fake.calls["stage"] == 1 and self.retry_pending(2.0, 3.0))
+        yield wait_for(lambda: self.fake.calls["stage"] == 1)
         for deferred in pending:
             deferred.cancel()
             self.assertFailure(deferred, defer.CancelledError)
         yield wait_for(lambda: not stager._busy)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(100)
+        self.assertEqual(self.fake.calls["stage"], 1)
+
+    @defer.inlineCallbacks
+    def test_unreachable_is_service_away(self):
+        """A POST /stage answered 503 fails the batch's stage() calls with ServiceAway after one try, retry_after being retry_delay."""
+        stager = yield self.stager(retry_delay=7.0)
+        self.fake.respond_next(503, 1, endpoint="stage")
+        pending = [stager.stage(self.a_job(f"p-{n}"), "c") for n in range(2)]
+        self.clock.advance(0.2)
+        for deferred in pending:
+            away = yield self.assertFailure(deferred, ServiceAway)
+            self.assertEqual(away.retry_after, 7.0)
         self.assertEqual(self.fake.calls["stage"], 1)
 
 
@@ -591,13 +713,15 @@ class X509Tests(TapeRestTestBase):
 
     @defer.inlineCallbacks
     def test_without_client_certificate(self):
-        """A server that demands a client certificate we lack fails the job, saying it could not be reached."""
+        """A server that demands a client certificate we lack keeps the job waiting, saying it cannot be reached."""
         rig = yield self.rig(url=self.tls_fake.url, ca_path=self.pki.ca_path, max_attempts=1)
         ids = yield self.submit(rig, self.products(1))
         yield wait_for(lambda: rig.stager.queued == 1)
         self.clock.advance(0.2)
-        yield wait_for(lambda: self.all_in(rig, ids, jobs.ERROR))
-        self.assertIn("could not be reached", (yield rig.store.get(ids[0])).detailed_status)
+        yield wait_for(lambda: self.all_waiting(rig, ids))
+        job = yield rig.store.get(ids[0])
+        self.assertEqual(job.status, jobs.STAGING)
+        self.assertIn("cannot be reached", job.detailed_status)
 
 
 class ConfigTests(unittest.TestCase):
@@ -627,14 +751,18 @@ class ConfigTests(unittest.TestCase):
                           stager.retry_delay), (7, 5.0, 900.0, 4, 1.5))
         self.assertEqual(stager.batch_size, 7)
         self.assertEqual(stager.client.path_for("prod-1"), "/pnfs/example/meerkat/prod-1")
+        self.assertEqual((stager.give_up_after, stager.namespace), (86400.0, None))
+        mounted = self.build(namespace_mount="/mnt/pnfs/meerkat", give_up_after="600")
+        self.assertEqual((mounted.namespace.mount, mounted.give_up_after), ("/mnt/pnfs/meerkat", 600.0))
 
     def test_refusals(self):
-        """A missing url, a relative archive_root, a key without cert or a missing token file stop start-up."""
+        """A missing url, a relative archive_root or namespace_mount, a key without cert or a missing token file stop start-up."""
         from transferd.config import ConfigError
 
         for settings, words in (({"url": ""}, "url"), ({"archive_root": "transferd-data/archive"}, "archive_root"),
                                 ({"key": "/k.pem"}, "key"), ({"token_file": "/no/such/token"}, "token_file"),
-                                ({"ca_path": "/no/such/ca"}, "ca_path")):
+                                ({"ca_path": "/no/such/ca"}, "ca_path"),
+                                ({"namespace_mount": "mnt/pnfs"}, "namespace_mount")):
             with self.assertRaises(ConfigError) as caught:
                 self.build(**settings)
             self.assertIn(words, str(caught.exception))

@@ -14,6 +14,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from transferd import jobs, validation
 from transferd.audit import AuditLog
 from transferd.auth.access import Access, Forbidden, Unauthenticated
+from transferd.interfaces import StoreUnavailable
 from transferd.jobs import StagedFile, StageResult
 from transferd.pipeline import JobFinished, JobNotFound, authcode_matches
 from transferd.validation import BadRequest
@@ -67,6 +68,44 @@ def _error(request, code, msg, job_id=None):
     return _json(request, code, {"job_id": job_id, "error": True, "msg": msg})
 
 
+async def identify(access, request, action=None):
+    """Who is asking (None when authentication is off); also marks the request for the audit trail."""
+    request.audit_action = action
+    request.identity = await access.identify(request)
+    return request.identity
+
+
+def audit_request(audit, request, code, msg, job_id=None):
+    """Record submissions and cancels whatever their outcome, and every 401 or 403 (both APIs)."""
+    action = getattr(request, "audit_action", None)
+    if action is None and code not in (401, 403):
+        return
+    identity = getattr(request, "identity", None)
+    peer = request.getClientAddress()
+    audit.record(
+        action or request.path.decode("ascii", "replace").lstrip("/"), code,
+        identity.name if identity is not None else None,
+        getattr(peer, "host", None) or str(peer), job_id, msg,
+    )
+
+
+async def visible_job(store, access, request, job_id, action, refuse):
+    """The job, if it exists (404) and the caller may `action` it (403); refuse(code, msg, job_id) is the error."""
+    job = await store.get(job_id)
+    if job is None:
+        raise refuse(404, f"no job {job_id}", job_id)
+    try:
+        access.check_job(request.identity, job, action)
+    except Forbidden as refused:
+        raise refuse(403, str(refused), job_id) from None
+    return job
+
+
+def actor(identity):
+    """Who the caller is, in job histories."""
+    return identity.name if identity is not None else "anonymous user"
+
+
 class TransferAPI:
     app = Klein()
     log = Logger()
@@ -88,7 +127,7 @@ class TransferAPI:
 
     def _params(self, request, names):
         """The named parameters from a form or JSON body (or the query string), as text."""
-        body = request.content.read() if request.content is not None else b""
+        body = request.content.read(self.max_body_bytes + 1) if request.content is not None else b""
         if len(body) > self.max_body_bytes:
             raise HTTPError(413, f"request body is larger than {self.max_body_bytes} bytes")
         content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
@@ -124,41 +163,18 @@ class TransferAPI:
             raise HTTPError(400, "job_id must be a job id as returned by /submitTransfer (a UUID)")
         return value
 
-    async def _identify(self, request, action=None):
-        """Who is asking (None when authentication is off); also marks the request for the audit trail."""
-        request.audit_action = action
-        request.identity = await self.access.identify(request)
-        return request.identity
+    def _identify(self, request, action=None):
+        return identify(self.access, request, action)
 
     def _audit(self, request, code, msg, job_id=None):
-        """Record submissions and cancels whatever their outcome, and every 401 or 403."""
-        action = getattr(request, "audit_action", None)
-        if action is None and code not in (401, 403):
-            return
-        identity = getattr(request, "identity", None)
-        peer = request.getClientAddress()
-        self.audit.record(
-            action or request.path.decode("ascii", "replace").lstrip("/"), code,
-            identity.name if identity is not None else None,
-            getattr(peer, "host", None) or str(peer), job_id, msg,
-        )
+        audit_request(self.audit, request, code, msg, job_id)
 
-    async def _visible_job(self, request, job_id, action):
-        """The job, if it exists (404) and the caller may `action` it (403)."""
-        job = await self.store.get(job_id)
-        if job is None:
-            raise HTTPError(404, f"no job {job_id}", job_id)
-        try:
-            self.access.check_job(request.identity, job, action)
-        except Forbidden as refused:
-            raise HTTPError(403, str(refused), job_id) from None
-        return job
+    def _visible_job(self, request, job_id, action):
+        return visible_job(self.store, self.access, request, job_id, action, HTTPError)
 
     @staticmethod
     def _actor(request):
-        """Who the caller is, in job histories."""
-        identity = getattr(request, "identity", None)
-        return identity.name if identity is not None else "anonymous user"
+        return actor(getattr(request, "identity", None))
 
     @staticmethod
     def _allow(request, *methods):
@@ -332,6 +348,14 @@ class TransferAPI:
             request.setHeader("WWW-Authenticate", challenge)
         self._audit(request, 401, str(failure.value))
         return _error(request, 401, str(failure.value))
+
+    @app.handle_errors(StoreUnavailable)
+    def store_unavailable(self, request, failure):
+        """Our database is away (the store logs it, and says so at once while it lasts): try again soon."""
+        request.setHeader("Retry-After", str(failure.value.retry_after))
+        msg = f"the job store is unavailable right now; try again in {failure.value.retry_after} seconds"
+        self._audit(request, 503, msg)
+        return _error(request, 503, msg)
 
     @app.handle_errors(NotFound)
     def not_found(self, request, failure):

@@ -13,6 +13,7 @@ two agree.
 
 import configparser
 import dataclasses
+import datetime
 import ipaddress
 import math
 import os
@@ -108,6 +109,16 @@ def _boolean(text):
     return value
 
 
+def _days_or_forever(text):
+    """Whole days as a timedelta; 0 or empty: None (forever)."""
+    text = text.strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError("must be a whole number of days (0 or empty: keep forever)")
+    return datetime.timedelta(days=int(text)) if int(text) else None
+
+
 def _whole_number(text):
     value = int(text)
     if value < 0:
@@ -145,16 +156,20 @@ def _host_list(text):
 
 
 def _issuer_lines(text):
-    """Lines "ISSUER JWKS": a trusted token issuer and where its keys are (https:// URL or a file)."""
+    """Lines "ISSUER JWKS [kid-optional]": a trusted token issuer, where its keys are (https:// URL or a file),
+    and whether its tokens may omit the key id (kid) the WLCG profile requires."""
+    from transferd.auth.tokens import TrustedIssuer
+
     issuers = {}
     for line in _lines(text):
         parts = line.split()
-        if len(parts) != 2:
-            raise ValueError(f"each line must be 'ISSUER JWKS' (issuer, space, JWKS URL or file), not {line!r}")
-        issuer, jwks = parts
+        if len(parts) not in (2, 3) or parts[2:] not in ([], ["kid-optional"]):
+            raise ValueError(f"each line must be 'ISSUER JWKS' or 'ISSUER JWKS kid-optional' (issuer, space, JWKS URL"
+                             f" or file), not {line!r}")
+        issuer, jwks = parts[:2]
         if issuer in issuers:
             raise ValueError(f"issuer {issuer} is listed twice")
-        issuers[issuer] = jwks
+        issuers[issuer] = TrustedIssuer(jwks, kid_optional=len(parts) == 3)
     return issuers
 
 
@@ -170,12 +185,17 @@ def _dn_lines(text):
     return dns
 
 
+FQAN = re.compile(r"/[\w.-]+(/[\w.-]+)*(/Role=[\w.-]+)?(/Capability=[\w.-]+)?\Z")  # transferd.auth.voms
+
+
 def _identity_lines(text):
-    """Identities, one per line: a slash-form DN or "SUB=<sub>, ISS=<iss>" (anything else never matches)."""
+    """Identities, one per line: a slash-form DN, "SUB=<sub>, ISS=<iss>", or a VOMS FQAN (/vo/group/Role=r)."""
     identities = _lines(text)
     for identity in identities:
-        if not (identity.startswith("/") and "=" in identity) and not TOKEN_IDENTITY.match(identity):
-            raise ValueError(f"{identity!r} is neither a DN (/DC=org/.../CN=Name) nor 'SUB=<sub>, ISS=<iss>'")
+        dn = identity.startswith("/") and "=" in identity.split("/")[1]
+        if not dn and not TOKEN_IDENTITY.match(identity) and not FQAN.match(identity):
+            raise ValueError(f"{identity!r} is neither a DN (/DC=org/.../CN=Name), 'SUB=<sub>, ISS=<iss>'"
+                             " nor an FQAN (/vo/group/Role=role)")
     return identities
 
 
@@ -483,9 +503,12 @@ SCHEMA = {
         "tls_cert": (_optional_text, ""),
         "tls_key": (_optional_text, ""),
         "access_log": (_boolean, "true"),
+        "max_batch": (_positive_int, "10000"),
+        "max_batch_bytes": (_positive_int, "16777216"),
     },
     "auth": {
         "x509_ca_path": (_optional_text, ""),
+        "voms_dir": (_optional_text, ""),
         "token_issuers": (_issuer_lines, ""),
         "token_audiences": (_audiences, ""),
         "jwks_refresh": (_positive_float, "3600"),
@@ -508,10 +531,12 @@ SCHEMA = {
         "delay": (_non_negative_float, "0"),
         "timeout": (_positive_float, "3600"),
         "max_attempts": (_positive_int, "3"),
+        "give_up_after": (_positive_float, "86400"),
         "url": (_optional_url("http", "https"), ""),
         "retry_delay": (_positive_float, "2"),
         "bulk_size": (_positive_int, "100"),
         "poll_interval": (_positive_float, "30"),
+        "namespace_mount": (_optional_text, ""),
         "token_file": (_optional_text, ""),
         "cert": (_optional_text, ""),
         "key": (_optional_text, ""),
@@ -537,6 +562,7 @@ SCHEMA = {
         "poll_interval": (_positive_float, "30"),
         "bulk_size": (_positive_int, "100"),
         "transfer_timeout": (_positive_float, "86400"),
+        "give_up_after": (_positive_float, "86400"),
         "verify_checksum": (_choice("both", "source", "target", "none"), "both"),
         "overwrite": (_boolean, "false"),
         "retry": (_whole_number, "0"),
@@ -547,6 +573,14 @@ SCHEMA = {
         "interval": (_positive_float, "30"),
         "lease": (_positive_float, "30"),
         "requeue_after": (_positive_float, "300"),
+    },
+    "startup": {
+        "wait_for_backends": (_non_negative_float, "300"),
+    },
+    "retention": {
+        "keep": (_days_or_forever, "180"),
+        "archive": (_optional_text, ""),
+        "interval": (_positive_float, "3600"),
     },
 }
 
@@ -647,6 +681,8 @@ def _check_security(config):
         raise ConfigError("[auth] x509_ca_path needs [api] tls_cert and tls_key: client certificates come with TLS")
     if auth.token_issuers and not auth.token_audiences:
         raise ConfigError("[auth] token_issuers needs [auth] token_audiences (the aud values meaning this service)")
+    if auth.voms_dir and not auth.x509_ca_path:
+        raise ConfigError("[auth] voms_dir needs [auth] x509_ca_path: VOMS attributes come with client proxies")
     if auth.stager_dns and not auth.x509_ca_path:
         raise ConfigError("[auth] stager_dns needs [auth] x509_ca_path: stagers are known by their certificates")
     if api.tls_cert and api.endpoint.kind not in ("tcp", "tcp6"):
@@ -679,6 +715,9 @@ def _check_stager(config):
                 f"[stager] archive_root = {section.archive_root!r}: with backend = taperest it must be the absolute "
                 "tape namespace directory that holds the products (e.g. /pnfs/example.org/data/meerkat)"
             )
+        if section.namespace_mount and not os.path.isabs(section.namespace_mount):
+            raise ConfigError(f"[stager] namespace_mount = {section.namespace_mount!r} must be an absolute "
+                              "directory: where this machine mounts archive_root (e.g. /mnt/pnfs/data/meerkat)")
     if _stager_uses_tls_keys(section) and section.key and not section.cert:
         raise ConfigError("[stager] key is set but cert is not")
 
@@ -724,12 +763,20 @@ def check_paths(config):
     _is_file(api.tls_cert, "[api] tls_cert")
     _is_file(api.tls_key, "[api] tls_key")
     _exists(auth.x509_ca_path, "[auth] x509_ca_path")
+    if auth.voms_dir and not os.path.isdir(auth.voms_dir):
+        raise ConfigError(f"[auth] voms_dir = {auth.voms_dir!r} is not a directory")
     if auth.audit_log:
         if os.path.isdir(auth.audit_log):
             raise ConfigError(f"[auth] audit_log = {auth.audit_log!r} is a directory, not a file")
         directory = os.path.dirname(os.path.abspath(auth.audit_log))
         if not os.path.isdir(directory):
             raise ConfigError(f"[auth] audit_log = {auth.audit_log!r}: its directory {directory} does not exist")
+    archive = config.retention.archive
+    if archive:
+        if os.path.isdir(archive):
+            raise ConfigError(f"[retention] archive = {archive!r} is a directory, not a file")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(archive))):
+            raise ConfigError(f"[retention] archive = {archive!r}: its directory does not exist")
     url = config.database.url
     if url.scheme == "sqlite":
         if os.path.isdir(url.path):

@@ -8,17 +8,31 @@ which cancels the calls in flight and closes the pool.  treq and
 twisted.web.client do the work underneath.  Connection failures reach the
 caller as they are (describe() words them); a call over its time limit fails
 with Timeout.
+
+Given destination rules (validation.DestinationRules), an HTTPClient checks
+where it connects when it connects: CheckedEndpointFactory resolves the
+URL's host, checks every address it resolves to, and connects to a checked
+address only, so a name that resolves to a denied address, or resolves
+differently from one moment to the next, never reaches one
+(DestinationRefused).
 """
 
 import dataclasses
+import ipaddress
 import json as jsonlib
 
 import treq
 from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from transferd.validation import BadRequest
 
 MAX_BODY = 16 << 20  # bytes of an answer body accepted by default
 
@@ -33,6 +47,85 @@ class Timeout(Exception):
 
 class TooLarge(Exception):
     """The answer body is larger than the client accepts."""
+
+
+class DestinationRefused(Exception):
+    """The URL's host resolves to an address the destination rules refuse (or to none); nothing was sent."""
+
+
+@implementer(IResolutionReceiver)
+class _Addresses:
+    """Collects the addresses of one name resolution; done fires with their text."""
+
+    def __init__(self):
+        self.addresses = []
+        self.done = defer.Deferred()
+
+    def resolutionBegan(self, resolution):
+        pass
+
+    def addressResolved(self, address):
+        self.addresses.append(address.host)
+
+    def resolutionComplete(self):
+        self.done.callback(self.addresses)
+
+
+@implementer(IStreamClientEndpoint)
+class _CheckedEndpoint:
+    """Resolve, check every address, then connect to the checked addresses in turn (TLS for https)."""
+
+    def __init__(self, factory, uri):
+        self.factory = factory
+        self.uri = uri
+
+    def connect(self, protocol_factory):
+        return defer.Deferred.fromCoroutine(self._connect(protocol_factory))
+
+    async def _connect(self, protocol_factory):
+        factory, host, port = self.factory, self.uri.host.decode("idna"), self.uri.port
+        host = host.strip("[]")
+        try:
+            addresses = [str(ipaddress.ip_address(host))]
+        except ValueError:
+            receiver = _Addresses()
+            factory.resolver.resolveHostName(receiver, host, port)
+            addresses = await receiver.done
+        if not addresses:
+            raise DestinationRefused(f"destination host {host} does not resolve to any address")
+        for address in addresses:
+            try:
+                factory.rules.check_address(host, address)
+            except BadRequest as refused:
+                raise DestinationRefused(str(refused)) from None
+        failure = None
+        for address in addresses:
+            kind = TCP6ClientEndpoint if ipaddress.ip_address(address).version == 6 else TCP4ClientEndpoint
+            endpoint = kind(factory.reactor, address, port, timeout=factory.connect_timeout)
+            if self.uri.scheme == b"https":
+                endpoint = wrapClientTLS(factory.tls_policy.creatorForNetloc(self.uri.host, port), endpoint)
+            try:
+                return await endpoint.connect(protocol_factory)
+            except defer.CancelledError:
+                raise
+            except Exception as error:
+                failure = error
+        raise failure
+
+
+@implementer(IAgentEndpointFactory)
+class CheckedEndpointFactory:
+    """The Agent's endpoints when destination rules apply: see _CheckedEndpoint."""
+
+    def __init__(self, reactor, rules, tls_policy, resolver=None, connect_timeout=30):
+        self.reactor = reactor
+        self.rules = rules
+        self.tls_policy = tls_policy
+        self.resolver = resolver if resolver is not None else reactor.nameResolver
+        self.connect_timeout = connect_timeout
+
+    def endpointForURI(self, uri):
+        return _CheckedEndpoint(self, uri)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,11 +194,13 @@ class HTTPClient:
     reactor does the I/O and clock times the calls.  tls_policy: an
     IPolicyForHTTPS (transferd.tls.ClientTLSPolicy) for https URLs; None
     verifies servers against the system's CAs.  headers are sent with every
-    call (a call's own headers win).
+    call (a call's own headers win).  destinations: DestinationRules that
+    every address connected to must pass (CheckedEndpointFactory), names
+    resolved by resolver (an IHostnameResolver; default the reactor's).
     """
 
     def __init__(self, reactor, clock, timeout=60.0, tls_policy=None, max_body=MAX_BODY, per_host=2,
-                 headers=None):
+                 headers=None, destinations=None, resolver=None):
         self.clock = clock
         self.timeout = timeout
         self.max_body = max_body
@@ -113,7 +208,12 @@ class HTTPClient:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = per_host
         self.pool._factory = _QuietFactory
-        agent = Agent(reactor, contextFactory=tls_policy or BrowserLikePolicyForHTTPS(), pool=self.pool)
+        tls_policy = tls_policy or BrowserLikePolicyForHTTPS()
+        if destinations is not None and destinations.restricts_addresses:
+            endpoints = CheckedEndpointFactory(reactor, destinations, tls_policy, resolver)
+            agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
+        else:
+            agent = Agent(reactor, contextFactory=tls_policy, pool=self.pool)
         self._treq = treq.client.HTTPClient(agent)
         self._calls = set()
         self._bodies = set()  # answer bodies still arriving

@@ -16,13 +16,29 @@ from zope.interface import Attribute, Interface
 class ServiceAway(Exception):
     """A remote service (FTS, a stager, a tape system) cannot be used now; try again in retry_after seconds.
 
-    No fault of the job: it stays as it is and is re-driven later, and the
-    attempt never counts against its deliveries or attempts.
+    No fault of the job: it stays as it is and waits (the pipeline backs off,
+    starting at retry_after), and the attempt never counts against its
+    deliveries or attempts.  Only once the service has been away for the
+    backend's give_up_after seconds does the job end in ERROR.  The message
+    says what is away and why, in words an operator understands.
     """
 
     def __init__(self, message, retry_after):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StoreUnavailable(ConnectionError):
+    """The job store cannot be used now (its database is down or unreachable).
+
+    An outage of our own, never a job's fault: the API answers 503 with
+    Retry-After, and a queue handler failing with it is delivered again
+    without counting the delivery.  The operation may or may not have taken
+    effect when the store says so; the caller re-reads, or the reconciler
+    re-drives.
+    """
+
+    retry_after = 5  # seconds the API tells clients to wait (Retry-After)
 
 
 class IJobStore(IService):
@@ -46,14 +62,54 @@ class IJobStore(IService):
         which the store writes in the same transaction as the change.
         """
 
+    def create_many(jobs, hold=None, actor=None, submission=None):
+        """Insert new SUBMITTED jobs with their history rows in one transaction, all under hold.
+
+        submission (a jobs.Submission): also store its answer, in the same
+        transaction; when one with the same submitter and submission_id is
+        stored already, fail with SubmissionExists and create nothing.
+        """
+
+    def submission(submitter, submission_id):
+        """Fire with the answer stored for (submitter, submission_id), or None."""
+
     def get(job_id):
         """Fire with the Job, or None when there is no such job."""
+
+    def list_jobs(job_filter, limit, after=None):
+        """Fire with up to limit Jobs matching job_filter (a jobs.JobFilter), newest first.
+
+        Newest first is time_submitted descending, then job_id descending.
+        after: (time_submitted, job_id) of the last job of the previous page;
+        the page continues strictly after it, so pages never skip or repeat
+        a job however many are created meanwhile.
+        """
+
+    def count_before(status, column, moment):
+        """Fire with how many jobs in status have column (time_submitted or time_updated) before moment."""
+
+    def recent_successes(destination_host, since, limit):
+        """Fire with up to limit Jobs to destination_host submitted since then that succeeded, newest first."""
+
+    def purge_ended(before, limit, archive=None):
+        """Remove up to limit ended jobs last changed before `before`, with their history, in one short transaction.
+
+        archive(jobs, events) runs first, in that transaction; fires with the number removed.
+        """
+
+    def purge_submissions(before, limit):
+        """Remove up to limit submissions rows older than `before`; fire with how many."""
+
+    def copy_freed(job_id):
+        """Record that an ended job's staged copy is gone (time_copy_freed; stager_path no longer shown); True/False."""
 
     def transition(job_id, old, new, fields=None, hold=None, actor=None):
         """Compare-and-set old -> new, setting time_<new> and fields, leaving the job under hold.
 
         Raises InvalidTransition for a move the state machine forbids.  Fires
         with True when the row changed, False when the job was not in old.
+        A transition starts the count of deliveries afresh (one, when it
+        leaves the job under a worker's lease) and ends an outage (time_away).
         """
 
     def update(job_id, status, fields, note=None):
@@ -78,7 +134,9 @@ class IJobStore(IService):
         """Take the lease of a job in one of statuses that is free or in the queue.
 
         Fires with the Job as it now is, owned by owner for seconds, or None
-        when the job is in another state or held by someone else.
+        when the job is in another state or held by someone else.  A worker
+        (any owner but leases.IN_QUEUE) taking the lease counts one delivery
+        in the job's deliveries, which survives a crash of the daemon.
         """
 
     def hold_in_queue(status, job_ids, seconds):
@@ -91,7 +149,12 @@ class IJobStore(IService):
         """Extend the leases that owner holds on job_ids; fire with the count renewed."""
 
     def end_lease(job_id, owner, then=None):
-        """End owner's lease on the job, leaving it free or under then (a wait)."""
+        """End owner's lease on the job, leaving it free or under then (a wait); fire with True/False.
+
+        A worker giving its lease back has not crashed: the delivery its
+        take_lease counted is taken back, so deliveries counts only the
+        workers that never came back.
+        """
 
     def jobs_to_redrive(statuses, limit, include_queue_holds=False):
         """Fire with up to limit Jobs in statuses that are free, oldest first.
@@ -121,14 +184,22 @@ class IJobQueue(IService):
     def publish(queue, job_id):
         """Fire once the message is durably accepted; fail if it could not be."""
 
+    def publish_many(queue, job_ids):
+        """Publish one message per job id, all at once; fire once all are accepted, fail if any was not."""
+
     def consume(queue, handler, prefetch, on_dead_letter):
         """Deliver each job id to handler(job_id) -> Deferred, at most prefetch at once.
 
         The message is acknowledged when handler's Deferred succeeds.  When it
         fails the message is delivered again, up to max_deliveries in all;
         then it is dead-lettered and on_dead_letter(queue, job_id, reason)
-        -> Deferred is called.  Consumers survive reconnections.
+        -> Deferred is called.  A failure with StoreUnavailable (our own
+        database is away) is delivered again without being counted.
+        Consumers survive reconnections.
         """
+
+    def stop_consuming():
+        """Hand no more messages to the handlers: the daemon is stopping (messages not handled stay queued)."""
 
 
 class IOutcomes(Interface):
@@ -148,7 +219,11 @@ class IStager(IService):
     """Brings a product from the archive (tape) to disk."""
 
     timeout = Attribute("seconds a staging attempt may take before it is tried again")
-    max_attempts = Attribute("staging attempts before the job goes to ERROR")
+    max_attempts = Attribute(
+        "staging attempts the stager accepted (and that then failed or timed out) before the job goes to ERROR; "
+        "tries while the stager is away (ServiceAway) do not count"
+    )
+    give_up_after = Attribute("seconds the stager may stay away (ServiceAway) before a job waiting for it is failed")
     batch_size = Attribute(
         "how many stage() calls the stager can serve together (its bulk request size); 1 for one at a time"
     )
@@ -184,6 +259,10 @@ class IMover(IService):
         "accepted, or a failed TransferResult; a poller reports the outcome."
     )
     timeout = Attribute("asynchronous movers: seconds a transfer may take; the job waits that long")
+    give_up_after = Attribute(
+        "seconds the transfer service may stay away (ServiceAway) before a job waiting for it ends in ERROR; "
+        "None for a mover that is never away"
+    )
 
     def transfer(job):
         """Move or submit job's staged product (see asynchronous); may fail with ServiceAway."""

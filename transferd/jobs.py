@@ -107,7 +107,8 @@ class TransferResult:
 # workers' and pollers' lease bookkeeping.
 HIDDEN_FIELDS = frozenset({"stager_callback", "lease_owner", "lease_until", "poll_owner", "poll_until", "deliveries"})
 # Columns /transferStatus (the prototype's contract) does not show; the v1 API does.
-V1_FIELDS = frozenset({"priority", "label", "metadata", "destination_host", "time_updated"})
+V1_FIELDS = frozenset({"priority", "label", "metadata", "destination_host", "time_updated", "time_away",
+                       "time_copy_freed"})
 
 DEFAULT_PRIORITY = 3  # 1 (lowest) to 5 (highest), as FTS has
 
@@ -137,7 +138,7 @@ class Job:
     label: Optional[str] = None
     metadata: Optional[str] = None  # JSON object given at submission
     destination_host: Optional[str] = None  # the host of destination_path, kept to filter by
-    deliveries: int = 0  # leases taken on the job in its current state (crash loops end in ERROR)
+    deliveries: int = 0  # workers' leases taken in this state and never given back: crashes (loops end in ERROR)
     time_submitted: Optional[datetime] = None
     time_staging: Optional[datetime] = None
     time_staged: Optional[datetime] = None
@@ -146,6 +147,8 @@ class Job:
     time_error: Optional[datetime] = None
     time_cancelled: Optional[datetime] = None
     time_updated: Optional[datetime] = None
+    time_away: Optional[datetime] = None  # since when the stager or transfer service it waits for is away
+    time_copy_freed: Optional[datetime] = None  # when its staged copy was freed: stager_path is no longer shown
 
     @property
     def terminal(self) -> bool:
@@ -160,16 +163,45 @@ class Job:
     def public_view(self, v1=False) -> dict[str, Any]:
         """The job as /transferStatus shows it (v1: as the v1 API does): every non-null field but the hidden ones."""
         view = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is None or field.name in HIDDEN_FIELDS or (field.name in V1_FIELDS and not v1):
+        for name in V1_VIEW if v1 else VIEW:  # precomputed: the v1 API streams views by the hundred thousand
+            value = getattr(self, name)
+            if value is None:
                 continue
+            if name == "stager_path" and self.time_copy_freed is not None:
+                continue  # the copy is gone: the path would point at nothing
             if isinstance(value, datetime):
                 value = value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-            elif field.name in ("staged_files", "metadata"):
+            elif name in ("staged_files", "metadata"):
                 value = json.loads(value)
-            view[field.name] = value
+            view[name] = value
         return view
 
 
 COLUMNS = tuple(field.name for field in dataclasses.fields(Job))
+# The fields public_view shows, in order: /transferStatus's, and the v1 API's.
+V1_VIEW = tuple(name for name in COLUMNS if name not in HIDDEN_FIELDS)
+VIEW = tuple(name for name in V1_VIEW if name not in V1_FIELDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobFilter:
+    """Which jobs a v1 listing or bulk cancel means: each field that is set narrows it (times exclusive)."""
+
+    statuses: tuple = ()
+    product_id: Optional[str] = None
+    label: Optional[str] = None
+    destination_host: Optional[str] = None
+    submitter: Optional[str] = None
+    submitted_after: Optional[datetime] = None
+    submitted_before: Optional[datetime] = None
+    updated_after: Optional[datetime] = None
+    job_ids: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Submission:
+    """A batch sent with a client-chosen submission_id, and the answer it got: sending it again gets that answer."""
+
+    submitter: Optional[str]
+    submission_id: str
+    answer: dict

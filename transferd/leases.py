@@ -6,6 +6,9 @@ Each job row holds one lease, lease_owner and lease_until (epoch seconds):
   * a wait: no owner, a deadline; an outside party (stager, FTS) has the job until then;
   * free: no deadline, or a passed one; the reconciler re-drives the job.
 A Hold says which of these a store operation leaves behind; None leaves the job free.
+A job's deliveries column counts the workers' leases taken in its current state
+and never given back (crashed workers), so a job that crashes the daemon on every
+attempt ends in ERROR instead of being re-driven forever.
 Pollers lease separately (poll_owner, poll_until): which poller asks about the job this cycle.
 """
 
@@ -37,3 +40,8 @@ def in_queue(seconds):
 def waiting(seconds):
     """The job waits for an outside party; nobody re-drives it before the deadline."""
     return Hold(None, seconds)
+
+
+def is_worker(owner):
+    """True for a worker's lease, not a queue hold or a wait: the job's deliveries count these."""
+    return owner is not None and owner != IN_QUEUE

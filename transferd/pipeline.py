@@ -7,8 +7,16 @@ expects; the queue message is acknowledged once the resulting state change is
 committed.  Leases are renewed while work runs in this process, so a crashed
 daemon's jobs become free when its leases expire, and the reconciler
 re-drives them.
+
+Outages (docs/architecture.md, "Outages"): a stager or transfer service that
+is away (ServiceAway) leaves its jobs waiting, with backoff, until it has been
+away for the backend's give_up_after; our own store being away
+(StoreUnavailable) is no job's fault and counts against none.  A job whose
+step crashes the daemon every time ends in ERROR once its lease was taken
+more than max_deliveries times without being given back.
 """
 
+import collections
 import dataclasses
 import hashlib
 import hmac
@@ -23,8 +31,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from transferd import jobs, leases
-from transferd.interfaces import IOutcomes, ServiceAway
+from transferd.interfaces import IOutcomes, ServiceAway, StoreUnavailable
 from transferd.queue import STAGING_QUEUE, TRANSFER_QUEUE
+
+# At most this many seconds between tries of a service that is away (the wait grows with the outage).
+AWAY_WAIT_CAP = 300.0
 
 
 def hash_authcode(authcode):
@@ -59,7 +70,8 @@ class Pipeline(Service):
 
     log = Logger()
 
-    def __init__(self, store, queue, stager, mover, clock, prefetch=8, lease=30.0, requeue_after=300.0):
+    def __init__(self, store, queue, stager, mover, clock, prefetch=8, lease=30.0, requeue_after=300.0,
+                 max_deliveries=5):
         self.store = store
         self.queue = queue
         self.stager = stager
@@ -70,9 +82,12 @@ class Pipeline(Service):
         self.stage_prefetch = max(prefetch, stager.batch_size)
         self.lease = lease
         self.requeue_after = requeue_after
+        self.max_deliveries = max_deliveries  # leases taken and never given back before a job is failed
         self.owner = f"worker-{uuid.uuid4()}"
         self.actor = f"transferd on {socket.gethostname()}"  # who its workers' changes are by, in job histories
         self.held = set()
+        self._unreturned = set()  # job ids whose lease could not be given back while the store was away
+        self._isolation = Isolation()  # jobs workers died on run alone
         self._staging = set()  # staging handlers in flight, cancelled when the daemon stops
         self._holds_to_extend = {}  # status -> job ids whose message was just confirmed
         self._hold_flush = None
@@ -90,7 +105,9 @@ class Pipeline(Service):
     async def _stop(self):
         # A staging attempt may wait as long as a tape recall: it is not
         # waited for.  Its lease is given back and the job is staged again
-        # after the restart (here or by another daemon).
+        # after the restart (here or by another daemon).  No new message
+        # starts one meanwhile.
+        self.queue.stop_consuming()
         for staging in list(self._staging):
             staging.cancel()
         await defer.DeferredList(list(self._staging))
@@ -105,6 +122,10 @@ class Pipeline(Service):
     async def _renew_leases(self):
         try:
             await self.store.renew_leases(self.owner, sorted(self.held), self.lease)
+            for job_id in sorted(self._unreturned):
+                await self._give_back(job_id)
+        except StoreUnavailable as error:
+            self.log.warn("could not renew job leases ({error}); they may be re-driven elsewhere", error=error)
         except Exception:
             self.log.failure("could not renew job leases; they may be re-driven elsewhere")
 
@@ -118,6 +139,34 @@ class Pipeline(Service):
             job_id=job.job_id, product_id=job.product_id, destination=job.destination_path,
         )
         await self.publish(STAGING_QUEUE, job.job_id, jobs.SUBMITTED)
+
+    async def submit_many(self, new_jobs, actor, submission=None):
+        """Commit new jobs in one transaction (with submission's answer, when given), then publish them in one batch.
+
+        Fails with the store's SubmissionExists, creating nothing, when that
+        submission is stored already.  A failed publish is left to the
+        reconciler, as in submit.
+        """
+        await self.store.create_many(new_jobs, hold=leases.in_queue(self.lease), actor=actor, submission=submission)
+        if not new_jobs:
+            return
+        self.log.info(
+            "{count} job(s) SUBMITTED in one batch by {actor}, {first} to {last}",
+            count=len(new_jobs), actor=actor, first=new_jobs[0].job_id, last=new_jobs[-1].job_id,
+        )
+        job_ids = [job.job_id for job in new_jobs]
+        try:
+            await self.queue.publish_many(STAGING_QUEUE, job_ids)
+        except Exception as error:
+            self.log.warn("{count} job(s) not queued for staging ({error}); the reconciler will retry",
+                          count=len(job_ids), error=error)
+            try:
+                await self.store.hold_in_queue(jobs.SUBMITTED, job_ids, 0)  # a hold that has run out: free at once
+            except Exception:
+                self.log.failure("could not drop the queue holds; they run out within one lease")
+            return
+        for job_id in job_ids:
+            self._extend_hold(jobs.SUBMITTED, job_id)
 
     async def publish(self, queue, job_id, status):
         """Publish a job the caller has just put under a queue hold of one lease.
@@ -158,15 +207,22 @@ class Pipeline(Service):
         done = []
         for status, job_ids in batches.items():
             d = self.store.hold_in_queue(status, sorted(job_ids), self.requeue_after)
-            done.append(d.addErrback(lambda failure: self.log.failure("could not extend queue holds", failure)))
+            done.append(d.addErrback(self._holds_not_extended))
         return defer.DeferredList(done)
+
+    def _holds_not_extended(self, failure):
+        """The holds stay short: the reconciler publishes those jobs again, which is harmless."""
+        if failure.check(StoreUnavailable):
+            self.log.warn("could not extend queue holds: {error}", error=failure.value)
+        else:
+            self.log.failure("could not extend queue holds", failure)
 
     # -- staging ----------------------------------------------------------
 
     def stage(self, job_id):
         """Queue handler: stage a SUBMITTED job, or re-stage a STAGING one nobody holds."""
         staging = defer.Deferred.fromCoroutine(
-            self._take_and_run(job_id, (jobs.SUBMITTED, jobs.STAGING), self._stage_taken))
+            self._take_and_run(job_id, STAGING_QUEUE, (jobs.SUBMITTED, jobs.STAGING), self._stage_taken))
         self._staging.add(staging)
         staging.addBoth(self._staging_ended, staging)
         return staging
@@ -197,16 +253,28 @@ class Pipeline(Service):
             )
         else:
             fields["time_staging"] = jobs.utc_from_seconds(self.clock.seconds())
-            started = await self.store.update(job.job_id, jobs.STAGING, fields,
-                                              note=(self.actor, f"staging attempt {attempt} of {self.stager.max_attempts}"))
-            self.log.info("job {job_id} staging again (attempt {attempt})", job_id=job.job_id, attempt=attempt)
+            # While the stager is away its tries are not attempts: the history says so once, in _wait_for.
+            note = None if job.time_away else (self.actor, f"staging attempt {attempt} of {self.stager.max_attempts}")
+            started = await self.store.update(job.job_id, jobs.STAGING, fields, note=note)
+            if job.time_away:
+                self.log.info("job {job_id}: asking the stager again", job_id=job.job_id)
+            else:
+                self.log.info("job {job_id} staging again (attempt {attempt})", job_id=job.job_id, attempt=attempt)
         if not started:
             return
-        job = dataclasses.replace(job, status=jobs.STAGING, stage_attempts=attempt, stager_callback=fields["stager_callback"])
-        result = await self.stager.stage(job, authcode)
+        time_away = job.time_away if job.status == jobs.STAGING else None
+        job = dataclasses.replace(job, status=jobs.STAGING, stage_attempts=attempt,
+                                  stager_callback=fields["stager_callback"], time_away=time_away)
+        try:
+            result = await self.stager.stage(job, authcode)
+        except ServiceAway as away:
+            # The stager never took this attempt: it does not count.
+            await self._wait_for(job, away, self.stager, "staging", {"stage_attempts": attempt - 1})
+            return
         if result is None:
             # The outcome comes later (callback or polling): the job waits for
             # the stager until the authcode expires, then the reconciler stages it again.
+            await self._service_back(job, "the stager")
             left = max(0.0, self.stager.timeout - (self.clock.seconds() - asked_at))
             await self.store.end_lease(job.job_id, self.owner, then=leases.waiting(left))
             return
@@ -218,6 +286,7 @@ class Pipeline(Service):
         """Record a staging outcome for a STAGING job; fire with True when it was recorded."""
         if result.success:
             fields = {
+                "detailed_status": None,  # a "waiting: ..." from an outage is over
                 "stager_hostname": result.staged_to,
                 "stager_path": result.path,
                 "stager_status": result.msg or "staged",
@@ -257,7 +326,7 @@ class Pipeline(Service):
 
     async def transfer(self, job_id):
         """Queue handler: transfer a STAGED job, or resume a TRANSFERRING one nobody holds."""
-        await self._take_and_run(job_id, (jobs.STAGED, jobs.TRANSFERRING), self._transfer_taken)
+        await self._take_and_run(job_id, TRANSFER_QUEUE, (jobs.STAGED, jobs.TRANSFERRING), self._transfer_taken)
 
     async def _transfer_taken(self, job):
         if self.mover.asynchronous:
@@ -265,14 +334,19 @@ class Pipeline(Service):
             return
         if job.status == jobs.STAGED:
             if not await self.store.transition(
-                job.job_id, jobs.STAGED, jobs.TRANSFERRING, hold=leases.worker(self.owner, self.lease),
-                actor=self.actor,
+                job.job_id, jobs.STAGED, jobs.TRANSFERRING, {"detailed_status": None},
+                hold=leases.worker(self.owner, self.lease), actor=self.actor,
             ):
                 return
-            job = dataclasses.replace(job, status=jobs.TRANSFERRING)
+            job = dataclasses.replace(job, status=jobs.TRANSFERRING, time_away=None)
         else:
             self.log.info("job {job_id} transfer resumed", job_id=job.job_id)
-        await self.transfer_done(job, await self.mover.transfer(job))
+        try:
+            result = await self.mover.transfer(job)
+        except ServiceAway as away:
+            await self._wait_for(job, away, self.mover, "transfer")
+            return
+        await self.transfer_done(job, result)
 
     async def _submit_transfer(self, job):
         """Hand the job to an asynchronous mover (FTS3); its poller reports the outcome.
@@ -282,7 +356,11 @@ class Pipeline(Service):
         asynchronous movers make submission idempotent.  A job cancelled while
         it was being submitted has what the mover started stopped here, once.
         """
-        result = await self.mover.transfer(job)
+        try:
+            result = await self.mover.transfer(job)
+        except ServiceAway as away:
+            await self._wait_for(job, away, self.mover, "transfer")
+            return
         if result is not None and not result.success:
             await self.store.transition(
                 job.job_id, job.status, jobs.ERROR,
@@ -293,9 +371,10 @@ class Pipeline(Service):
             return
         waiting = leases.waiting(self.mover.timeout)
         if job.status == jobs.STAGED:
-            handed_over = await self.store.transition(job.job_id, jobs.STAGED, jobs.TRANSFERRING, hold=waiting,
-                                                      actor=self.actor)
+            handed_over = await self.store.transition(job.job_id, jobs.STAGED, jobs.TRANSFERRING,
+                                                      {"detailed_status": None}, hold=waiting, actor=self.actor)
         else:
+            await self._service_back(job, "the transfer service")
             handed_over = await self.store.end_lease(job.job_id, self.owner, then=waiting)
         if not handed_over:
             current = await self.store.get(job.job_id)
@@ -336,40 +415,227 @@ class Pipeline(Service):
 
     # -- helpers ----------------------------------------------------------
 
-    async def _take_and_run(self, job_id, states, work):
+    async def _take_and_run(self, job_id, step, states, work):
         """Run work(job) if the job is in one of states and this worker can take its lease.
 
         Anything else (unknown job, another state, someone else's lease) is a
         duplicate or stale message: nothing to do.  The lease is renewed while
-        work runs and given back if it fails, so a redelivery can retry.  A
-        remote service that is away (ServiceAway) leaves the job waiting that
-        long, without counting against its deliveries.
+        work runs and given back if it fails, so a redelivery can retry.
+        Taking the lease counts a delivery in the job's row and giving it back
+        takes it back, so the count left over is the workers that crashed: a
+        job whose step keeps crashing the daemon ends in ERROR (in _take).  A
+        job a worker died on before runs alone (Isolation), so that crashing
+        again it takes no other job down with it; whatever waits for its turn
+        waits without the lease, so a crash meanwhile does not count against
+        it.  When the store is away the lease is given back once it is back,
+        and the failure (StoreUnavailable) reaches the queue, which does not
+        count it.
         """
-        job = await self.store.take_lease(job_id, states, self.owner, self.lease)
+        if job_id in self._unreturned:
+            await self.store.end_lease(job_id, self.owner)  # our own lease, from before the store went away
+            self._unreturned.discard(job_id)
+        job = await self._take(job_id, step, states)
         if job is None:
             return
-        self.held.add(job_id)
+        suspect = job.deliveries > 1
+        turn = self._isolation.enter(suspect)
+        if not turn.called:
+            try:
+                await self.store.end_lease(job_id, self.owner)  # no lease while it waits, so a crash does not count
+            except BaseException as error:
+                self._isolation.give_up(turn, suspect)
+                if isinstance(error, StoreUnavailable):
+                    self._unreturned.add(job_id)
+                raise
+            await turn
+            job = None  # taken again below, now that it is its turn
+        try:
+            if job is None:
+                job = await self._take(job_id, step, states)
+                if job is None:
+                    return
+            if suspect:
+                self.log.info("job {job_id}: a worker died on it {count} time(s) in the {step} step; running it alone",
+                              job_id=job_id, count=job.deliveries - 1, step=step)
+            await self._run_leased(job, work)
+        finally:
+            self._isolation.leave(suspect)
+
+    async def _take(self, job_id, step, states):
+        """Take the job's lease (counting a delivery); None, and the job in ERROR, when workers died on it too often."""
+        job = await self.store.take_lease(job_id, states, self.owner, self.lease)
+        if job is not None and job.deliveries > self.max_deliveries:
+            await self._crashed_too_often(job, step)
+            return None
+        return job
+
+    async def _run_leased(self, job, work):
+        """work(job), the lease renewed meanwhile and given back when it fails (once the store is back, if away)."""
+        self.held.add(job.job_id)
         try:
             await work(job)
-        except ServiceAway as away:
-            self.log.warn("job {job_id}: {error}; trying again in {delay:g}s",
-                          job_id=job_id, error=away, delay=away.retry_after)
-            await self._best_effort("leave it waiting", self.store.end_lease, job_id, self.owner,
-                                    leases.waiting(away.retry_after))
+        except StoreUnavailable:
+            self._unreturned.add(job.job_id)
+            raise
         except BaseException:
-            await self._best_effort("give back the lease", self.store.end_lease, job_id, self.owner)
+            await self._give_back(job.job_id)
             raise
         finally:
-            self.held.discard(job_id)
+            self.held.discard(job.job_id)
+
+    async def _give_back(self, job_id):
+        """End this worker's lease on the job; while the store is away, remember to do it once it is back."""
+        try:
+            await self.store.end_lease(job_id, self.owner)
+        except StoreUnavailable:
+            self._unreturned.add(job_id)
+        except Exception:
+            self.log.failure("job {job_id}: could not give back the lease", job_id=job_id)
+        else:
+            self._unreturned.discard(job_id)
+
+    async def _crashed_too_often(self, job, step):
+        """The job's lease was taken more than max_deliveries times and never given back: each time the daemon died."""
+        reason = (f"failed {job.deliveries - 1} times in the {step} step: the daemon stopped (crashed or was"
+                  f" killed) while working on it each time")
+        if await self.store.transition(job.job_id, job.status, jobs.ERROR, {"detailed_status": reason},
+                                       actor=self.actor):
+            if job.status != jobs.SUBMITTED:
+                await self._free_copy(job)
+
+    async def _wait_for(self, job, away, backend, step, fields=None):
+        """The stager or mover is away: the job waits, saying why, or ends in ERROR once it was away too long.
+
+        The wait is half as long as the service has been away so far (so the
+        job resumes within half the outage's length once it is back), at
+        least the backend's retry_after and at most AWAY_WAIT_CAP, and never
+        past the moment to give up (give_up_after after the job first found
+        it away).
+        The outage's start goes into the job's history; detailed_status says
+        how it stands at every try.  fields: what else to set on the job.
+        """
+        now = self.clock.seconds()
+        since = job.time_away.timestamp() if job.time_away is not None else now
+        away_for = now - since
+        limit = backend.give_up_after
+        if limit is not None and away_for >= limit:
+            fields = dict(fields or {}, detailed_status=f"{step} failed: {away} (gave up after {_duration(away_for)}"
+                                                       f" of trying)")
+            if await self.store.transition(job.job_id, job.status, jobs.ERROR, fields, actor=self.actor):
+                if step == "transfer":
+                    await self._free_copy(job)
+            return
+        wait = min(AWAY_WAIT_CAP, max(away.retry_after, away_for / 2))
+        if limit is not None:
+            wait = min(wait, limit - away_for)
+        detail = f"waiting: {away}; trying again in {_duration(wait)}"
+        if limit is not None:
+            detail += f", giving up {_duration(limit - away_for)} from now"
+        fields = dict(fields or {}, time_away=jobs.utc_from_seconds(since), detailed_status=detail)
+        note = None
+        if job.time_away is None:  # the outage starts, as far as this job is concerned
+            note = (self.actor, f"{away}; waiting" + (f" (for up to {_duration(limit)})" if limit is not None else ""))
+        self.log.warn("job {job_id}: {error}; trying again in {wait:.1f}s", job_id=job.job_id, error=away, wait=wait)
+        if await self.store.update(job.job_id, job.status, fields, note=note):
+            await self.store.end_lease(job.job_id, self.owner, then=leases.waiting(wait))
+
+    async def _service_back(self, job, service):
+        """The service the job waited for took it: the outage is over for this job (its history says so)."""
+        if job.time_away is None:
+            return
+        away_for = self.clock.seconds() - job.time_away.timestamp()
+        await self.store.update(job.job_id, job.status, {"time_away": None, "detailed_status": None},
+                                note=(self.actor, f"{service} is back after {_duration(away_for)}"))
 
     async def _free_copy(self, job):
-        await self._best_effort("free the staged copy", self.stager.free_copy, job)
+        """Free the job's staged copy; once it is gone, the job no longer shows its stager_path."""
+        try:
+            await self.stager.free_copy(job)
+        except Exception:
+            self.log.failure("job {job_id}: could not free the staged copy", job_id=job.job_id)
+            return
+        await self._best_effort("record that the staged copy is freed", self.store.copy_freed, job.job_id)
 
     async def _best_effort(self, what, call, *args):
+        job_id = getattr(args[0], "job_id", args[0])
         try:
             await call(*args)
+        except StoreUnavailable as error:
+            self.log.warn("job {job_id}: could not " + what + ": {error}", job_id=job_id, error=error)
         except Exception:
-            self.log.failure("job {job_id}: could not " + what, job_id=getattr(args[0], "job_id", args[0]))
+            self.log.failure("job {job_id}: could not " + what, job_id=job_id)
+
+
+class Isolation:
+    """Ordinary steps run together; a suspect's step (a worker died on its job before) runs alone.
+
+    A step that crashes the daemon takes down whatever runs beside it; run
+    alone, it costs only its own job a delivery.  Turns are given in order of
+    arrival, so a waiting suspect is not starved by ordinary steps arriving
+    after it.
+    """
+
+    def __init__(self):
+        self._ordinary = 0  # ordinary steps running
+        self._alone = False  # a suspect's step runs
+        self._waiting = collections.deque()  # (suspect, Deferred) not given their turn yet
+
+    def enter(self, suspect):
+        """A Deferred firing when it is this step's turn (at once, usually); cancelling it gives the turn up."""
+        entry = None
+
+        def give_up(_):
+            self._waiting.remove(entry)
+            self._pump()
+
+        turn = defer.Deferred(give_up)
+        entry = (suspect, turn)
+        self._waiting.append(entry)
+        self._pump()
+        return turn
+
+    def give_up(self, turn, suspect):
+        """The step will not run after all: its turn goes to the next, whether it had come or not."""
+        if turn.called:
+            self.leave(suspect)
+        else:
+            turn.addErrback(lambda failure: failure.trap(defer.CancelledError))
+            turn.cancel()
+
+    def leave(self, suspect):
+        """The step that entered with suspect has ended."""
+        if suspect:
+            self._alone = False
+        else:
+            self._ordinary -= 1
+        self._pump()
+
+    def _pump(self):
+        while self._waiting and not self._alone:
+            suspect, turn = self._waiting[0]
+            if suspect:
+                if self._ordinary:
+                    return
+                self._alone = True
+            else:
+                self._ordinary += 1
+            self._waiting.popleft()
+            turn.callback(None)
+
+
+def _duration(seconds):
+    """Seconds in words: 45s, 3m 20s, 2h 5m, 1d 0h."""
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {seconds}s"
+    return f"{seconds}s"
 
 
 class Reconciler:
@@ -389,21 +655,25 @@ class Reconciler:
         """One pass; returns how many jobs it re-drove.  Never raises (timer-safe)."""
         try:
             return await self._pass()
+        except StoreUnavailable as error:
+            self.log.warn("reconciler pass failed ({error}); will try again", error=error)
+            return 0
         except Exception:
             self.log.failure("reconciler pass failed; will try again")
             return 0
 
     async def _pass(self):
-        include_queue_holds, self._queue_holds_void = self._queue_holds_void, False
-        stuck = await self.store.jobs_to_redrive(jobs.ACTIVE, self.batch, include_queue_holds=include_queue_holds)
+        stuck = await self.store.jobs_to_redrive(jobs.ACTIVE, self.batch, include_queue_holds=self._queue_holds_void)
+        self._queue_holds_void = False
         count = 0
         for job in stuck:
             # A queue hold, so later passes leave it alone while its message is on the way.
             if await self.store.take_lease(job.job_id, [job.status], leases.IN_QUEUE, self.pipeline.lease) is None:
                 continue
             queue = STAGING_QUEUE if job.status in (jobs.SUBMITTED, jobs.STAGING) else TRANSFER_QUEUE
-            if await self.pipeline.publish(queue, job.job_id, job.status):
-                count += 1
+            if not await self.pipeline.publish(queue, job.job_id, job.status):
+                break  # the queue is away: the others would fail too; the next pass tries again
+            count += 1
         if count:
             self.log.info("reconciler re-drove {count} job(s)", count=count)
         return count

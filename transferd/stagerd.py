@@ -17,14 +17,18 @@ The protocol, both ways
         "callback_url": "https://transferd.example.org/doneStaging", "authcode": "<opaque>"}
 
    Answer 2xx at once, before staging (this stager: 202 {"job_id", "accepted": true}).
-   A 5xx (or 408/429), or no answer, makes transferd try again later with
-   the same body, so the same request may arrive twice: recognise it by
-   job_id and authcode, and do not stage twice.  A 4xx other than 408/429
-   fails the job at once with your "msg" (answer JSON {"error": true, "msg"}).
+   A 5xx (or 408/429, with Retry-After if you know when you will be back),
+   or no answer, means you are away: the job waits and transferd asks again
+   later, with a new authcode (below), until you have been away for its
+   [stager] give_up_after.  Should the same request arrive twice anyway,
+   recognise it by job_id and authcode, and do not stage twice.  A 4xx
+   other than 408/429 fails the job at once with your "msg" (answer JSON
+   {"error": true, "msg"}).
 
    The same job_id with a NEW authcode means transferd gave up waiting for
-   you (its [stager] timeout) and asks again: drop the old attempt and start
-   over.  Only the newest authcode is accepted by transferd.
+   you (its [stager] timeout), or could not tell whether you took the last
+   request, and asks again: drop the old attempt and start over.  Only the
+   newest authcode is accepted by transferd.
 
 2. When the product is on disk (or cannot be), call back:
 
@@ -235,7 +239,7 @@ class ReferenceStager:
     def stage(self, request):
         self.stage_requests += 1
         if self.stage_requests <= self.unavailable_first or self._closing:
-            # transferd retries a 503 with backoff: the same request comes again.
+            # transferd asks again later (with a new authcode) when we answer 503.
             return _json(request, 503, {"error": True, "msg": "the stager is not taking requests now; try again"})
         body = request.content.read()
         if len(body) > MAX_BODY_BYTES:

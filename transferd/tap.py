@@ -1,4 +1,4 @@
-"""twistd entry point: `twistd -n transferd [--config FILE] [--endpoint SPEC]`."""
+"""twistd entry point: `twistd -n transferd [--config FILE] [--endpoint SPEC] [--wait-for-backends SECONDS]`."""
 
 import os
 import signal
@@ -12,7 +12,7 @@ from transferd.config import ConfigError, load_config
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--endpoint SPEC]"
+    synopsis = "[--config FILE] [--endpoint SPEC] [--wait-for-backends SECONDS]"
     longdesc = (
         "Run transferd. Without --config it runs on its embedded defaults: SQLite and the "
         "local stager under ./transferd-data, an in-process queue, the local mover, "
@@ -21,12 +21,16 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "INI configuration file (see conf/transferd.ini)"],
         ["endpoint", "e", None, "listen on this Twisted endpoint, overriding [api] endpoint"],
+        ["wait-for-backends", None, None, "seconds start-up waits for the database and RabbitMQ to come up, "
+                                          "overriding [startup] wait_for_backends"],
     ]
 
     def postOptions(self):
         overrides = {}
         if self["endpoint"]:
             overrides[("api", "endpoint")] = self["endpoint"]
+        if self["wait-for-backends"] is not None:
+            overrides[("startup", "wait_for_backends")] = self["wait-for-backends"]
         try:
             self.settings = load_config(self["config"], overrides)
         except ConfigError as error:

@@ -37,9 +37,11 @@ class DestinationRules:
 
     Host patterns: a name ("dav.example.org", compared without case), a
     wildcard for subdomains ("*.example.org", not the bare domain), or a
-    network ("192.0.2.0/24", "2001:db8::/32") matching literal IP addresses.
-    Names are not resolved: a deny list keeps users from naming hosts, it
-    does not stop a name that resolves to a denied address.
+    network ("192.0.2.0/24", "2001:db8::/32") matching IP addresses.
+    check() runs on what users send and never resolves a name; when
+    transferd itself connects to a destination (transferd.http), every
+    address the name resolves to goes through check_address() first, and
+    only a checked address is connected to.
     """
 
     def __init__(self, schemes, file_roots, allowed_hosts=(), denied_hosts=()):
@@ -60,6 +62,24 @@ class DestinationRules:
         if self.allowed_hosts and not any(matches(host) for matches in self.allowed_hosts):
             raise BadRequest(f"destination host {host} is not one this service delivers to")
         return url
+
+    @property
+    def restricts_addresses(self):
+        return bool(self.allowed_hosts or self.denied_hosts)
+
+    def check_address(self, host, address):
+        """BadRequest unless transferd may connect to address (text) for the URL host host.
+
+        Denied: the host or the address matches denied_hosts.  With
+        allowed_hosts, the host or the address must match one of them.
+        """
+        host = host.lower().rstrip(".")
+        for name in (host, address):
+            if any(matches(name) for matches in self.denied_hosts):
+                raise BadRequest(f"destination host {host} resolves to {address}, which is not allowed here")
+        if self.allowed_hosts and not any(matches(name) for matches in self.allowed_hosts for name in (host, address)):
+            raise BadRequest(f"destination host {host} resolves to {address}, which is not one this service"
+                             " delivers to")
 
 
 NUMERIC_HOST = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+))*\.?\Z", re.IGNORECASE)

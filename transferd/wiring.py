@@ -15,10 +15,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from transferd import retention
 from transferd.api import TransferAPI
+from transferd.api_v1 import APIv1, SiteRoot
 from transferd.audit import AuditLog
 from transferd.auth.access import Access
 from transferd.auth.tokens import TokenVerifier
+from transferd.auth.voms import VOMSTrust
 from transferd.auth.x509 import ServerTLS
 from transferd.config import ConfigError
 from transferd.pipeline import Pipeline, Reconciler
@@ -79,8 +82,10 @@ def build(config, reactor, clock=None, stager=None, mover=None):
     stager, mover: backends built already (tests' scripted ones), instead of the configured ones.
     """
     clock = clock if clock is not None else reactor
-    store = open_store(config.database.url, reactor, clock)
-    queue = open_queue(config.queue.url, reactor, clock, max_deliveries=config.queue.max_deliveries)
+    start_wait = config.startup.wait_for_backends  # how long start-up waits for the database and the broker
+    store = open_store(config.database.url, reactor, clock, start_wait=start_wait)
+    queue = open_queue(config.queue.url, reactor, clock, max_deliveries=config.queue.max_deliveries,
+                       start_wait=start_wait)
     if stager is None:
         stager = importlib.import_module(STAGERS[config.stager.backend]).from_config(config, reactor, clock, store)
     if mover is None:
@@ -88,34 +93,43 @@ def build(config, reactor, clock=None, stager=None, mover=None):
     pipeline = Pipeline(
         store, queue, stager, mover, clock,
         prefetch=config.queue.prefetch, lease=config.reconciler.lease, requeue_after=config.reconciler.requeue_after,
+        max_deliveries=config.queue.max_deliveries,
     )
     pollers = list(stager.pollers(pipeline)) + list(mover.pollers(pipeline))
     tokens = build_token_verifier(config, reactor)
     audit = build_audit_log(config)
+    destinations = DestinationRules(
+        config.transfer.allowed_schemes, config.transfer.file_roots,
+        config.transfer.allowed_hosts, config.transfer.denied_hosts,
+    )
+    access = Access(x509=bool(config.auth.x509_ca_path), tokens=tokens,
+                    admins=config.auth.admins, stager_dns=config.auth.stager_dns,
+                    voms=VOMSTrust(config.auth.voms_dir, clock) if config.auth.voms_dir else None)
     api = TransferAPI(
-        store, pipeline, stager, clock,
-        destinations=DestinationRules(
-            config.transfer.allowed_schemes, config.transfer.file_roots,
-            config.transfer.allowed_hosts, config.transfer.denied_hosts,
-        ),
-        max_body_bytes=config.api.max_body_bytes,
-        access=Access(x509=bool(config.auth.x509_ca_path), tokens=tokens,
-                      admins=config.auth.admins, stager_dns=config.auth.stager_dns),
-        audit=audit,
+        store, pipeline, stager, clock, destinations=destinations, max_body_bytes=config.api.max_body_bytes,
+        access=access, audit=audit,
+    )
+    api_v1 = APIv1(
+        store, pipeline, stager, mover, clock, destinations=destinations, access=access, audit=audit,
+        max_body_bytes=config.api.max_body_bytes, max_batch=config.api.max_batch,
+        max_batch_bytes=config.api.max_batch_bytes,
     )
     # [api] endpoint was checked with the configuration.
-    listener = Listener(serverFromString(reactor, config.api.endpoint.text), build_listener(config, reactor, api))
+    listener = Listener(serverFromString(reactor, config.api.endpoint.text),
+                        build_listener(config, reactor, SiteRoot(api.resource(), api_v1.resource())))
     reconciler = Reconciler(store, pipeline, queue_durable=queue.durable)
     reconcile_timer = TimerService(config.reconciler.interval, reconciler.run_once)
     reconcile_timer.clock = clock
+    housekeeping = retention.from_config(config, store, clock, stager, mover)
 
     daemon = Daemon()
     daemon.store, daemon.queue, daemon.stager, daemon.mover = store, queue, stager, mover
-    daemon.pipeline, daemon.pollers, daemon.api, daemon.audit = pipeline, pollers, api, audit
-    daemon.listener, daemon.reconciler = listener, reconciler
+    daemon.pipeline, daemon.pollers, daemon.api, daemon.api_v1, daemon.audit = pipeline, pollers, api, api_v1, audit
+    daemon.listener, daemon.reconciler, daemon.housekeeping = listener, reconciler, housekeeping
     # Start order; stopping goes backwards.  The stager and mover outlive the
     # queue, whose stop waits for the transfers in flight.
-    for child in (store, stager, mover, queue, pipeline, *pollers, tokens, audit, listener, reconcile_timer):
+    for child in (store, stager, mover, queue, pipeline, *pollers, tokens, audit, listener, reconcile_timer,
+                  housekeeping):
         if child is not None:
             child.setServiceParent(daemon)
     return daemon
@@ -136,10 +150,14 @@ def build_audit_log(config):
         raise ConfigError(f"cannot open [auth] audit_log {config.auth.audit_log}: {error.strerror}") from None
 
 
-def build_listener(config, reactor, api):
-    """The factory to listen with: the API's site, inside TLS when configured, inside the connection limits."""
+def build_listener(config, reactor, root):
+    """The factory to listen with: the site of root, inside TLS when configured, inside the connection limits.
+
+    The site keeps bodies up to the larger of the two limits; the prototype's
+    endpoints refuse those beyond max_body_bytes themselves.
+    """
     site = LimitedSite(
-        api.resource(), config.api.max_body_bytes, access_log=config.api.access_log,
+        root, max(config.api.max_body_bytes, config.api.max_batch_bytes), access_log=config.api.access_log,
         timeout=config.api.idle_timeout, max_header_bytes=config.api.max_header_bytes,
     )
     factory = site

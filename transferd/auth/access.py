@@ -5,6 +5,10 @@ An identity is one canonical string, stored as the job's submitter:
   grid's slash form, e.g. "/DC=org/DC=example/CN=Alice" (transferd.auth.x509);
 * a bearer token: "SUB=<sub>, ISS=<iss>", the form Rucio uses for token
   identities, so the (iss, sub) pair is kept whole.
+An X.509 client may also carry VOMS FQANs (transferd.auth.voms), believed
+only from the VOMS servers of [auth] voms_dir.  Rules ([auth] admins) name
+identities, or FQANs ("/meerkat/Role=production"), which match an identity
+with an FQAN equal to or under them.
 
 Without [auth] configured, nobody is authenticated and everyone may do
 everything; transferd then listens only on loopback (transferd.tap).
@@ -15,6 +19,7 @@ from typing import Optional
 
 from transferd.auth import x509
 from transferd.auth.tokens import TokenError
+from transferd.auth.voms import fqan_matches
 
 
 class Unauthenticated(Exception):
@@ -29,6 +34,19 @@ class Forbidden(Exception):
 class Identity:
     name: str  # the canonical form above
     method: str  # "x509" or "token"
+    fqans: tuple = ()  # the believed VOMS FQANs of an X.509 client
+
+
+def is_fqan(rule):
+    """True when a configured rule names an FQAN ("/vo/group/Role=r"), not a DN ("/DC=org/.../CN=x")."""
+    return rule.startswith("/") and "=" not in rule[1:].split("/", 1)[0]
+
+
+def matches(identity, rules):
+    """True when identity is one of rules (a frozenset of identities and FQANs)."""
+    if identity is None:
+        return False
+    return identity.name in rules or any(is_fqan(rule) and fqan_matches(identity.fqans, rule) for rule in rules)
 
 
 def token_identity(iss, sub):
@@ -40,10 +58,12 @@ class Access:
 
     x509: client certificates are verified by the TLS listener; here only
     the verified DN is read.  tokens: a started TokenVerifier, or None.
+    voms: a transferd.auth.voms.VOMSTrust that reads X.509 clients' FQANs, or None.
     """
 
-    def __init__(self, x509=False, tokens=None, admins=(), stager_dns=()):
+    def __init__(self, x509=False, tokens=None, admins=(), stager_dns=(), voms=None):
         self.x509 = x509
+        self.voms = voms
         self.tokens = tokens
         self.admins = frozenset(admins)
         self.stager_dns = frozenset(stager_dns)
@@ -63,9 +83,9 @@ class Access:
         header = request.getHeader("authorization")
         if header is not None:
             return await self._bearer(header)
-        dn = x509.peer_dn(request) if self.x509 else None
+        dn, chain = x509.peer_certificate(request) if self.x509 else (None, [])
         if dn is not None:
-            return Identity(dn, "x509")
+            return Identity(dn, "x509", self.voms.fqans(chain) if self.voms is not None else ())
         raise Unauthenticated("authentication required: " + self._how())
 
     def _how(self):
@@ -89,7 +109,7 @@ class Access:
         return Identity(token_identity(claims.iss, claims.sub), "token")
 
     def is_admin(self, identity):
-        return identity is not None and identity.name in self.admins
+        return matches(identity, self.admins)
 
     def check_job(self, identity, job, action):
         """Raise Forbidden unless identity may `action` ("see", "cancel") job: its own, or any for admins."""

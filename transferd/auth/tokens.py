@@ -6,8 +6,10 @@ A token is accepted when:
   HS256 token keyed with an issuer's public key (the classic confusion
   attack) never reaches a verifier;
 * its iss is one of the trusted issuers, and the key that verifies it is
-  from that issuer's own JWKS: the one named by the token's kid (or, without
-  a kid, the issuer's only key of that type), whose type fits the alg;
+  from that issuer's own JWKS: the one named by the token's kid, whose type
+  fits the alg.  The WLCG profile requires a kid; a token without one is
+  refused, unless its issuer is trusted with kid_optional (then the issuer's
+  only key of that type verifies it);
 * it carries exp, iss, sub and aud; exp and nbf/iat (when present) hold, with
   LEEWAY seconds of clock skew; aud names one of our audiences;
 * its wlcg.ver, when present, is 1.x (the profile: reject unknown majors).
@@ -57,6 +59,13 @@ class TokenError(Exception):
 
 class JWKSError(ValueError):
     """A JWKS document (or its download) cannot be used."""
+
+
+class TrustedIssuer(NamedTuple):
+    """A trusted issuer's JWKS (an http(s) URL or a file), and whether its tokens may omit kid."""
+
+    jwks: str
+    kid_optional: bool = False
 
 
 class TokenIdentity(NamedTuple):
@@ -124,9 +133,10 @@ def _unverified(token):
 class _Issuer:
     """A trusted issuer: where its JWKS is, its last good keys, and the state of their loading."""
 
-    def __init__(self, iss, source):
+    def __init__(self, iss, source, kid_optional=False):
         self.iss = iss
         self.source = source
+        self.kid_optional = kid_optional
         self.url = source.startswith(("https://", "http://"))
         self.file = None if self.url else WatchedFile(source)
         self.keys = None  # tuple of PyJWK once loaded
@@ -179,7 +189,8 @@ class TokenVerifier(service.MultiService):
         self.audiences = tuple(audiences)
         self.clock = clock
         self.fetch_timeout = fetch_timeout
-        self._issuers = {iss: _Issuer(iss, source) for iss, source in issuers.items()}
+        trusted = {iss: spec if isinstance(spec, TrustedIssuer) else TrustedIssuer(spec) for iss, spec in issuers.items()}
+        self._issuers = {iss: _Issuer(iss, spec.jwks, spec.kid_optional) for iss, spec in trusted.items()}
         self.http = HTTPClient(reactor, clock, timeout=fetch_timeout, tls_policy=client_tls_policy(),
                                max_body=MAX_JWKS_BYTES, headers={"Accept": "application/json"})
         timer = TimerService(refresh, self.refresh)
@@ -209,7 +220,11 @@ class TokenVerifier(service.MultiService):
         issuer = self._issuers.get(iss)
         if issuer is None:
             raise TokenError(f"the token's issuer {_shown(iss)} is not trusted here")
-        key = await self._key(issuer, header.get("kid"), alg)
+        kid = header.get("kid")
+        if kid is None and not issuer.kid_optional:
+            raise TokenError(f"the token names no key (kid), which the WLCG token profile requires; issuer"
+                             f" {issuer.iss} is not configured to omit it")
+        key = await self._key(issuer, kid, alg)
         try:
             claims = jwt.decode(token, key, algorithms=[alg], audience=list(self.audiences), issuer=iss,
                                 leeway=LEEWAY, options={"require": list(REQUIRED_CLAIMS)})

@@ -6,7 +6,8 @@
   CRLs, as fetch-crl leaves them), CRLs checked for every CA (a CA without
   a current CRL refuses its clients: fail closed), RFC 3820 proxies allowed.
 * peer_dn(request): the canonical DN of the client of a twisted.web request:
-  the end entity of its verified chain, never a proxy's own subject.
+  the end entity of its verified chain, never a proxy's own subject;
+  peer_chain(request): that verified chain (for its VOMS attributes).
 * canonical_dn(name): the one format DNs are stored and compared in.
 """
 
@@ -23,7 +24,7 @@ from zope.interface import implementer
 from transferd.fts.delegation import PROXY_CERT_INFO_OID
 from transferd.tls import CredentialError, X509Credential
 
-__all__ = ["ServerTLS", "peer_dn", "canonical_dn", "end_entity", "PROXY_EXTENSION_OIDS"]
+__all__ = ["ServerTLS", "peer_dn", "peer_chain", "peer_certificate", "canonical_dn", "end_entity", "PROXY_EXTENSION_OIDS"]
 
 #: proxyCertInfo of RFC 3820, and of the pre-RFC Globus Toolkit 3 proxies
 PROXY_EXTENSION_OIDS = (PROXY_CERT_INFO_OID, x509.ObjectIdentifier("1.3.6.1.4.1.3536.1.222"))
@@ -132,25 +133,38 @@ def peer_dn(request):
     None when the connection is not TLS or the client presented no
     certificate.  Only a verified chain is read (TLS made by ServerTLS with
     a CA directory; a failed verification ends the handshake), and the DN is
-    the end entity's, so a proxy's extra CN never becomes an identity.  It
-    is kept on the HTTP channel: a keep-alive connection asks it for every
+    the end entity's, so a proxy's extra CN never becomes an identity.
+    """
+    return peer_certificate(request)[0]
+
+
+def peer_chain(request):
+    """The verified certificate chain (leaf first, cryptography certificates) of request's client, or []."""
+    return peer_certificate(request)[1]
+
+
+def peer_certificate(request):
+    """(DN, verified chain) of request's client; (None, []) without a verified client certificate.
+
+    Kept on the HTTP channel: a keep-alive connection asks for every
     request, and its certificate cannot change (no renegotiation).
     """
     channel = request.channel
     if channel is None:  # the client has gone
-        return None
+        return None, []
     try:
-        return channel._transferd_peer_dn
+        return channel._transferd_peer
     except AttributeError:
         pass
     get_handle = getattr(channel.transport, "getHandle", None)
     connection = get_handle() if get_handle is not None else None
-    dn = None
+    dn, chain = None, []
     if isinstance(connection, SSL.Connection):
-        cert = end_entity(connection.get_verified_chain(as_cryptography=True) or [])
+        chain = connection.get_verified_chain(as_cryptography=True) or []
+        cert = end_entity(chain)
         dn = canonical_dn(cert.subject) if cert is not None else None
-    channel._transferd_peer_dn = dn
-    return dn
+    channel._transferd_peer = (dn, chain)
+    return dn, chain
 
 
 @implementer(IOpenSSLServerConnectionCreator)

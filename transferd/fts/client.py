@@ -3,16 +3,35 @@
 What it speaks:
 
 * ``GET /``: the API version, ``{"api": {"major", "minor", "patch"}, ...}``.
-* ``GET /whoami``: who FTS takes us for (``delegation_id``, ``vos``, ``base_id``).
-* X.509 delegation: ``GET /delegation/{id}`` (``null`` or ``{"termination_time"}``),
-  ``GET /delegation/{id}/request`` (a certificate request, PEM), ``PUT
-  /delegation/{id}/credential`` (the proxy we signed, then our chain).
+* ``GET /whoami``: who FTS takes us for (``user_dn``, ``method``,
+  ``delegation_id``, ``vos``).  A credential FTS does not accept (an expired
+  or invalid token, no client certificate) makes us "anonymous": ``method``
+  "unauthenticated", no VO; FTS then answers POST /jobs with 403 "Not enough
+  permissions" and GET or DELETE /jobs/... with 500.
+* X.509 delegation: ``GET /delegation/{id}`` (``null`` or ``{"termination_time",
+  "voms_attrs"}``), ``GET /delegation/{id}/request`` (a certificate request,
+  PEM), ``PUT /delegation/{id}/credential`` (the proxy we signed, then our chain).
 * ``POST /jobs`` with ``{"files": [...], "params": {...}}`` -> ``{"job_id"}``;
   409 when a deterministic id (same VO, same ``sid``) exists already; 419 when
   FTS holds no delegated credential for us, or one about to expire.
 * ``GET /jobs/{id1},{id2}?files=...``: one job (200, or 404), or a list (200,
   or 207 whose entries carry their own ``http_status``, e.g. "404 Not Found").
-* ``DELETE /jobs/{id}``: cancel (200; 304 when the job had already ended).
+  FTS never answers 404 for several ids: a 404 there comes from the web
+  server in front of it (Apache refuses a URL path that, with FTS's script
+  path, reaches 4,096 bytes: 109 job ids fit, 110 do not).  batches() keeps
+  every poll's path under MAX_PATH_BYTES; a 404 for several ids splits them
+  and lowers the limit.
+* ``DELETE /jobs/{id}``: cancel.  200 with the job; for a job that had
+  already ended, 200 whose body says ``"http_status": "304 Not Modified"``
+  (older servers answer HTTP 304).
+
+The VO (vo()) seeds FTS's deterministic job ids, so it is the one FTS gives
+us (the first of /whoami's ``vos``: for a token, its issuer's host name or
+groups; for a certificate without VOMS attributes, the delegation id),
+learnt again when our credential changes.  A configured ``[fts] vo`` only
+asserts it: when FTS says otherwise, nothing is submitted (the ids would not
+match) and the error names ``[fts] vo``.  One /whoami is in flight at a time;
+callers meanwhile share its answer.
 
 Every call goes through transferd.http: bounded as a whole (the answer body,
 always read, included), on the client's own connection pool.
@@ -21,19 +40,25 @@ Failures come in two kinds.  ``FTSRefused``: FTS answered 4xx, it will not do
 this, and the message is FTS's own; ``FTSConflict`` (409) is one of them.
 ``FTSUnavailable``: the connection failed or timed out, FTS answered 5xx or
 something that does not parse; trying later may work (the mover turns it into
-a ServiceAway).  Credential problems (a
-401, a 419 that delegating again does not cure, a token file or certificate
-that cannot be read) are ``FTSCredentialsError``, a kind of
+a ServiceAway).  Credential problems are ``FTSCredentialsError``, a kind of
 ``FTSUnavailable``: an operator can fix them, so jobs wait instead of failing.
+They are a 401, a 419 that delegating again does not cure, a token file or
+certificate that cannot be read, a token whose ``exp`` has passed (checked
+here, before FTS is asked), a 403 or 500 while /whoami says FTS takes us for
+anonymous, and a configured VO FTS disagrees with.  A token FTS took for
+anonymous is not sent again until the token file changes.  Each new credential
+problem is logged as an error, once, and its end as well.
 """
 
 import datetime
 import json
 import uuid
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+import jwt
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from transferd import tls
 from transferd.http import HTTPClient, Timeout, describe
@@ -54,6 +79,10 @@ FILE_FIELDS = (
     "file_metadata", "start_time", "finish_time",
 )
 MAX_BODY = 256 << 20  # a bulk poll of products with many files answers at length
+# Apache refuses (404) a request whose URL path, with FTS's script path, reaches 4,096 bytes; our
+# poll paths stay under this, leaving 256 bytes for the script path: 103 job ids per poll at most.
+MAX_PATH_BYTES = 4096 - 256
+ANONYMOUS = "unauthenticated"  # /whoami's method for a caller whose credentials FTS did not take
 
 
 def deterministic_job_id(vo, sid):
@@ -118,9 +147,18 @@ def _clip(text, limit=1000):
 
 
 class TokenFile(WatchedFile):
-    """A bearer token kept in a file something else renews; read again whenever the file changes."""
+    """A bearer token kept in a file something else renews; read again whenever the file changes.
 
-    def header(self):
+    A token whose exp has passed, or that FTS took for anonymous (reject()),
+    is not sent: header() raises FTSCredentialsError until the file holds
+    another token.
+    """
+
+    def __init__(self, path):
+        super().__init__(path)
+        self._rejected = None  # (token, why)
+
+    def text(self):
         try:
             token = self.read().decode("utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
@@ -128,7 +166,35 @@ class TokenFile(WatchedFile):
                 f"cannot read the FTS token file {self.path}: {getattr(error, 'strerror', None) or error}") from None
         if not token:
             raise FTSCredentialsError(f"the FTS token file {self.path} is empty")
+        return token
+
+    def header(self, now):
+        token = self.text()
+        if self._rejected is not None and self._rejected[0] == token:
+            raise FTSCredentialsError(self._rejected[1])
+        expiry = token_expiry(token)
+        if expiry is not None and expiry <= now:
+            raise FTSCredentialsError(
+                f"the FTS token in {self.path} expired at {_utc_text(expiry)}; jobs wait until it is renewed")
         return b"Bearer " + token.encode("utf-8")
+
+    def reject(self, token, why):
+        """FTS does not accept token: refuse to send it again, saying why, until the file changes."""
+        self._rejected = (token, why)
+
+
+def token_expiry(token):
+    """The exp of a JWT (epoch seconds), read without verifying it; None for other tokens."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    expiry = claims.get("exp") if isinstance(claims, dict) else None
+    return float(expiry) if isinstance(expiry, (int, float)) and not isinstance(expiry, bool) else None
+
+
+def _utc_text(seconds):
+    return datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class X509Credential(tls.X509Credential):
@@ -145,6 +211,31 @@ def parse_time(text):
     return moment.timestamp()
 
 
+class OneAtATime:
+    """Runs a coroutine function one call at a time: callers arriving while it runs share its outcome."""
+
+    def __init__(self, function):
+        self._function = function
+        self._waiters = None
+
+    def __call__(self):
+        waiter = defer.Deferred()
+        if self._waiters is not None:
+            self._waiters.append(waiter)
+            return waiter
+        self._waiters = [waiter]
+        defer.Deferred.fromCoroutine(self._function()).addBoth(self._ended)
+        return waiter
+
+    def _ended(self, result):
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+
 # -- the client -------------------------------------------------------------
 
 
@@ -155,7 +246,7 @@ class FTSClient:
     reactor, clock: do the network I/O, and time calls and delegations.
     auth: "token" (token_file) or "x509" (proxy, or cert and key), or None.
     ca_path: CAs to verify FTS (file or hashed directory); default the platform's.
-    vo: the VO jobs run in; learnt from /whoami when not given.
+    vo: the VO FTS must give us (see vo()); None: whatever /whoami says.
     delegation_min_lifetime: delegate again when FTS holds our proxy for less than this.
     delegation_lifetime: seconds the proxies we delegate last (capped by our own credential).
     request_timeout: seconds a whole call may take.
@@ -180,7 +271,12 @@ class FTSClient:
         self.request_timeout = request_timeout
         self.delegation_min_lifetime = delegation_min_lifetime
         self.delegation_lifetime = delegation_lifetime
-        self._vo = vo
+        self.max_path_bytes = MAX_PATH_BYTES  # lowered when the server in front refuses a shorter path
+        self.configured_vo = vo or None
+        self._vo = None  # (our credential when it was learnt, the VO)
+        self._base_path = urlsplit(self.endpoint).path
+        self.whoami = OneAtATime(self._whoami)
+        self._problem = None  # the credential problem last logged
         self._delegation_lock = defer.DeferredLock()
         self._renew_delegation_at = None  # epoch seconds; None: ask FTS
 
@@ -194,23 +290,44 @@ class FTSClient:
             raise FTSUnavailable(f"{self.endpoint} does not look like FTS3: GET / has no api version")
         return api
 
-    async def whoami(self):
-        """Who FTS takes us for; a refusal here means FTS does not accept our credentials."""
-        answer = await self._request("GET", "/whoami")
+    async def _whoami(self):
+        """GET /whoami (whoami() shares one call among its callers)."""
+        answer = await self._request("GET", "/whoami", authenticated=False)
         if answer.code != 200:
             raise self._credentials_failure("say who we are", answer)
-        return _json(answer)
+        who = _json(answer)
+        if not isinstance(who, dict):
+            raise FTSUnavailable(f"FTS {self.endpoint} answered /whoami with {_clip(answer.body.decode('utf-8', 'replace'))}")
+        return who
 
     async def vo(self):
-        """The VO our jobs run in (it seeds deterministic job ids): configured, or FTS's first for us."""
-        if self._vo is None:
-            who = await self.whoami()
-            vos = who.get("vos") if isinstance(who, dict) else None
-            if not vos:
-                raise FTSUnavailable(f"FTS {self.endpoint} names no VO for us in /whoami; set [fts] vo")
-            self._vo = str(vos[0])
-            self.log.info("FTS {endpoint}: our VO is {vo}", endpoint=self.endpoint, vo=self._vo)
-        return self._vo
+        """The VO FTS puts our jobs in (it seeds deterministic job ids): /whoami's first VO, learnt per credential.
+
+        Raises FTSCredentialsError when FTS takes us for anonymous or when it
+        disagrees with the configured VO.
+        """
+        try:
+            credential = self._credential_identity()
+        except FTSCredentialsError as error:
+            raise self._problem_found(error.message) from None
+        if self._vo is not None and self._vo[0] == credential:
+            return self._vo[1]
+        who = await self.whoami()
+        if who.get("method") == ANONYMOUS:
+            raise self._anonymous("GET /whoami", credential if self.token is not None else None)
+        vos = who.get("vos")
+        if not isinstance(vos, list) or not vos or not isinstance(vos[0], str) or not vos[0]:
+            raise FTSUnavailable(f"FTS {self.endpoint} names no VO for us in /whoami")
+        vo = vos[0]
+        if self.configured_vo is not None and vo != self.configured_vo:
+            raise self._problem_found(
+                f"[fts] vo = {self.configured_vo}, but FTS {self.endpoint} puts our jobs in VO {vo!r} "
+                f"(GET /whoami): job ids predicted with [fts] vo would not be FTS's; nothing is submitted "
+                f"until [fts] vo is {vo} or empty")
+        if self._vo is None or self._vo[1] != vo:
+            self.log.info("FTS {endpoint}: our VO is {vo}", endpoint=self.endpoint, vo=vo)
+        self._vo = (credential, vo)
+        return vo
 
     async def submit(self, job):
         """POST /jobs; fire with FTS's job id.
@@ -234,19 +351,49 @@ class FTSClient:
             return str(data["job_id"])
         raise self._failure("submit a job", answer)
 
+    def batches(self, fts_ids, bulk_size):
+        """fts_ids in groups that one status() request each can ask about: at most bulk_size, paths under the limit."""
+        batch, length = [], 0
+        for fts_id in fts_ids:
+            cost = len(quote(fts_id, safe="").encode("utf-8")) + 1
+            if batch and (len(batch) >= bulk_size or self._status_base + length + cost > self.max_path_bytes):
+                yield batch
+                batch, length = [], 0
+            batch.append(fts_id)
+            length += cost
+        if batch:
+            yield batch
+
+    @property
+    def _status_base(self):
+        """Bytes of a status path before its ids, less one (the first id has no comma before it)."""
+        return len(self._base_path.encode("utf-8")) + len("/jobs/") - 1
+
     async def status(self, fts_ids, file_fields=FILE_FIELDS):
         """GET /jobs/{ids}: fire with {fts id: the job, None when FTS does not know it, or an FTSError}.
 
-        Ids FTS leaves out of its answer are left out of the result.
+        Ids FTS leaves out of its answer are left out of the result.  A 404
+        for several ids means the path was too long for the server in front
+        of FTS: the ids are asked about in two halves, and later polls stay
+        shorter.
         """
         fts_ids = list(fts_ids)
-        path = "/jobs/" + ",".join(quote(i, safe="") for i in fts_ids)
-        if file_fields:
-            path += "?files=" + ",".join(file_fields)
+        ids = ",".join(quote(i, safe="") for i in fts_ids)
+        path = "/jobs/" + ids + ("?files=" + ",".join(file_fields) if file_fields else "")
         answer = await self._request("GET", path)
+        if answer.code == 404 and len(fts_ids) > 1:
+            length = len((self._base_path + "/jobs/" + ids).encode("utf-8"))
+            self.max_path_bytes = min(self.max_path_bytes, length - 1)
+            self.log.warn("FTS {endpoint}: a poll of {n} ids ({length} bytes of path) was refused with 404 "
+                          "(too long for the server in front of FTS); polling at most {limit} bytes from now on",
+                          endpoint=self.endpoint, n=len(fts_ids), length=length, limit=self.max_path_bytes)
+            half = len(fts_ids) // 2
+            result = await self.status(fts_ids[:half], file_fields)
+            result.update(await self.status(fts_ids[half:], file_fields))
+            return result
         if answer.code not in (200, 207, 404):
             raise self._failure(f"get the status of {len(fts_ids)} job(s)", answer)
-        if answer.code == 404 and len(fts_ids) == 1:
+        if answer.code == 404:
             # Only a 404 that names the job means "unknown job", not a wrong URL.
             return {fts_ids[0]: None} if fts_ids[0].encode() in answer.body else {}
         data = _json(answer)
@@ -268,8 +415,11 @@ class FTSClient:
         return result
 
     async def cancel(self, fts_id):
-        """DELETE /jobs/{id}: fire with the job as FTS now shows it ({"http_status": "304 ..."} when it
-        had already ended), or None when FTS does not know it."""
+        """DELETE /jobs/{id}: fire with the job as FTS now shows it, or None when FTS does not know it.
+
+        A job that had already ended comes back with "http_status" "304 Not
+        Modified", whether FTS said so in a 200's body or with HTTP 304.
+        """
         answer = await self._request("DELETE", "/jobs/" + quote(fts_id, safe=""))
         if answer.code == 304:
             return {"job_id": fts_id, "http_status": "304 Not Modified"}
@@ -297,9 +447,9 @@ class FTSClient:
         who = await self.whoami()
         delegation_id = who.get("delegation_id") if isinstance(who, dict) else None
         if not delegation_id:
-            raise FTSCredentialsError(
+            raise self._problem_found(
                 f"FTS {self.endpoint} gave no delegation id: it did not take our certificate "
-                f"(it sees {who.get('user_dn') if isinstance(who, dict) else who!r})")
+                f"(it sees {who.get('user_dn')!r})")
         base = "/delegation/" + quote(str(delegation_id), safe="")
         if not force:
             expiry = await self._delegated_expiry(base)
@@ -321,6 +471,7 @@ class FTSClient:
             return None
 
     async def _delegate_now(self, base, delegation_id, now):
+        from transferd.auth import voms
         from transferd.fts import delegation
 
         answer = await self._request("GET", base + "/request")
@@ -329,17 +480,18 @@ class FTSClient:
         loaded = self.credential.load()
         lifetime = self.delegation_lifetime
         try:
-            left = delegation.remaining_lifetime(loaded.cert_pem)
+            # the shorter of our certificate's lifetime and its VOMS attributes': FTS can use the proxy no longer
+            left, limited_by = voms.credential_lifetime(loaded.cert_pem + loaded.chain_pem)
         except Exception as error:
             raise FTSCredentialsError(f"cannot read our certificate's lifetime: {error}") from None
         if left <= 60:
-            raise FTSCredentialsError(f"our X.509 credential {self.credential.cert_path} has expired")
+            raise FTSCredentialsError(f"{limited_by} of our X.509 credential {self.credential.cert_path} expired")
         if left - 60 < lifetime:
             lifetime = left - 60  # a proxy cannot outlive the certificate that signs it
         if lifetime < self.delegation_min_lifetime:
             self.log.warn(
-                "our X.509 credential has only {hours:.1f}h left: FTS will hold a short proxy; renew it",
-                hours=left / 3600)
+                "our X.509 credential has only {hours:.1f}h left ({limited_by}): FTS will hold a short proxy;"
+                " renew it", hours=left / 3600, limited_by=limited_by)
         try:
             proxy = delegation.sign_proxy_request(answer.body, loaded.cert_pem, loaded.key_pem,
                                                   loaded.chain_pem, lifetime_seconds=int(lifetime))
@@ -359,13 +511,19 @@ class FTSClient:
     # -- plumbing ---------------------------------------------------------
 
     async def _json(self, method, path, what):
-        answer = await self._request(method, path)
+        answer = await self._request(method, path, authenticated=False)
         if answer.code != 200:
             raise self._failure(what, answer)
         return _json(answer)
 
-    async def _request(self, method, path, body=None, data=None, content_type=None):
-        """One whole call (request sent, answer read) within request_timeout; fire with an Answer."""
+    async def _request(self, method, path, body=None, data=None, content_type=None, authenticated=True):
+        """One whole call (request sent, answer read) within request_timeout; fire with an Answer.
+
+        authenticated: FTS answers this only to callers it knows (not GET /
+        or /whoami): a 403 or 500 makes us ask /whoami whether it took us for
+        anonymous (FTSCredentialsError if it did), and a 2xx shows our
+        credentials work.
+        """
         url = self.endpoint + path
         headers = {}
         if body is not None:
@@ -373,20 +531,70 @@ class FTSClient:
             content_type = "application/json"
         if content_type:
             headers["Content-Type"] = content_type
+        sent_token = None
         if self.token is not None:
-            headers["Authorization"] = self.token.header()
+            try:
+                headers["Authorization"] = self.token.header(self.clock.seconds())
+            except FTSCredentialsError as error:
+                raise self._problem_found(error.message) from None
+            sent_token = headers["Authorization"][len(b"Bearer "):].decode("utf-8")
         shown = f"{method} {_clip(url, 200)}"
         try:
             answer = await self.http.request(method, url, data=data, headers=headers)
-        except (defer.CancelledError, FTSError):
-            raise  # FTSError: our credential, read while connecting
+        except defer.CancelledError:
+            raise
+        except FTSError as error:  # our credential, read while connecting
+            raise self._problem_found(error.message) from None
         except Timeout as error:
             raise FTSUnavailable(f"{shown}: {error}") from None
         except Exception as error:
             raise FTSUnavailable(f"{shown}: {describe(error)}") from None
         if answer.code == 401 and self.token is not None:
             self.token.invalidate()
+        if answer.code in (403, 500) and authenticated:
+            await self._check_not_anonymous(f"{method} {path.split('?', 1)[0][:60]}", answer, sent_token)
+        elif 200 <= answer.code < 300 and authenticated and self._problem is not None:
+            self.log.info("FTS {endpoint} accepts our credentials again", endpoint=self.endpoint)
+            self._problem = None
         return answer
+
+    async def _check_not_anonymous(self, what, answer, sent_token):
+        """FTS answered what with 403 or 500: raise FTSCredentialsError if it takes us for anonymous.
+
+        sent_token: the bearer token of that request, refused from now on if so.
+        """
+        try:
+            who = await self.whoami()
+        except FTSError:
+            return  # cannot tell: the answer stands as it is
+        if who.get("method") == ANONYMOUS:
+            raise self._anonymous(f"{what} (HTTP {answer.code}: {_message(answer)})", sent_token)
+
+    def _anonymous(self, what, sent_token):
+        """The FTSCredentialsError for FTS taking us for anonymous when it answered what; sent_token is refused."""
+        if sent_token is None:
+            return self._problem_found(f"FTS {self.endpoint} takes us for an anonymous user (it did not get our "
+                                       f"client certificate), and answered {what}")
+        why = (f"FTS {self.endpoint} does not accept our token ({self.token.path}): it takes us for an anonymous "
+               f"user, and answered {what}; renew the token, or check that FTS trusts its issuer; the token is "
+               f"not sent again until the token file changes")
+        self.token.reject(sent_token, why)
+        return self._problem_found(why)
+
+    def _problem_found(self, message, code=None):
+        """An FTSCredentialsError for message, logged as an error when it is new."""
+        if message != self._problem:
+            self.log.error("FTS credentials: {message}", message=message)
+            self._problem = message
+        return FTSCredentialsError(message, code)
+
+    def _credential_identity(self):
+        """What our credential is now (the token, or our certificate): the VO learnt is for it."""
+        if self.token is not None:
+            return self.token.text()
+        if self.credential is not None:
+            return self.credential.load().cert_pem
+        return None
 
     def _failure(self, what, answer):
         """The exception for an answer that is not what we wanted."""
@@ -394,7 +602,7 @@ class FTSClient:
         if answer.code == 409:
             return FTSConflict(_message(answer), answer.code)
         if answer.code in (401, 419):
-            return FTSCredentialsError(message, answer.code)
+            return self._problem_found(message, answer.code)
         if answer.code in (408, 425, 429) or not 400 <= answer.code < 500:
             return FTSUnavailable(message, answer.code)
         return FTSRefused(_message(answer), answer.code)
@@ -402,6 +610,6 @@ class FTSClient:
     def _credentials_failure(self, what, answer):
         failure = self._failure(what, answer)
         if isinstance(failure, FTSRefused):
-            return FTSCredentialsError(f"FTS {self.endpoint} would not {what}: HTTP {answer.code}: "
-                                       f"{_message(answer)}", answer.code)
+            return self._problem_found(f"FTS {self.endpoint} would not {what}: HTTP {answer.code}: {_message(answer)}",
+                                       answer.code)
         return failure

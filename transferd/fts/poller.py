@@ -2,11 +2,15 @@
 
 Every poll_interval (and once at start) it takes a batch of TRANSFERRING
 jobs with an fts_jobid (store.take_for_polling: several daemons poll
-different jobs), asks FTS about them bulk_size ids per request, and reports
+different jobs), asks FTS about them bulk_size ids per request (fewer when
+the request path would be too long: FTSClient.batches), and reports
 every job FTS has finished to its outcomes (IOutcomes.transfer_done):
 FINISHED is SUCCESS; FAILED, FINISHEDDIRTY and CANCELED are ERROR with FTS's
 reasons; a job FTS no longer knows is ERROR ("lost by FTS"); a job still
-running after timeout is cancelled at FTS, then ERROR.
+running after timeout is cancelled at FTS, then ERROR.  While FTS cannot be
+asked (away, or our credentials refused) nothing is decided: a job is timed
+out only on an answer FTS gave, so an outage never ends a job before its
+transfer_timeout.
 """
 
 import json
@@ -21,9 +25,6 @@ from transferd.polling import Poller
 
 ACTOR = "FTS"  # who ends a job's transfer, in its history
 
-# A poll request's ids stay under this many characters (Apache's request line
-# limit is 8190 bytes), whatever bulk_size says.
-MAX_IDS_CHARS = 7000
 # fts_details is a TEXT column (64 KiB in MySQL): keep the JSON under this.
 MAX_DETAILS_CHARS = 60000
 FAILED_FILES_SHOWN = 3
@@ -47,16 +48,10 @@ class FTSPoller(Poller):
         return {"jobs": 0, "requests": 0, "reported": 0}
 
     def chunks(self, jobs_):
-        """Groups of jobs polled by one request: at most bulk_size, and a URL of bounded length."""
-        chunk, chars = [], 0
-        for job in jobs_:
-            if chunk and (len(chunk) >= self.bulk_size or chars + len(job.fts_jobid) + 1 > MAX_IDS_CHARS):
-                yield chunk
-                chunk, chars = [], 0
-            chunk.append(job)
-            chars += len(job.fts_jobid) + 1
-        if chunk:
-            yield chunk
+        """Groups of jobs polled by one request: at most bulk_size, and a request path of bounded length."""
+        by_id = {job.fts_jobid: job for job in jobs_}
+        for batch in self.client.batches(by_id, self.bulk_size):
+            yield [by_id[fts_id] for fts_id in batch]
 
     async def cycle(self):
         # Taken for just under one interval, so the next cycle (here or elsewhere) can take them again.
@@ -102,7 +97,14 @@ class FTSPoller(Poller):
             return True
         if self._overdue(job):
             return await self._time_out(job)
+        await self._record_progress(job, entry)
         return False
+
+    async def _record_progress(self, job, entry):
+        """Keep FTS's view of a running job in fts_details, where the v1 API reads its progress; written on change."""
+        details = _details(job.fts_jobid, self.client.endpoint, entry)
+        if _progress(details) != _progress(job.fts_details):
+            await self.store.update(job.job_id, jobs.TRANSFERRING, {"fts_details": details})
 
     def _overdue(self, job):
         started = job.time_transferring
@@ -142,6 +144,16 @@ def _details(fts_jobid, endpoint, entry):
         detail["files_omitted"] = len(entry.get("files") or []) - len(files)
         text = json.dumps(detail, default=str)
     return text[:MAX_DETAILS_CHARS]
+
+
+def _progress(details):
+    """(job state, file states) of fts_details text: what a progress report says; None when there is none."""
+    try:
+        detail = json.loads(details)
+        return detail.get("job_state"), tuple(f.get("file_state") for f in detail.get("files") or []
+                                              if isinstance(f, dict))
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def _file_name(entry):

@@ -13,10 +13,15 @@ is the job's destination_path joined with the file's path (which starts with
 the product's name), and the size and checksum go along when the stager
 reported them.
 
-FTS being away (FTSUnavailable: no connection, 5xx, credentials to fix) is
-a ServiceAway: the job stays STAGED and is tried again after poll_interval.
-The poller (pollers(outcomes), transferd.fts.poller) follows the jobs FTS
-runs and reports how they ended.
+FTS being away (FTSUnavailable: no connection, 5xx, credentials to fix, a
+configured VO FTS disagrees with) is a ServiceAway: the job stays STAGED and
+is tried again after poll_interval; the pipeline gives up on it only after
+give_up_after seconds of FTS being away.  When FTS's VO for us has changed
+since a job's id was recorded (a renewed credential), the recorded id is
+asked about before anything is POSTed, so a job FTS has is never submitted
+twice.  At start the mover asks FTS for our VO once, so that a wrong
+``[fts] vo`` shows in the log at once.  The poller (pollers(outcomes),
+transferd.fts.poller) follows the jobs FTS runs and reports how they ended.
 """
 
 import json
@@ -30,7 +35,7 @@ from zope.interface import implementer
 
 from transferd import jobs
 from transferd.files import safe_relative
-from transferd.fts.client import FTSClient, FTSConflict, FTSRefused, FTSUnavailable, deterministic_job_id
+from transferd.fts.client import FTSClient, FTSConflict, FTSError, FTSRefused, FTSUnavailable, deterministic_job_id
 from transferd.fts.poller import FTSPoller
 from transferd.interfaces import IMover, ServiceAway
 from transferd.jobs import StagedFile, TransferResult
@@ -56,7 +61,7 @@ class FTSMover(Service):
 
     def __init__(self, client, store, clock, source_template="gsiftp://{staged_to}{path}", poll_interval=30.0,
                  bulk_size=100, transfer_timeout=86400.0, verify_checksum="both", overwrite=False, retry=0,
-                 priority=3, poll_limit=None):
+                 priority=3, poll_limit=None, give_up_after=86400.0):
         self.client = client
         self.store = store
         self.clock = clock
@@ -64,6 +69,8 @@ class FTSMover(Service):
         self.poll_interval = poll_interval
         self.bulk_size = bulk_size
         self.timeout = transfer_timeout
+        self.give_up_after = give_up_after  # seconds of FTS being away before the pipeline gives a job up
+        self._first_contact = None
         self.verify_checksum = verify_checksum
         self.overwrite = overwrite
         self.retry = retry
@@ -93,8 +100,23 @@ class FTSMover(Service):
         return [FTSPoller(self.client, self.store, self.clock, outcomes, poll_interval=self.poll_interval,
                           bulk_size=self.bulk_size, timeout=self.timeout, poll_limit=self.poll_limit)]
 
+    def startService(self):
+        super().startService()
+        self._first_contact = defer.Deferred.fromCoroutine(self._learn_vo())
+
+    async def _learn_vo(self):
+        try:
+            await self.client.vo()
+        except FTSError as error:
+            self.log.warn("FTS {endpoint} could not tell our VO at start-up ({error}); it is asked again "
+                          "before the first submission", endpoint=self.client.endpoint, error=error)
+        except defer.CancelledError:
+            pass
+
     def stopService(self):
         super().stopService()
+        if self._first_contact is not None:
+            self._first_contact.cancel()
         return self.client.stop()
 
     # -- submission -------------------------------------------------------
@@ -158,6 +180,12 @@ class FTSMover(Service):
 
     async def _submit(self, job, body):
         fts_jobid = deterministic_job_id(await self.client.vo(), job.job_id)
+        if job.fts_jobid and job.fts_jobid != fts_jobid:
+            known = await self.client.status([job.fts_jobid], file_fields=())
+            if isinstance(known.get(job.fts_jobid), dict):
+                self.log.warn("job {job_id}: FTS already has its job {recorded} (predicted in another VO); "
+                              "not submitted again", job_id=job.job_id, recorded=job.fts_jobid)
+                return None
         if job.fts_jobid != fts_jobid:
             # Recorded before the POST: whatever happens next, we know FTS's id for it.
             if not await self.store.record_transfer_id(job.job_id, job.status, fts_jobid):
@@ -210,4 +238,5 @@ def from_config(config, reactor, clock, store):
         overwrite=section.overwrite,
         retry=section.retry,
         priority=int(section.priority),
+        give_up_after=section.give_up_after,
     )

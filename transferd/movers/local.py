@@ -19,10 +19,10 @@ from twisted.web.client import FileBodyProducer
 from zope.interface import implementer
 
 from transferd import files
-from transferd.http import HTTPClient, Timeout
+from transferd.http import DestinationRefused, HTTPClient, Timeout
 from transferd.interfaces import IMover
 from transferd.jobs import TransferResult
-from transferd.validation import under_roots
+from transferd.validation import DestinationRules, under_roots
 
 OWNER_XATTR = "user.transferd.job_id"  # names the job that delivered a file:// product
 RETRYABLE_STATUS = frozenset({408, 425, 429})  # 4xx codes that mean "try again later"
@@ -91,18 +91,22 @@ class LocalMover(Service):
     schemes = frozenset({"file", "http", "https", "davs"})
     asynchronous = False
     timeout = None
+    give_up_after = None  # it is never away: a destination it cannot write fails the transfer
 
     def __init__(self, file_roots, reactor, clock, request_timeout=60.0, overwrite=False, tls_policy=None,
-                 min_rate=1 << 20):
+                 min_rate=1 << 20, destinations=None, resolver=None):
         """file_roots: the directories file:// destinations must lie in.
         reactor, clock: do the HTTP I/O, and time it out.
         request_timeout: seconds an HTTP request may take, plus size / min_rate
         (bytes per second) for a PUT of size bytes.
         overwrite: replace an existing file:// product another job delivered.
         tls_policy: an IPolicyForHTTPS for https/davs (CA bundle, client certificate).
+        destinations, resolver: the DestinationRules every address connected to must pass, and the
+        IHostnameResolver that resolves names (transferd.http.CheckedEndpointFactory).
         """
         self.file_roots = tuple(file_roots)
-        self.http = HTTPClient(reactor, clock, timeout=request_timeout, tls_policy=tls_policy)
+        self.http = HTTPClient(reactor, clock, timeout=request_timeout, tls_policy=tls_policy,
+                               destinations=destinations, resolver=resolver)
         self.request_timeout = request_timeout
         self.min_rate = min_rate
         self.overwrite = overwrite
@@ -150,6 +154,8 @@ class LocalMover(Service):
                 outcome = await threads.deferToThread(self._to_directory, job, parts, running)
             else:
                 outcome = await self._to_http(job, parts, running)
+        except DestinationRefused as refused:
+            outcome = TransferResult(False, str(refused))
         except Exception:
             if not running.cancelled:
                 raise
@@ -285,5 +291,7 @@ class LocalMover(Service):
 
 
 def from_config(config, reactor, clock, store):
-    """The local mover from [transfer]."""
-    return LocalMover(config.transfer.file_roots, reactor, clock)
+    """The local mover from [transfer]; its HTTP connections are checked against the destination host rules."""
+    section = config.transfer
+    rules = DestinationRules(section.allowed_schemes, section.file_roots, section.allowed_hosts, section.denied_hosts)
+    return LocalMover(section.file_roots, reactor, clock, destinations=rules)

@@ -16,7 +16,11 @@ is republished and, once the broker confirmed the copy, the original is acked.
 The count thus survives restarts of the daemon and of the broker.  After
 max_deliveries the copy goes to ``.dead`` instead and on_dead_letter is called.
 A delivery cut short by a lost connection is not counted (its tag is dead; the
-broker redelivers the message as it was).
+broker redelivers the message as it was), nor one whose handler failed because
+the job store is away (StoreUnavailable: the copy keeps the count it had).
+
+With start_wait set, startService fires once the first connection is set up,
+logging each failed try, and fails when none was within start_wait seconds.
 """
 
 import os
@@ -33,7 +37,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from transferd.interfaces import IJobQueue
+from transferd.interfaces import IJobQueue, StoreUnavailable
 from transferd.queue import STAGING_QUEUE, TRANSFER_QUEUE
 
 DELIVERIES_HEADER = "x-transferd-deliveries"
@@ -99,6 +103,21 @@ class _ConnectionFactory(protocol.Factory):
         return self._build()
 
 
+class _Watched:
+    """An endpoint that tells on_failure(reason) about each connection attempt that failed."""
+
+    def __init__(self, endpoint, on_failure):
+        self._endpoint = endpoint
+        self._on_failure = on_failure
+
+    def connect(self, factory):
+        def failed(reason):
+            self._on_failure(reason)
+            return reason
+
+        return self._endpoint.connect(factory).addErrback(failed)
+
+
 class _Consumer:
     """A consume() registration; it outlives connections."""
 
@@ -125,6 +144,7 @@ class AMQPJobQueue(Service):
         queue_names=(STAGING_QUEUE, TRANSFER_QUEUE),
         retry_policy=None,
         stop_timeout=10.0,
+        start_wait=None,
     ):
         self.settings = settings
         self.clock = clock
@@ -132,10 +152,11 @@ class AMQPJobQueue(Service):
         self.prefix = settings.prefix
         self.retry_delay = settings.retry_delay
         self.stop_timeout = stop_timeout
+        self.start_wait = start_wait  # seconds startService waits for the first connection; None: no wait
         self._names = tuple(queue_names)
         self._backoff = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30)
         self._client = ClientService(
-            settings.endpoint(clock),
+            _Watched(settings.endpoint(clock), self._connect_failed),
             _ConnectionFactory(self._new_connection),
             retryPolicy=self._retry_after,
             clock=clock,
@@ -148,11 +169,14 @@ class AMQPJobQueue(Service):
         self._failed_setups = 0
         self._lost_at = None
         self._closing = False
+        self._delivering = True  # False once stop_consuming() was called
+        self._first_connection = None  # fires when a connection is set up, while startService waits for it
+        self._last_failure = None  # why the last try to connect failed
 
     @classmethod
-    def from_url(cls, url, clock, max_deliveries=5):
+    def from_url(cls, url, clock, max_deliveries=5, start_wait=None):
         """The queue for a parsed amqp[s]:// url (transferd.config.QueueURL)."""
-        return cls(AMQPSettings(url), clock, max_deliveries=max_deliveries)
+        return cls(AMQPSettings(url), clock, max_deliveries=max_deliveries, start_wait=start_wait)
 
     @property
     def connected(self):
@@ -179,6 +203,16 @@ class AMQPJobQueue(Service):
             return defer.fail()
         return self._publish(routing_key, job_id, {})
 
+    def publish_many(self, queue, job_ids):
+        """Publish every message at once, then wait for all the confirms (RabbitMQ confirms many in one frame)."""
+        try:
+            routing_key = self.queue_name(queue)
+        except ValueError:
+            return defer.fail()
+        confirms = [self._publish(routing_key, job_id, {}) for job_id in job_ids]
+        return defer.gatherResults(confirms, consumeErrors=True).addCallbacks(
+            lambda _: None, lambda failure: failure.value.subFailure)
+
     def consume(self, queue, handler, prefetch, on_dead_letter):
         """Register handler for queue, on this and every later connection.
 
@@ -195,10 +229,43 @@ class AMQPJobQueue(Service):
 
     # -- service ----------------------------------------------------------
 
+    def stop_consuming(self):
+        """Hand no more messages to the handlers; those not handled go back to the queue when the channel closes."""
+        self._delivering = False
+
     def startService(self):
         super().startService()
         self._closing = False
+        self._delivering = True
+        if self.start_wait is None:
+            self._client.startService()
+            return None
+        self._first_connection = defer.Deferred()
         self._client.startService()
+        return defer.Deferred.fromCoroutine(self._wait_for_broker())
+
+    async def _wait_for_broker(self):
+        """Fire once the first connection is set up; fail after start_wait seconds without one."""
+        connected = self._first_connection
+        timer = self.clock.callLater(self.start_wait, lambda: connected.called or connected.cancel())
+        try:
+            await connected
+        except defer.CancelledError:
+            raise QueueUnavailable(
+                f"RabbitMQ at {self.settings.describe()} did not come up within {self.start_wait:g}s"
+                f" ([startup] wait_for_backends): {self._last_failure or 'no connection'}"
+            ) from None
+        finally:
+            self._first_connection = None
+            if timer.active():
+                timer.cancel()
+
+    def _connect_failed(self, reason):
+        """A TCP connection to the broker failed: while start-up waits for it, say so."""
+        self._last_failure = _describe(reason)
+        if self._first_connection is not None:
+            self.log.warn("waiting for RabbitMQ at {broker}: {error}", broker=self.settings.describe(),
+                          error=self._last_failure)
 
     def stopService(self):
         """Stop taking messages, wait (bounded) for running handlers, then close the connection cleanly."""
@@ -206,6 +273,8 @@ class AMQPJobQueue(Service):
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self):
+        if self._first_connection is not None:
+            self._first_connection.cancel()  # stopped while start-up waited for the broker
         await _bounded(defer.DeferredList(list(self._in_flight)), self.stop_timeout, self.clock)
         self._closing = True
         connection = self._connection
@@ -247,6 +316,7 @@ class AMQPJobQueue(Service):
                 raise QueueUnavailable("the connection closed while it was being set up")
         except Exception as error:
             self._failed_setups += 1
+            self._last_failure = _describe(error)
             if self.running:
                 self.log.warn(
                     "could not set up the connection to RabbitMQ at {broker}: {error}",
@@ -275,6 +345,8 @@ class AMQPJobQueue(Service):
             self._lost_at = None
         for consumer in list(self._consumers.values()):
             self._start_consumer(connection, consumer)
+        if self._first_connection is not None and not self._first_connection.called:
+            self._first_connection.callback(None)
 
     def _watch_blocked(self, connection):
         """Fail publishes at once while the broker blocks publishers (memory or disk alarm)."""
@@ -369,7 +441,7 @@ class AMQPJobQueue(Service):
             except Exception as error:  # channel closed or consumer cancelled
                 self._rebuild(connection, f"the consumer of {consumer.name} stopped: {_describe(error)}")
                 return
-            if self.running:  # when stopping, unacked messages go back to the queue on close
+            if self.running and self._delivering:  # otherwise unacked: they go back to the queue on close
                 d = defer.Deferred.fromCoroutine(self._process(consumer, message))
                 self._in_flight.add(d)
                 d.addBoth(self._processed, d)
@@ -392,7 +464,13 @@ class AMQPJobQueue(Service):
     async def _handler_failed(self, consumer, message, job_id, deliveries, error):
         name, routing_key = consumer.name, self.queue_name(consumer.name)
         try:
-            if deliveries < self.max_deliveries:
+            if isinstance(error, StoreUnavailable):
+                # Our own database is away: no fault of the job; the copy keeps the count it had.
+                await task.deferLater(self.clock, self.retry_delay, lambda: None)
+                if not message.channel.is_open:
+                    return
+                await self._publish(routing_key, job_id, {DELIVERIES_HEADER: deliveries - 1} if deliveries > 1 else {})
+            elif deliveries < self.max_deliveries:
                 self.log.warn(
                     "job {job_id}: {queue} handler failed (delivery {n} of {max}), retrying: {error}",
                     job_id=job_id, queue=name, n=deliveries, max=self.max_deliveries, error=_describe(error),

@@ -1,4 +1,9 @@
-"""The embedded JobQueue: in-process, nothing survives a restart (the reconciler re-drives)."""
+"""The embedded JobQueue: in-process, nothing survives a restart (the reconciler re-drives).
+
+A failed delivery is tried again after retry_delay, up to max_deliveries in
+all, then dead-lettered; one that failed because the job store is away
+(StoreUnavailable) is tried again without being counted.
+"""
 
 import collections
 
@@ -7,7 +12,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from transferd.interfaces import IJobQueue
+from transferd.interfaces import IJobQueue, StoreUnavailable
 
 
 class _Queue:
@@ -32,11 +37,15 @@ class MemoryJobQueue(Service):
         self.retry_delay = retry_delay
         self._queues = collections.defaultdict(_Queue)
         self._running_handlers = set()
+        self._delivering = True  # False once stop_consuming() was called
         self._retries = set()  # delayed redeliveries not yet due
         self._idle = []  # Deferreds waiting for idle()
 
     def publish(self, queue, job_id):
-        self._queues[queue].waiting.append((job_id, 0))
+        return self.publish_many(queue, [job_id])
+
+    def publish_many(self, queue, job_ids):
+        self._queues[queue].waiting.extend((job_id, 0) for job_id in job_ids)
         self._pump(queue)
         return defer.succeed(None)
 
@@ -65,8 +74,13 @@ class MemoryJobQueue(Service):
             for d in waiting:
                 d.callback(None)
 
+    def stop_consuming(self):
+        """Hand no more messages to the handlers (they stay queued; an in-process queue loses them at exit)."""
+        self._delivering = False
+
     def startService(self):
         super().startService()
+        self._delivering = True
         for name in list(self._queues):
             self._pump(name)
 
@@ -80,7 +94,7 @@ class MemoryJobQueue(Service):
 
     def _pump(self, name):
         q = self._queues[name]
-        while self.running and q.handler and q.waiting and q.in_flight < q.prefetch:
+        while self.running and self._delivering and q.handler and q.waiting and q.in_flight < q.prefetch:
             job_id, deliveries = q.waiting.popleft()
             q.in_flight += 1
             d = defer.maybeDeferred(q.handler, job_id)
@@ -97,6 +111,11 @@ class MemoryJobQueue(Service):
         self._check_idle()
 
     def _failed(self, name, job_id, deliveries, failure):
+        if failure.check(StoreUnavailable):
+            # Our own database is away: no fault of the job, so this delivery does not count.
+            retry = self.clock.callLater(self.retry_delay, self._requeue, name, job_id, deliveries - 1)
+            self._retries.add(retry)
+            return
         if deliveries < self.max_deliveries:
             self.log.warn(
                 "job {job_id}: {queue} handler failed (delivery {n}), retrying: {error}",

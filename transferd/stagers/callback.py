@@ -12,28 +12,31 @@ later (docs/architecture.md, "Stager callback protocol"):
 
 stage() fires None once the stager has accepted the request; the pipeline
 then holds the job for `timeout` seconds and stages it again, with a new
-authcode, if no callback came.  A stager that cannot be reached (or answers
-5xx, 408 or 429) is asked again with exponential backoff and full jitter, up
-to max_attempts tries in all; then the job fails with the reason.  Any other
-refusal (4xx) fails the job at once with the stager's own message.
-transferd-stager (transferd.stagerd) is a reference stager speaking this
-protocol.
+authcode, if no callback came (one of max_attempts).  A stager that cannot be
+reached, or answers 5xx, 408 or 429, is away: stage() fails with ServiceAway,
+and the pipeline lets the job wait and asks again later (with a new authcode)
+until the stager has been away for give_up_after seconds; such tries are no
+attempts.  Any other refusal (4xx) fails the job at once with the stager's
+own message.  transferd-stager (transferd.stagerd) is a reference stager
+speaking this protocol.
 """
 
-import random
+import math
 from urllib.parse import quote
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from transferd.http import HTTPClient, answer_message, describe
-from transferd.interfaces import IStager
+from transferd.interfaces import IStager, ServiceAway
 from transferd.jobs import StageResult
 from transferd.tls import client_tls_policy
 
 RETRYABLE_STATUS = frozenset({408, 429})  # 4xx answers that mean "try again later"
+MAX_RETRY_AFTER = 3600.0  # a stager's Retry-After is followed up to an hour
 
 
 @implementer(IStager)
@@ -43,16 +46,13 @@ class CallbackStager(Service):
     log = Logger()
     batch_size = 1
 
-    def __init__(self, url, public_url, reactor, clock, timeout, max_attempts, retry_delay, tls_policy=None,
-                 request_timeout=30.0, max_retry_delay=60.0, random=random.random):
+    def __init__(self, url, public_url, reactor, clock, timeout, max_attempts, retry_delay, give_up_after=86400.0,
+                 tls_policy=None, request_timeout=30.0):
         """url: where staging requests are POSTed (DELETE <url>/<job_id> on cancel and when a job ends).
         public_url: transferd's own URL as the stager reaches it; callbacks go to <public_url>/doneStaging.
-        reactor, clock: do the network I/O, and time retries and requests.
-        timeout, max_attempts: the IStager attributes (a staging attempt's limit, attempts per job);
-        max_attempts also bounds the tries of each request to an unreachable stager.
-        retry_delay: seconds before the first retry; it doubles each time (at most max_retry_delay),
-        and the actual wait is drawn at random below it (full jitter), so that many jobs retrying
-        together spread out.
+        reactor, clock: do the network I/O, and time requests.
+        timeout, max_attempts, give_up_after: the IStager attributes.
+        retry_delay: the retry_after of a ServiceAway (unless the stager's Retry-After asks for longer).
         tls_policy: the IPolicyForHTTPS to use (default: the system's CAs).
         request_timeout: seconds a whole request (answer body included) may take.
         """
@@ -60,10 +60,9 @@ class CallbackStager(Service):
         self.callback_url = public_url.rstrip("/") + "/doneStaging"
         self.timeout = timeout
         self.max_attempts = max_attempts
+        self.give_up_after = give_up_after
         self.retry_delay = retry_delay
-        self.max_retry_delay = max_retry_delay
         self.clock = clock
-        self.random = random
         self.http = HTTPClient(reactor, clock, timeout=request_timeout, tls_policy=tls_policy,
                                headers={"Accept": "application/json"})
         self._work = set()  # stage() and DELETE coroutines in flight, cancelled when the service stops
@@ -75,11 +74,30 @@ class CallbackStager(Service):
         return defer.succeed(None)
 
     def stage(self, job, authcode):
-        """POST the staging request; fire None once accepted, or a failed StageResult.
+        """POST the staging request; fire None once accepted, or a failed StageResult; ServiceAway when away.
 
-        Cancelling the Deferred stops the request or the retry wait at once.
+        Cancelling the Deferred stops the request and fails it with CancelledError at once (whatever
+        the connection attempt cut short says: a lookup or connection cancelled may report its own error).
         """
-        return self._track(defer.Deferred.fromCoroutine(self._stage(job, authcode)))
+        request = defer.Deferred.fromCoroutine(self._stage(job, authcode))
+        cancelled = []
+
+        def cancel(_):
+            cancelled.append(True)
+            request.cancel()
+
+        staging = defer.Deferred(cancel)
+
+        def settled(outcome):
+            if cancelled:
+                return None  # staging fails with CancelledError
+            if isinstance(outcome, Failure):
+                staging.errback(outcome)
+            else:
+                staging.callback(outcome)
+
+        request.addBoth(settled)
+        return self._track(staging)
 
     def cancel(self, job):
         """Tell the stager to stop staging job (DELETE, in the background; failures are logged)."""
@@ -95,7 +113,7 @@ class CallbackStager(Service):
         return []  # the stager reports through POST /doneStaging
 
     def stopService(self):
-        """Cancel pending retries and requests (their stage() fails with CancelledError); close the pool."""
+        """Cancel the requests in flight (their stage() fails with CancelledError); close the pool."""
         super().stopService()
         for work in list(self._work):
             work.cancel()
@@ -106,41 +124,33 @@ class CallbackStager(Service):
     async def _stage(self, job, authcode):
         body = {"job_id": job.job_id, "product_id": job.product_id,
                 "callback_url": self.callback_url, "authcode": authcode}
-        problem = None
-        for attempt in range(1, self.max_attempts + 1):
-            if attempt > 1:
-                await task.deferLater(self.clock, self._backoff(attempt - 1), lambda: None)
-            try:
-                answer = await self.http.request("POST", self.url, json=body)
-            except defer.CancelledError:
-                raise  # stage() was cancelled, or we are shutting down
-            except Exception as error:
-                problem = describe(error)
-            else:
-                if 200 <= answer.code < 300:
-                    self.log.info("job {job_id}: the stager at {url} accepted the staging request "
-                                  "(HTTP {code}); waiting for its callback",
-                                  job_id=job.job_id, url=self.url, code=answer.code)
-                    return None
-                if answer.code < 500 and answer.code not in RETRYABLE_STATUS:
-                    msg = (f"the stager at {self.url} refused the request: HTTP {answer.code}: "
-                           f"{answer_message(answer.body)}")
-                    self.log.warn("job {job_id}: {msg}", job_id=job.job_id, msg=msg)
-                    return StageResult(success=False, msg=msg)
-                problem = f"HTTP {answer.code}: {answer_message(answer.body)}"
-            if attempt < self.max_attempts:
-                self.log.warn("job {job_id}: the stager at {url} could not take the request ({problem}); "
-                              "attempt {attempt} of {attempts}, trying again",
-                              job_id=job.job_id, url=self.url, problem=problem,
-                              attempt=attempt, attempts=self.max_attempts)
-        msg = f"the stager at {self.url} could not be reached after {self.max_attempts} attempts: {problem}"
+        try:
+            answer = await self.http.request("POST", self.url, json=body)
+        except defer.CancelledError:
+            raise  # stage() was cancelled, or we are shutting down
+        except Exception as error:
+            raise ServiceAway(f"the stager at {self.url} cannot be reached: {describe(error)}",
+                              self.retry_delay) from None
+        if 200 <= answer.code < 300:
+            self.log.info("job {job_id}: the stager at {url} accepted the staging request "
+                          "(HTTP {code}); waiting for its callback",
+                          job_id=job.job_id, url=self.url, code=answer.code)
+            return None
+        if answer.code >= 500 or answer.code in RETRYABLE_STATUS:
+            raise ServiceAway(f"the stager at {self.url} cannot take requests now: HTTP {answer.code}: "
+                              f"{answer_message(answer.body)}", self._retry_after(answer))
+        msg = (f"the stager at {self.url} refused the request: HTTP {answer.code}: "
+               f"{answer_message(answer.body)}")
         self.log.warn("job {job_id}: {msg}", job_id=job.job_id, msg=msg)
         return StageResult(success=False, msg=msg)
 
-    def _backoff(self, retry):
-        """Seconds to wait before retry number `retry` (1, 2, ...): full jitter under a doubling ceiling."""
-        ceiling = min(self.max_retry_delay, self.retry_delay * 2 ** (retry - 1))
-        return ceiling * self.random()
+    def _retry_after(self, answer):
+        """retry_delay, or the stager's own Retry-After (in seconds) when it asks for longer."""
+        try:
+            asked = float(answer.header("Retry-After"))
+        except ValueError:  # absent, or an HTTP date
+            return self.retry_delay
+        return min(max(asked, self.retry_delay), MAX_RETRY_AFTER) if math.isfinite(asked) else self.retry_delay
 
     def _track(self, deferred):
         self._work.add(deferred)
@@ -176,7 +186,8 @@ class CallbackStager(Service):
 
 
 def from_config(config, reactor, clock, store):
-    """The callback stager from [stager] url, timeout, max_attempts, retry_delay (and TLS keys) and [api] public_url."""
+    """The callback stager from [stager] url, timeout, max_attempts, give_up_after, retry_delay (and TLS keys)
+    and [api] public_url."""
     from transferd.config import ConfigError
 
     section = config.stager  # transferd.config has checked that url is set
@@ -192,6 +203,7 @@ def from_config(config, reactor, clock, store):
         timeout=section.timeout,
         max_attempts=section.max_attempts,
         retry_delay=section.retry_delay,
+        give_up_after=section.give_up_after,
         reactor=reactor,
         clock=clock,
         tls_policy=tls_policy,

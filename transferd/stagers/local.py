@@ -3,7 +3,9 @@
 It lets transferd run (and be tested end to end) without a real tape system:
 a product is a file or directory named product_id directly under archive_root;
 staging waits `delay` seconds on the clock (the simulated tape recall), then
-copies the product to staging_root/<job_id>/<product_id> in a thread.
+copies the product to staging_root/<job_id>/<product_id> in a thread.  An
+archive_root that is not there (an unmounted archive) is the archive being
+away (ServiceAway), not the product missing.
 """
 
 import os
@@ -17,7 +19,7 @@ from zope.interface import implementer
 
 from transferd import files
 from transferd.files import is_plain_name
-from transferd.interfaces import IStager
+from transferd.interfaces import IStager, ServiceAway
 from transferd.jobs import StageResult
 
 
@@ -29,20 +31,24 @@ class LocalStager(Service):
     batch_size = 1
 
     def __init__(self, archive_root, staging_root, clock, delay=0.0, timeout=3600.0, max_attempts=3,
-                 hostname=None):
+                 hostname=None, retry_delay=2.0, give_up_after=86400.0):
         self.archive_root = archive_root
         self.staging_root = staging_root
         self.clock = clock
         self.delay = delay
         self.timeout = timeout
         self.max_attempts = max_attempts
+        self.retry_delay = retry_delay  # the retry_after of a ServiceAway (the archive root is missing)
+        self.give_up_after = give_up_after
         self.hostname = hostname or socket.getfqdn()
         self._recalls = {}  # job_id -> {recall Deferred still waiting: why it was cancelled}
 
     # -- IStager ----------------------------------------------------------
 
     def check(self, product_id):
-        """Fire with whether the product is in the archive (one stat: we know at once)."""
+        """Fire with whether the product is in the archive (one stat: we know at once); None while it is away."""
+        if not os.path.isdir(self.archive_root):
+            return defer.succeed(None)
         return defer.succeed(is_plain_name(product_id) and os.path.exists(self._source(product_id)))
 
     def stage(self, job, authcode):
@@ -113,7 +119,8 @@ class LocalStager(Service):
         missing = StageResult(success=False, msg=f"product {product_id!r} is not in the archive")
         if not os.path.exists(source):
             if not os.path.isdir(self.archive_root):  # an unmounted archive: try again later
-                raise FileNotFoundError(f"archive root {self.archive_root} is not a directory")
+                raise ServiceAway(f"the archive root {self.archive_root} is not a directory (is the archive"
+                                  f" mounted?)", self.retry_delay)
             return missing
         job_dir = os.path.join(self.staging_root, job.job_id)
         try:
@@ -152,4 +159,6 @@ def from_config(config, reactor, clock, store):
         delay=section.delay,
         timeout=section.timeout,
         max_attempts=section.max_attempts,
+        retry_delay=section.retry_delay,
+        give_up_after=section.give_up_after,
     )

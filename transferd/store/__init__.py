@@ -1,11 +1,12 @@
 """JobStore implementations, chosen by the [database] url."""
 
 
-def open_store(url, reactor, clock):
+def open_store(url, reactor, clock, start_wait=0.0):
     """Build the JobStore for a parsed [database] url (transferd.config.DatabaseURL).
 
     reactor runs its threads, clock tells the time.  The store is not ready before
-    its startService (the migration) has fired.
+    its startService (the migration) has fired; a database server that is not up
+    yet is waited for, start_wait seconds at most.
     """
     if url.scheme == "sqlite":
         from transferd.store.sqlite import SQLiteJobStore
@@ -14,5 +15,5 @@ def open_store(url, reactor, clock):
     if url.scheme == "mysql":
         from transferd.store.mysql import MySQLJobStore
 
-        return MySQLJobStore.from_url(url, reactor, clock)
+        return MySQLJobStore.from_url(url, reactor, clock, start_wait=start_wait)
     raise ValueError(f"unsupported database url scheme {url.scheme!r} (use sqlite:// or mysql://)")

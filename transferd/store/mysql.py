@@ -9,6 +9,7 @@ the caller (or the reconciler) re-drives the job.
 """
 
 import contextlib
+import random
 import time
 from collections import namedtuple
 from datetime import timezone
@@ -28,12 +29,21 @@ __all__ = ["DatabaseUnavailable", "MySQLJobStore"]
 # (2002, 2003), server gone away (2006), lost during a query (2013, 2055),
 # killed (MariaDB 1927), server shutting down (1053), idle timeout (MySQL 8: 4031).
 LOST_CONNECTION = frozenset({2002, 2003, 2006, 2013, 2055, 1927, 1053, 4031})
+# Deadlock found (1213) and lock wait timeout exceeded (1205).  A lock wait
+# timeout rolls back only the statement, but the failed interaction then rolls
+# back the whole transaction (adbapi), so in both cases nothing took effect.
+ROLLED_BACK = frozenset({1213, 1205})
 
 Column = namedtuple("Column", "data_type column_type length precision")
 
 
 def _is_lost(error):
     return bool(error.args) and error.args[0] in LOST_CONNECTION
+
+
+def _rolled_back(error):
+    """The server rolled the transaction back (deadlock, lock wait timeout): nothing it did took effect."""
+    return bool(error.args) and error.args[0] in ROLLED_BACK
 
 
 def _describe(error):
@@ -271,21 +281,35 @@ class MySQLJobStore(SQLJobStore):
         *([_migration(version)] for version in range(2, schema.LATEST + 1)),
     ]
     # Seconds to wait before each retry of an operation whose connection was
-    # lost; when they are used up the operation fails with DatabaseUnavailable.
-    retry_delays = (0.0, 0.25, 1.0, 3.0)
+    # lost, while the database was up.  When they are used up the database
+    # counts as down: from then on each operation makes one try (failing at
+    # once with DatabaseUnavailable) until one succeeds, so nobody waits long
+    # for a database that is away: the API answers 503, the queue redelivers
+    # later, the reconciler tries on its next pass.
+    retry_delays = (0.0, 0.25, 0.75)
+    # A deadlock (1213) or lock wait timeout (1205) rolls the transaction back:
+    # nothing happened, so the operation runs again, at most this many times,
+    # after a short random wait.
+    deadlock_retries = 5
     # A non-idempotent operation pings its connection first when it has been
     # idle this long.  A connection lost while in steady use fails such an
     # operation with DatabaseUnavailable instead (the reconciler re-drives).
     ping_idle_after = 1.0
     # Seconds a daemon waits for another one's schema migration to finish.
     migration_lock_timeout = 600
+    # Start-up waits for a server that is not up yet: first wait, doubling up to the cap.
+    start_backoff = (0.5, 10.0)
 
-    def __init__(self, pool, reactor, clock):
+    def __init__(self, pool, reactor, clock, where="the database", start_wait=0.0, random=random.random):
         super().__init__(pool, clock)
         self.reactor = reactor  # waits between retries: a real server takes real time to come back
+        self.where = where  # how messages name the server: "the database at host:port/db"
+        self.start_wait = start_wait
+        self.random = random
+        self._down_since = None  # clock time the database was found unreachable; None while it is up
 
     @classmethod
-    def from_url(cls, url, reactor, clock):
+    def from_url(cls, url, reactor, clock, start_wait=0.0):
         """A store for a parsed mysql:// url (transferd.config.DatabaseURL)."""
         pool = _Pool(
             "MySQLdb",
@@ -300,7 +324,8 @@ class MySQLJobStore(SQLJobStore):
             cp_max=url.pool_max,
             **url.connect_keywords(),
         )
-        return cls(pool, reactor, clock)
+        server = url.unix_socket or f"{url.host}:{url.port}"
+        return cls(pool, reactor, clock, where=f"the database at {server}/{url.database}", start_wait=start_wait)
 
     # -- plumbing ---------------------------------------------------------
 
@@ -311,7 +336,7 @@ class MySQLJobStore(SQLJobStore):
         return moment
 
     def _run(self, interaction, *args, idempotent=True):
-        """Run interaction(cursor, *args) in one transaction, surviving lost connections.
+        """Run interaction(cursor, *args) in one transaction, surviving lost connections and deadlocks.
 
         When the connection is lost before anything was sent (connecting, or
         the ping that precedes a non-idempotent operation on a connection
@@ -319,40 +344,65 @@ class MySQLJobStore(SQLJobStore):
         idempotent operation ran, the operation is retried on a fresh
         connection.  A non-idempotent one that lost its connection mid-way
         fails with DatabaseUnavailable: it may or may not have committed.
+        A transaction the server rolled back (deadlock, lock wait timeout)
+        is run again, whatever the operation: it had no effect.
         """
         return defer.Deferred.fromCoroutine(self._attempts(interaction, args, idempotent))
 
     async def _attempts(self, interaction, args, idempotent):
-        delays = list(self.retry_delays)
+        delays = [] if self._down_since is not None else list(self.retry_delays)
+        rollbacks = 0
         # Seconds of idleness after which the connection is pinged first (None: never).
         ping_after = None if idempotent else self.ping_idle_after
         while True:
             try:
-                return await self.pool.runWithConnection(self._interact, interaction, args, ping_after)
+                result = await self.pool.runWithConnection(self._interact, interaction, args, ping_after)
             except _Unsent as unsent:
                 error = unsent.error
                 if not _is_lost(error):
                     raise error from None
             except MySQLdb.Error as caught:
                 error = caught
+                if _rolled_back(error) and rollbacks < self.deadlock_retries:
+                    rollbacks += 1
+                    delay = 0.02 * 2 ** rollbacks * self.random()
+                    self.log.info("the database rolled the transaction back ({error}); running it again",
+                                  error=_describe(error))
+                    await task.deferLater(self.reactor, delay, lambda: None)
+                    continue
                 if not _is_lost(error):
                     raise
                 if not idempotent:
                     raise DatabaseUnavailable(
                         "the database connection was lost during an operation that is not safe"
-                        f" to repeat ({_describe(error)}); it may or may not have taken effect"
+                        f" to repeat ({_describe(error)}); it may or may not have taken effect",
+                        reason=_describe(error),
                     ) from error
+            else:
+                self._up()
+                return result
             if not delays:
-                raise DatabaseUnavailable(
-                    f"the database is unreachable ({_describe(error)})"
-                    f" after {len(self.retry_delays) + 1} attempts"
-                ) from error
+                self._down(error)
+                raise DatabaseUnavailable(f"{self.where} is unreachable ({_describe(error)})",
+                                          reason=_describe(error)) from error
             delay = delays.pop(0)
-            self.log.warn(
-                "database connection failed ({error}); retrying in {delay}s", error=error, delay=delay
+            self.log.info(
+                "database connection failed ({error}); retrying in {delay}s", error=_describe(error), delay=delay
             )
             ping_after = 0.0  # after a failure, always
             await task.deferLater(self.reactor, delay, lambda: None)
+
+    def _down(self, error):
+        if self._down_since is None:
+            self._down_since = self.clock.seconds()
+            self.log.warn("{where} is unreachable ({error}); operations fail at once until it is back",
+                          where=self.where, error=_describe(error))
+
+    def _up(self):
+        if self._down_since is not None:
+            self.log.info("{where} is back after {down:.1f}s", where=self.where,
+                          down=self.clock.seconds() - self._down_since)
+            self._down_since = None
 
     def _interact(self, conn, interaction, args, ping_after):
         """In a pool thread: run one interaction on conn (pinged first if idle past ping_after); the pool commits."""
@@ -373,8 +423,29 @@ class MySQLJobStore(SQLJobStore):
     # -- schema -----------------------------------------------------------
 
     def migrate(self):
-        """Bring the schema up to date; retried after a lost connection, as every step is safe to re-run."""
-        return self._run(self._migrate, idempotent=True)
+        """Bring the schema up to date, waiting (start_wait seconds at most) for a server that is not up yet.
+
+        Retried after a lost connection, as every step is safe to re-run.
+        """
+        return defer.Deferred.fromCoroutine(self._migrate_once_up())
+
+    async def _migrate_once_up(self):
+        deadline = self.reactor.seconds() + self.start_wait
+        wait, cap = self.start_backoff
+        while True:
+            try:
+                return await self._run(self._migrate, idempotent=True)
+            except DatabaseUnavailable as error:
+                left = deadline - self.reactor.seconds()
+                if left <= 0 or not self.running:
+                    raise DatabaseUnavailable(
+                        f"{self.where} did not come up within {self.start_wait:g}s ([startup] wait_for_backends):"
+                        f" {error.reason}") from None
+                wait = min(wait, left)
+                self.log.warn("waiting for {where}: {error}; trying again in {wait:.1f}s (for {left:.0f}s more)",
+                              where=self.where, error=error.reason, wait=wait, left=left)
+                await task.deferLater(self.reactor, wait, lambda: None)
+                wait = min(wait * 2, cap)
 
     def _read_version(self, cursor):
         """The schema version; 0 without a schema_version table (a fresh or prototype database)."""

@@ -124,9 +124,11 @@ JOBS = Table(
         Column("label", "name", since=3),
         Column("metadata", "long_text", since=3),  # the submitter's JSON object
         Column("destination_host", "name", since=3),
-        Column("deliveries", "count", since=3, required=True, default="0"),  # leases taken in this state
+        Column("deliveries", "count", since=3, required=True, default="0"),  # workers' leases never given back
     ) + tuple(Column(name, "time") for name in TIME_COLUMNS) + (
         Column("time_updated", "time", since=3),  # the last change of any kind
+        Column("time_away", "time", since=3),  # since when the service the job waits for is away; transitions clear it
+        Column("time_copy_freed", "time", since=3),  # when the ended job's staged copy was freed (stager_path is then gone)
     ),
     key=("job_id",),
     indexes=(
@@ -135,8 +137,9 @@ JOBS = Table(
         Index("jobs_submitted", ("time_submitted", "job_id"), since=3),
         Index("jobs_status_submitted", ("status", "time_submitted"), since=3),
         Index("jobs_submitter_submitted", ("submitter", "time_submitted"), since=3),
-        Index("jobs_product", ("product_id",), since=3),
-        Index("jobs_label", ("label",), since=3),
+        Index("jobs_submitter_status", ("submitter", "status", "time_submitted"), since=3),  # "my jobs in state X"
+        Index("jobs_product", ("product_id", "time_submitted"), since=3),
+        Index("jobs_label", ("label", "time_submitted"), since=3),
         Index("jobs_destination_host", ("destination_host", "time_submitted"), since=3),
         Index("jobs_status_updated", ("status", "time_updated"), since=3),
         Index("jobs_updated", ("time_updated",), since=3),

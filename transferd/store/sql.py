@@ -4,6 +4,8 @@ Queries are written once with '?' placeholders; a dialect supplies the
 placeholder style, the schema migrations and the time column conversions.
 """
 
+import hashlib
+import json
 from datetime import datetime
 
 from twisted.application.service import Service
@@ -12,12 +14,25 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from transferd import jobs, leases
-from transferd.interfaces import IJobStore
+from transferd.interfaces import IJobStore, StoreUnavailable
 from transferd.store import schema
 
 SELECT_JOB = "SELECT " + ", ".join(jobs.COLUMNS) + " FROM jobs"
+SELECT_PAGE = "SELECT " + ", ".join("jobs." + column for column in jobs.COLUMNS) + " FROM jobs"
 TIME_COLUMNS = frozenset(column.name for column in schema.JOBS.columns if column.kind == "time")
 EVENT_COLUMNS = tuple(column.name for column in schema.JOB_EVENTS.columns)
+# Where the columns converted from the database's types stand in a row of SELECT_JOB (which is jobs.COLUMNS,
+# in the Job's field order).
+TIME_AT = tuple(at for at, name in enumerate(jobs.COLUMNS) if name in TIME_COLUMNS)
+COUNT_AT = tuple((jobs.COLUMNS.index(name), default) for name, default in
+                 (("stage_attempts", 0), ("deliveries", 0), ("priority", jobs.DEFAULT_PRIORITY)))
+SECONDS_AT = tuple(jobs.COLUMNS.index(name) for name in ("lease_until", "poll_until"))
+# What create_many inserts for each new job, in this order.
+NEW_JOB_COLUMNS = ("job_id", "product_id", "destination_path", "destination_host", "submitter", "priority", "label",
+                   "metadata", "status", "stage_attempts", "time_submitted", "time_updated", "lease_owner",
+                   "lease_until")
+INSERT_EVENT = ("INSERT INTO job_events (job_id, time, kind, old_status, new_status, actor, reason)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)")
 # A lease that anyone may take (parameters: now, the queue-hold owner); see transferd.leases.
 FREE_OR_IN_QUEUE = "(lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
 
@@ -26,13 +41,27 @@ class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer transferd than this one."""
 
 
-class DatabaseUnavailable(ConnectionError):
+class SubmissionExists(Exception):
+    """A batch with this submitter and submission_id is stored already (IJobStore.create_many)."""
+
+
+def submission_key(submitter, submission_id):
+    """The submissions table's key: SHA-256 hex of the submitter and their submission_id."""
+    return hashlib.sha256(f"{submitter or ''}\n{submission_id}".encode("utf-8")).hexdigest()
+
+
+class DatabaseUnavailable(StoreUnavailable):
     """The database could not be reached, or dropped the connection mid-operation.
 
     Raised by stores that retry lost connections (MySQL) once retrying is
     pointless or unsafe.  The operation may or may not have taken effect: the
     caller re-reads the job, or leaves it to the reconciler to re-drive.
+    reason: the server's or client library's own words.
     """
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @implementer(IJobStore)
@@ -89,16 +118,17 @@ class SQLJobStore(Service):
         return datetime.fromisoformat(str(value)).replace(tzinfo=jobs.timezone.utc)
 
     def _job_from_row(self, row):
-        values = dict(zip(jobs.COLUMNS, row))
-        for column in TIME_COLUMNS:
-            values[column] = self._time_from_db(values[column])
-        for column in ("stage_attempts", "deliveries"):
-            values[column] = int(values[column] or 0)
-        values["priority"] = int(values["priority"] or jobs.DEFAULT_PRIORITY)
-        for column in ("lease_until", "poll_until"):
-            if values[column] is not None:
-                values[column] = float(values[column])
-        return jobs.Job(**values)
+        """A Job from a row of SELECT_JOB (by position: listings turn thousands of rows into jobs)."""
+        values = list(row)
+        for at in TIME_AT:
+            if values[at] is not None:
+                values[at] = self._time_from_db(values[at])
+        for at, default in COUNT_AT:
+            values[at] = int(values[at] or default)
+        for at in SECONDS_AT:
+            if values[at] is not None:
+                values[at] = float(values[at])
+        return jobs.Job(*values)
 
     def _assignments(self, fields):
         """SET clause pieces and parameters for a dict of job fields."""
@@ -157,36 +187,193 @@ class SQLJobStore(Service):
     # -- IJobStore --------------------------------------------------------
 
     def create(self, job, hold=None, actor=None):
+        return self.create_many([job], hold, actor)
+
+    def create_many(self, new_jobs, hold=None, actor=None, submission=None):
         now = self._now()
         moment = self._time_to_db(jobs.utc_from_seconds(now))
-        row = dict(
-            job_id=job.job_id,
-            product_id=job.product_id,
-            destination_path=job.destination_path,
-            destination_host=schema.destination_host(job.destination_path),
-            submitter=job.submitter,
-            priority=job.priority,
-            label=job.label,
-            metadata=job.metadata,
-            status=jobs.SUBMITTED,
-            stage_attempts=0,
-            time_submitted=moment,
-            time_updated=moment,
-            **self._lease_fields(hold, now),
+        lease = self._lease_fields(hold, now)
+        rows = [
+            (job.job_id, job.product_id, job.destination_path, schema.destination_host(job.destination_path),
+             job.submitter, job.priority, job.label, job.metadata, jobs.SUBMITTED, 0, moment, moment,
+             lease["lease_owner"], lease["lease_until"])
+            for job in new_jobs
+        ]
+        insert_jobs = self._sql(
+            f"INSERT INTO jobs ({', '.join(NEW_JOB_COLUMNS)}) VALUES ({', '.join('?' for _ in NEW_JOB_COLUMNS)})"
         )
-        query = self._sql(
-            f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})"
-        )
+        events = [(job.job_id, moment, "state", None, jobs.SUBMITTED, actor, None) for job in new_jobs]
 
         def interaction(cursor):
-            cursor.execute(query, tuple(row.values()))
-            self._record_event(cursor, job.job_id, now, "state", None, jobs.SUBMITTED, actor, None)
+            if submission is not None:
+                self._insert_submission(cursor, submission, moment)
+            if rows:
+                cursor.executemany(insert_jobs, rows)
+                cursor.executemany(self._sql(INSERT_EVENT), events)
 
         return self._run(interaction, idempotent=False)
+
+    def _insert_submission(self, cursor, submission, moment):
+        """The submission's row goes first: a second one with its key waits for the first's commit, then fails."""
+        try:
+            cursor.execute(
+                self._sql("INSERT INTO submissions (submission_key, submitter, submission_id, time_submitted, results)"
+                          " VALUES (?, ?, ?, ?, ?)"),
+                (submission_key(submission.submitter, submission.submission_id), submission.submitter,
+                 submission.submission_id, moment, json.dumps(submission.answer)),
+            )
+        except self.pool.dbapi.IntegrityError:
+            raise SubmissionExists(submission.submission_id) from None
+
+    def submission(self, submitter, submission_id):
+        query = self._sql("SELECT results FROM submissions WHERE submission_key = ?")
+
+        def interaction(cursor):
+            cursor.execute(query, (submission_key(submitter, submission_id),))
+            row = cursor.fetchone()
+            return json.loads(row[0]) if row else None
+
+        return self._run(interaction)
 
     def get(self, job_id):
         def interaction(cursor):
             return self._select_job(cursor, job_id)
+
+        return self._run(interaction)
+
+    def list_jobs(self, job_filter, limit, after=None):
+        query, params = self.list_query(job_filter, limit, after)
+
+        def interaction(cursor):
+            cursor.execute(query, params)
+            return [self._job_from_row(row) for row in cursor.fetchall()]
+
+        return self._run(interaction)
+
+    def list_query(self, job_filter, limit, after=None):
+        """The SELECT of list_jobs and its parameters (scripts/benchmark.py shows its EXPLAIN)."""
+        clauses, params = self._filter(job_filter)
+        if after is not None:
+            moment, job_id = after
+            if moment is None:  # rows from before time_submitted was always set sort last
+                clauses.append("(time_submitted IS NULL AND job_id < ?)")
+                params.append(job_id)
+            else:
+                moment = self._time_to_db(moment)
+                clauses.append("(time_submitted < ? OR (time_submitted = ? AND job_id < ?) OR time_submitted IS NULL)")
+                params += [moment, moment, job_id]
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        # A deferred join: the page's ids come from an index alone, then their rows by primary key.  Asked for
+        # whole rows at once, MariaDB walks the status index from the newest job and reads every row it passes.
+        return self._sql(
+            SELECT_PAGE + f" JOIN (SELECT job_id FROM jobs{where} ORDER BY time_submitted DESC, job_id DESC LIMIT ?)"
+            " page ON page.job_id = jobs.job_id ORDER BY jobs.time_submitted DESC, jobs.job_id DESC"
+        ), (*params, limit)
+
+    def _filter(self, job_filter):
+        """WHERE clauses and their parameters for a jobs.JobFilter."""
+        clauses, params = [], []
+        for column, values in (("status", job_filter.statuses), ("job_id", job_filter.job_ids)):
+            if values:
+                clauses.append(f"{column} IN ({', '.join('?' for _ in values)})")
+                params += list(values)
+        for column in ("product_id", "label", "destination_host", "submitter"):
+            value = getattr(job_filter, column)
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        for clause, moment in (("time_submitted > ?", job_filter.submitted_after),
+                               ("time_submitted < ?", job_filter.submitted_before),
+                               ("time_updated > ?", job_filter.updated_after)):
+            if moment is not None:
+                clauses.append(clause)
+                params.append(self._time_to_db(moment))
+        return clauses, params
+
+    def count_before(self, status, column, moment):
+        if column not in ("time_submitted", "time_updated"):
+            raise ValueError(f"count_before counts by time_submitted or time_updated, not {column!r}")
+        query = self._sql(f"SELECT COUNT(*) FROM jobs WHERE status = ? AND {column} < ?")
+
+        def interaction(cursor):
+            cursor.execute(query, (status, self._time_to_db(moment)))
+            return int(cursor.fetchone()[0])
+
+        return self._run(interaction)
+
+    def recent_successes(self, destination_host, since, limit):
+        query = self._sql(SELECT_JOB + " WHERE destination_host = ? AND time_submitted >= ? AND status = ?"
+                          " ORDER BY time_submitted DESC LIMIT ?")
+
+        def interaction(cursor):
+            cursor.execute(query, (destination_host, self._time_to_db(since), jobs.SUCCESS, limit))
+            return [self._job_from_row(row) for row in cursor.fetchall()]
+
+        return self._run(interaction)
+
+    def purge_ended(self, before, limit, archive=None):
+        """Remove up to limit ended jobs last changed before `before` (a datetime), with their history.
+
+        One short transaction (index jobs_status_updated).  archive(jobs,
+        events), if given, runs in it after the deletes, before the commit:
+        if it raises, nothing is removed.  On MySQL the rows are taken FOR UPDATE SKIP
+        LOCKED, so daemons purging at once take different rows.  Fires with
+        the number of jobs removed.
+        """
+        ended = sorted(jobs.TERMINAL)
+        select = self._sql(SELECT_JOB + f" WHERE status IN ({', '.join('?' for _ in ended)}) AND time_updated < ?"
+                           " LIMIT ?" + self.skip_locked)
+
+        def interaction(cursor):
+            cursor.execute(select, (*ended, self._time_to_db(before), limit))
+            found = [self._job_from_row(row) for row in cursor.fetchall()]
+            if not found:
+                return 0
+            ids = [job.job_id for job in found]
+            marks = ", ".join("?" for _ in ids)
+            if archive is not None:
+                cursor.execute(self._sql(f"SELECT {', '.join(EVENT_COLUMNS)} FROM job_events WHERE job_id IN"
+                                         f" ({marks}) ORDER BY event_id"), ids)
+                events = [dict(zip(EVENT_COLUMNS, row)) for row in cursor.fetchall()]
+                for row in events:
+                    row["time"] = self._time_from_db(row["time"])
+            cursor.execute(self._sql(f"DELETE FROM job_events WHERE job_id IN ({marks})"), ids)
+            cursor.execute(self._sql(f"DELETE FROM jobs WHERE job_id IN ({marks})"), ids)
+            removed = cursor.rowcount
+            if archive is not None:  # last before the commit: a deadlock in the deletes archives nothing
+                archive(found, events)
+            return removed
+
+        return self._run(interaction)
+
+    def purge_submissions(self, before, limit):
+        """Remove up to limit submissions rows older than `before`; fire with how many (index submissions_time)."""
+        select = self._sql("SELECT submission_key FROM submissions WHERE time_submitted < ? LIMIT ?" + self.skip_locked)
+
+        def interaction(cursor):
+            cursor.execute(select, (self._time_to_db(before), limit))
+            keys = [row[0] for row in cursor.fetchall()]
+            if not keys:
+                return 0
+            cursor.execute(self._sql(f"DELETE FROM submissions WHERE submission_key IN ({', '.join('?' for _ in keys)})"),
+                           keys)
+            return cursor.rowcount
+
+        return self._run(interaction)
+
+    def copy_freed(self, job_id):
+        """The ended job's staged copy is gone: set time_copy_freed (nothing else changes); fire True/False.
+
+        stager_path stays in the row (a repeated staging report is still
+        recognised) but is no longer shown (jobs.Job.public_view).
+        """
+        ended = sorted(jobs.TERMINAL)
+        query = self._sql(f"UPDATE jobs SET time_copy_freed = ? WHERE job_id = ? AND time_copy_freed IS NULL"
+                          f" AND status IN ({', '.join('?' for _ in ended)})")
+
+        def interaction(cursor):
+            cursor.execute(query, (self._time_to_db(jobs.utc_from_seconds(self._now())), job_id, *ended))
+            return cursor.rowcount > 0
 
         return self._run(interaction)
 
@@ -195,8 +382,9 @@ class SQLJobStore(Service):
         jobs.check_transition(old, new, fields)
         now = self._now()
         moment = jobs.utc_from_seconds(now)
-        fields.update(status=new, deliveries=0, time_updated=moment, **{jobs.TIME_COLUMN[new]: moment},
-                      **self._lease_fields(hold, now))
+        # A new state: deliveries start afresh (a worker's lease the job stays under counts); any outage is over.
+        fields.update(status=new, deliveries=int(hold is not None and leases.is_worker(hold.owner)), time_away=None,
+                      time_updated=moment, **{jobs.TIME_COLUMN[new]: moment}, **self._lease_fields(hold, now))
         sets, params = self._assignments(fields)
         query = self._sql(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ? AND status = ?")
         reason = fields.get("detailed_status")
@@ -265,12 +453,13 @@ class SQLJobStore(Service):
         statuses = list(statuses)
         now = self._now()
         query = self._sql(
-            f"UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE job_id = ?"
+            f"UPDATE jobs SET lease_owner = ?, lease_until = ?, deliveries = deliveries + ? WHERE job_id = ?"
             f" AND status IN ({', '.join('?' for _ in statuses)}) AND {FREE_OR_IN_QUEUE}"
         )
+        counted = int(leases.is_worker(owner))
 
         def interaction(cursor):
-            cursor.execute(query, (owner, now + seconds, job_id, *statuses, now, leases.IN_QUEUE))
+            cursor.execute(query, (owner, now + seconds, counted, job_id, *statuses, now, leases.IN_QUEUE))
             return self._select_job(cursor, job_id) if cursor.rowcount > 0 else None
 
         return self._run(interaction, idempotent=False)
@@ -303,9 +492,13 @@ class SQLJobStore(Service):
     def end_lease(self, job_id, owner, then=None):
         fields = self._lease_fields(then, self._now())
         query = self._sql(
-            "UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE job_id = ? AND lease_owner = ?"
+            "UPDATE jobs SET lease_owner = ?, lease_until = ?,"
+            " deliveries = CASE WHEN deliveries > ? THEN deliveries - ? ELSE 0 END"
+            " WHERE job_id = ? AND lease_owner = ?"
         )
-        return self._rowcount(query, [fields["lease_owner"], fields["lease_until"], job_id, owner])
+        given_back = int(leases.is_worker(owner))  # a worker giving back: the delivery it counted is taken back
+        params = [fields["lease_owner"], fields["lease_until"], given_back, given_back, job_id, owner]
+        return self._rowcount(query, params)
 
     def jobs_to_redrive(self, statuses, limit, include_queue_holds=False):
         statuses = list(statuses)
@@ -363,8 +556,7 @@ class SQLJobStore(Service):
 
     def _record_event(self, cursor, job_id, now, kind, old, new, actor, reason):
         cursor.execute(
-            self._sql("INSERT INTO job_events (job_id, time, kind, old_status, new_status, actor, reason)"
-                      " VALUES (?, ?, ?, ?, ?, ?, ?)"),
+            self._sql(INSERT_EVENT),
             (job_id, self._time_to_db(jobs.utc_from_seconds(now)), kind, old, new, actor, reason),
         )
 

@@ -8,9 +8,11 @@ Where the API is (`[stager] url`)
     A URL with a path (``https://tape.example.org:8443/api/v1``) is the
     endpoint itself and is used as it is.
 
-Which file a product is (`[stager] archive_root`)
+Where products are (`[stager] archive_root`)
     The namespace is the absolute directory of the tape namespace that holds
-    the products: product ``P`` is the one file ``<namespace>/P``.
+    the products: product ``P`` is ``<namespace>/P``, a file or a directory
+    whose files are staged (transferd.stagers.taperest says how they are
+    listed); product_files() finds them in a request's answer by path.
 
 Credentials
     A bearer token read from token_file (read again whenever the file
@@ -113,6 +115,38 @@ class TapeRestClient:
     def path_for(self, product_id):
         """The Tape REST path of a product: <namespace>/<product_id>."""
         return f"{self.namespace}/{product_id}"
+
+    def relative(self, path):
+        """A path of the namespace relative to it (so starting with the product's name)."""
+        return normalize(path)[len(self.namespace) + 1:]
+
+    def product_files(self, found, product_id):
+        """{path: file entry} of the files of a GET /stage/<id> answer that belong to the product.
+
+        They are the product's path itself (a file product) and every path
+        under it; paths are normalized as the servers compare them.
+        """
+        product = normalize(self.path_for(product_id))
+        entries = found.get("files") if isinstance(found, dict) else None
+        mine = {}
+        for entry in entries if isinstance(entries, list) else ():
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                path = normalize(entry["path"])
+                if path == product or path.startswith(product + "/"):
+                    mine[path] = entry
+        return mine
+
+    async def post_paths(self, what, tail, paths, job_id):
+        """POST {"paths": paths} to <endpoint><tail> (a cancel, a release), best effort: log, never raise."""
+        try:
+            answer = await self.call("POST", tail, {"paths": list(paths)})
+            if not 200 <= answer.code < 300:
+                self.log.warn("job {job_id}: Tape REST {what} answered HTTP {code}: {why}", job_id=job_id,
+                              what=what, code=answer.code, why=problem(answer))
+        except defer.CancelledError:
+            pass
+        except Exception as error:
+            self.log.warn("job {job_id}: Tape REST {what} failed: {error}", job_id=job_id, what=what, error=error)
 
     def stop(self):
         """Cancel the calls in flight and close the connections."""

@@ -1,25 +1,43 @@
 """A fake CERN FTS3 server, for tests and demos of transferd's FTS mover (or of any FTS3 client).
 
-It speaks FTS3's REST API the way fts-rest-flask (the real server) does,
-over real HTTP, or HTTPS that checks client certificates:
+It speaks FTS3's REST API the way fts-rest-flask 3.13.4 (the real server,
+under Apache with mod_ssl and mod_wsgi) does, over real HTTP, or HTTPS that
+asks for client certificates without requiring one (``SSLVerifyClient
+optional``: token users need none):
 
-* ``GET /``: ``{"api": {"major", "minor", "patch"}, "delegation": ...}``
-* ``GET /whoami``: ``user_dn``, ``delegation_id`` (sha1 of the DN, 16 hex
-  digits, as FTS computes it), ``vos``, ``vos_id``, ``base_id``, ``method``
-* ``GET /delegation/{id}`` (``null`` or ``{"termination_time"}``), ``GET
-  /delegation/{id}/request`` (a fresh certificate request, PEM, made with
-  ``cryptography``), ``PUT /delegation/{id}/credential`` (the signed proxy and
-  its chain: checked against the request's key and its issuer, 201),
-  ``DELETE /delegation/{id}``
+* ``GET /``: ``{"api": {"major": 3, "minor": 13, "patch": 4}, "delegation": ...}``
+* ``GET /whoami``: ``user_dn``, ``dn``, ``delegation_id`` (sha1 of the DN, 16
+  hex digits, as FTS computes it), ``vos``, ``vos_id``, ``base_id``,
+  ``voms_cred``, ``roles``, ``level``, ``method``, ``is_root``.  The VO is
+  the ``vo`` given to the fake (as VOMS attributes or a token's groups would
+  give it), else, as FTS does: a certificate's delegation id, a token's
+  issuer's host name.
+* Anyone whose credentials are not accepted (a token not among ``tokens``, a
+  JWT whose ``exp`` has passed on the fake's clock, no credential at all) is
+  anonymous, as FTS makes them: ``/whoami`` answers 200 with ``method``
+  "unauthenticated" and no VO, ``POST /jobs`` 403 "Not enough permissions",
+  ``GET`` and ``DELETE /jobs/...`` 500 (FTS fails on the missing VO).
+* ``GET /delegation/{id}`` (``null`` or ``{"termination_time", "voms_attrs":
+  [""]}``), ``GET /delegation/{id}/request`` (a fresh certificate request,
+  PEM, made with ``cryptography``), ``PUT /delegation/{id}/credential`` (the
+  signed proxy and its chain: checked against the request's key and its
+  issuer, 201), ``DELETE /delegation/{id}``
 * ``POST /jobs``: ``{"job_id"}``; deterministic ids (``id_generator:
   deterministic``, ``sid``) computed as FTS does, 409 for a duplicate, 419
   when an X.509 user has delegated no credential (or one with under an hour
   left), 400 for bodies FTS would refuse (bad JSON, no files, URLs without
-  scheme, host or path, ``file://``), 401/403 for bad credentials
+  scheme, host or path, ``file://``).  A token user's files start in
+  TOKEN_PREP; every file's ``filesize`` is null until it ends
+  (``user_filesize`` is what was submitted).
 * ``GET /jobs/{id}`` (200, or 404) and ``GET /jobs/{id1},{id2}`` (200, or 207
   whose entries carry ``http_status`` "404 Not Found"), with ``?files=`` field
-  lists; ``GET /jobs/{id}/files``; ``DELETE /jobs/{id}`` (200, 304 when it
-  had ended, 404)
+  lists; ``GET /jobs/{id}/files``; ``DELETE /jobs/{id}`` (200; for a job that
+  had ended 200 whose body says ``"http_status": "304 Not Modified"``, or,
+  with ``cancel_ended_http_304``, an HTTP 304 without body as older servers
+  answer; 404)
+* A request whose path, with the script path of FTS under Apache
+  (SCRIPT_PATH), reaches 4,096 bytes gets Apache's HTML 404 page: 109 job
+  ids in one GET fit, 110 do not.
 
 Jobs really run.  Each file takes ``duration`` seconds (or what a rule says),
 then ends FINISHED, FAILED or CANCELED; the job ends FINISHED, FAILED,
@@ -74,7 +92,19 @@ from transferd.testing.servers import QuietSite, TrackingFactory
 
 # fts-rest-flask's namespace for deterministic ids (JobBuilder_utils.BASE_ID).
 FTS_BASE_ID = uuid.UUID("01874efb-4735-4595-bc9c-591aef8240c9")
-API_VERSION = {"major": 3, "minor": 12, "patch": 0}
+API_VERSION = {"major": 3, "minor": 13, "patch": 4}
+# Apache maps a request to fts-rest-flask's WSGI script; the script path and the request path together must
+# stay under APACHE_PATH_LIMIT bytes, or Apache answers its own 404 page.
+SCRIPT_PATH = "/usr/libexec/fts3rest/fts3rest.wsgi"
+APACHE_PATH_LIMIT = 4096
+APACHE_NOT_FOUND = (b'<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">\n<html><head>\n<title>404 Not Found</title>\n'
+                    b"</head><body>\n<h1>Not Found</h1>\n<p>The requested URL was not found on this server.</p>\n"
+                    b"</body></html>\n")
+# The issuer of opaque (non-JWT) tokens; a token user's VO is its issuer's host name.
+OPAQUE_TOKEN_ISSUER = "https://iam.example.org/"
+ANONYMOUS = "unauthenticated"
+INTERNAL_ERROR = ("The server encountered an internal error and was unable to complete your request. Either the "
+                  "server is overloaded or there is an error in the application.")
 PROXY_CERT_INFO = "1.3.6.1.5.5.7.1.14"
 FAILED_JOB_REASON = "One or more files failed. Please have a look at the details for more information"
 CANCELED_REASON = "Job canceled by the user"
@@ -157,7 +187,25 @@ class User:
     dn: str
     method: str  # "certificate", "oauth2" or "unauthenticated"
     delegation_id: Optional[str]
-    vo: str
+    vo: Optional[str]  # None: anonymous, no VO
+
+    @property
+    def anonymous(self):
+        return self.vo is None
+
+
+ANONYMOUS_USER = User("anon", ANONYMOUS, None, None)
+
+
+def _token_claims(token):
+    """A JWT's claims, read without verifying it (the fake trusts its token list); None for opaque tokens."""
+    import jwt
+
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    return claims if isinstance(claims, dict) else None
 
 
 class _Refusal(Exception):
@@ -197,26 +245,34 @@ def _identity_certificate(transport):
 class FakeFTS:
     """The fake FTS3 REST server's state and handlers (serve resource() over HTTP or HTTPS).
 
-    auth: "token" (Authorization: Bearer one of tokens), "x509" (client
-    certificates, HTTPS only; bearer tokens accepted too) or "none".
-    vo: the VO every user belongs to (it seeds deterministic ids).
+    Bearer tokens among tokens are accepted, and so are client certificates
+    (over HTTPS with client CAs); anyone else is anonymous, as FTS makes them
+    (see the module docstring).  auth "none" (the default without tokens)
+    lets anonymous callers submit too, in the VO "anonymous"; "token" and
+    "x509" do not.
+    vo: the VO of every authenticated user (as their VOMS attributes or
+    token groups would say); None: FTS's own rule (a certificate's
+    delegation id, a token's issuer's host name).  It seeds deterministic ids.
     duration: seconds each file takes unless a slow rule says otherwise.
     fail / slow: rules (Rule objects or their text forms, see Rule).
     copy: really copy FINISHED files (local paths of the URLs).
     allow_local: accept file:// URLs and plain paths (real FTS refuses them).
     submit_delay: seconds to hold the answer to a successful POST /jobs (the
     job exists at once): lets tests kill a client while its submission is pending.
+    cancel_ended_http_304: cancelling an ended job answers HTTP 304 without a
+    body (older servers), not 200 with "http_status": "304 Not Modified".
     """
 
     app = Klein()
 
-    def __init__(self, clock, auth=None, tokens=(), token=None, vo="transferd", duration=0.0, fail=(), slow=(),
-                 copy=False, allow_local=False, submit_delay=0.0):
+    def __init__(self, clock, auth=None, tokens=(), token=None, vo=None, duration=0.0, fail=(), slow=(),
+                 copy=False, allow_local=False, submit_delay=0.0, cancel_ended_http_304=False):
         self.clock = clock
         self.tokens = set(tokens) | ({token} if token else set())
         self.auth = auth or ("token" if self.tokens else "none")
         self.vo = vo
         self.duration = duration
+        self.cancel_ended_http_304 = cancel_ended_http_304
         self.rules = [r if isinstance(r, Rule) else Rule.failure(r) for r in fail]
         self.rules += [r if isinstance(r, Rule) else Rule.slowness(r) for r in slow]
         self.copy = copy
@@ -302,31 +358,40 @@ class FakeFTS:
                          refusal.code)
 
     def _user(self, request):
-        """Who is asking: a bearer token, else a client certificate; raises _Refusal."""
+        """Who is asking: a bearer token FTS accepts, else a client certificate, else anonymous."""
         authorization = (request.getHeader(b"authorization") or b"").decode("latin-1")
-        if authorization:
-            scheme, _, token = authorization.partition(" ")
-            if scheme.lower() != "bearer" or token.strip() not in self.tokens:
-                raise _Refusal(401, "Unauthorized", "Invalid or expired bearer token")
-            subject = hashlib.sha1(token.strip().encode()).hexdigest()[:12]  # nosec - an id, not security
-            return User(f"/CN=token-{subject}", "oauth2", None, self.vo)
-        if self.auth == "x509":
-            certificate = _identity_certificate(request.transport)
-            if certificate is None:
-                raise _Refusal(403, "Forbidden", "A client certificate or an access token is required")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() == "bearer" and token in self.tokens:
+            claims = _token_claims(token) or {}
+            expiry = claims.get("exp")
+            if not isinstance(expiry, (int, float)) or expiry > self.clock.seconds():
+                issuer = str(claims.get("iss") or OPAQUE_TOKEN_ISSUER)
+                subject = str(claims.get("sub") or "token-" + hashlib.sha1(token.encode()).hexdigest()[:12])  # nosec
+                delegation_id = hashlib.sha1((issuer + subject).encode("utf-8")).hexdigest()[:16]  # nosec - an id
+                return User(subject, "oauth2", delegation_id, self.vo or urlsplit(issuer).hostname or issuer)
+        certificate = _identity_certificate(request.transport)
+        if certificate is not None:
             dn = _dn_of(certificate)
             delegation_id = hashlib.sha1(dn.encode("utf-8")).hexdigest()[:16]  # nosec - FTS's own formula
-            return User(dn, "certificate", delegation_id, self.vo)
-        if self.auth == "token":
-            raise _Refusal(401, "Unauthorized", "An access token is required (Authorization: Bearer ...)")
-        return User("anon", "unauthenticated", None, self.vo)
+            return User(dn, "certificate", delegation_id, self.vo or delegation_id)
+        if self.auth == "none":
+            return User("anon", ANONYMOUS, None, self.vo or "anonymous")
+        return ANONYMOUS_USER
 
     def _certificate_user(self, request, delegation_id):
         user = self._user(request)
-        if user.method != "certificate":
-            raise _Refusal(403, "Forbidden", "Delegation needs a client certificate")
         if delegation_id != user.delegation_id:
             raise _Refusal(403, "Forbidden", "The requested ID and the credentials ID do not match")
+        if user.method != "certificate":
+            raise _Refusal(403, "Forbidden", "Certificate required")
+        return user
+
+    def _known_user(self, request):
+        """The user of a jobs request; FTS fails (500) on an anonymous one, who has no VO."""
+        user = self._user(request)
+        if user.anonymous:
+            raise _Refusal(500, "Internal Server Error", INTERNAL_ERROR)
         return user
 
     def _rule(self, urls):
@@ -363,15 +428,13 @@ class FakeFTS:
 
     @app.route("/whoami", methods=["GET"])
     def whoami(self, request):
-        try:
-            user = self._user(request)
-        except _Refusal as refusal:
-            return self._error(request, refusal)
+        user = self._user(request)
+        vos = [] if user.anonymous else [user.vo]
         return self._json(request, {
             "user_dn": user.dn, "dn": [user.dn], "delegation_id": user.delegation_id,
-            "vos": [user.vo], "vos_id": [str(uuid.uuid5(FTS_BASE_ID, user.vo))], "voms_cred": [],
-            "roles": [], "level": {"transfer": "vo"}, "method": user.method, "is_root": False,
-            "base_id": str(FTS_BASE_ID),
+            "vos": vos, "vos_id": [str(uuid.uuid5(FTS_BASE_ID, vo)) for vo in vos], "voms_cred": [],
+            "roles": [], "level": [] if user.anonymous else {"transfer": "vo"}, "method": user.method,
+            "is_root": False, "base_id": str(FTS_BASE_ID),
         })
 
     # -- delegation -------------------------------------------------------
@@ -386,7 +449,7 @@ class FakeFTS:
         if credential is None:
             return self._json(request, None)
         return self._json(request, {"termination_time": _now_text(credential["termination_time"]),
-                                    "voms_attrs": []})
+                                    "voms_attrs": [""]})
 
     @app.route("/delegation/<delegation_id>", methods=["DELETE"])
     def delegation_delete(self, request, delegation_id):
@@ -471,6 +534,8 @@ class FakeFTS:
     async def submit(self, request):
         try:
             user = self._user(request)
+            if user.anonymous:
+                raise _Refusal(403, "Forbidden", "Not enough permissions")
             if user.method == "certificate":
                 self._check_delegation(user)
             job = self._build_job(user, request.content.read())
@@ -580,9 +645,10 @@ class FakeFTS:
             outcome, reason, duration = self._rule([source, destination])
             entries.append({
                 "file_id": self._next_file_id, "file_index": index, "job_id": job_id,
-                "file_state": "SUBMITTED", "source_surl": source, "dest_surl": destination,
+                "file_state": "TOKEN_PREP" if user.method == "oauth2" else "SUBMITTED",
+                "source_surl": source, "dest_surl": destination,
                 "source_se": self._se(source), "dest_se": self._se(destination),
-                "reason": "", "filesize": filesize, "user_filesize": filesize,
+                "reason": "", "filesize": None, "user_filesize": filesize,
                 "checksum": entry.get("checksum") or "ADLER32", "file_metadata": entry.get("metadata"),
                 "start_time": None, "finish_time": None, "tx_duration": None, "throughput": None,
                 "vo_name": user.vo, "priority": priority, "activity": entry.get("activity") or "default",
@@ -614,7 +680,7 @@ class FakeFTS:
         job["job_state"] = "ACTIVE"
         now = _now_text(self.clock.seconds())
         for entry in job["_files"]:
-            if entry["file_state"] == "SUBMITTED":
+            if entry["file_state"] in ("TOKEN_PREP", "SUBMITTED"):
                 entry["file_state"], entry["start_time"] = "ACTIVE", now
 
     def _finish_file(self, job_id, index):
@@ -679,6 +745,8 @@ class FakeFTS:
     def _end_file(self, job, entry, state, reason):
         now = self.clock.seconds()
         entry["file_state"] = state
+        if entry["filesize"] is None:  # the size copied (copy=True), else what the submission said
+            entry["filesize"] = entry["user_filesize"] if state == "FINISHED" else 0
         entry["finish_time"] = _now_text(now)
         if state == "FAILED":
             entry["reason"] = reason or "TRANSFER ERROR: simulated failure"
@@ -708,7 +776,7 @@ class FakeFTS:
     @app.route("/jobs/<job_list>", methods=["GET"])
     def get_jobs(self, request, job_list):
         try:
-            user = self._user(request)
+            user = self._known_user(request)
         except _Refusal as refusal:
             return self._error(request, refusal)
         requested = job_list.split(",")
@@ -731,7 +799,7 @@ class FakeFTS:
     @app.route("/jobs/<job_id>/files", methods=["GET"])
     def get_files(self, request, job_id):
         try:
-            user = self._user(request)
+            user = self._known_user(request)
         except _Refusal as refusal:
             return self._error(request, refusal)
         found = self._lookup(job_id, user)
@@ -743,7 +811,7 @@ class FakeFTS:
     def get_dm(self, request, job_id):
         """Data management operations of a job: none, transfers are all this fake runs."""
         try:
-            user = self._user(request)
+            user = self._known_user(request)
         except _Refusal as refusal:
             return self._error(request, refusal)
         found = self._lookup(job_id, user)
@@ -754,7 +822,7 @@ class FakeFTS:
     @app.route("/jobs/<job_list>", methods=["DELETE"])
     def cancel_jobs(self, request, job_list):
         try:
-            user = self._user(request)
+            user = self._known_user(request)
         except _Refusal as refusal:
             return self._error(request, refusal)
         requested = job_list.split(",")
@@ -776,8 +844,13 @@ class FakeFTS:
                         "CANCELED", CANCELED_REASON, _now_text(now)
             answers.append(dict(self._public(found), http_status="200 Ok", http_message=None))
         if len(requested) == 1 and answers:
-            return self._json(request, answers[0], int(answers[0]["http_status"][:3]))
-        errors = any(not a["http_status"].startswith("2") for a in answers)
+            (single,) = answers
+            if single["http_status"].startswith("304") and self.cancel_ended_http_304:
+                request.setResponseCode(304)
+                return b""
+            ended = single["http_status"].startswith(("200", "304"))  # FTS says 304 in a 200's body
+            return self._json(request, single, 200 if ended else int(single["http_status"][:3]))
+        errors = any(not a["http_status"].startswith(("2", "304")) for a in answers)
         return self._json(request, answers, 207 if errors else 200)
 
     # -- for tests in other processes ------------------------------------
@@ -788,7 +861,7 @@ class FakeFTS:
 
 
 class _Gate(resource.Resource):
-    """In front of the Klein app: counts requests, answers forced statuses, caps bodies."""
+    """In front of the Klein app, as Apache is: refuses over-long paths, counts requests, answers forced statuses."""
 
     isLeaf = True
 
@@ -800,6 +873,11 @@ class _Gate(resource.Resource):
     def render(self, request):
         path = request.path.decode("utf-8", "replace")
         method = request.method.decode("ascii", "replace")
+        if len(SCRIPT_PATH.encode()) + len(request.path) >= APACHE_PATH_LIMIT:
+            self.fake.requests["too long"] += 1
+            request.setResponseCode(404)
+            request.setHeader(b"Content-Type", b"text/html; charset=iso-8859-1")
+            return APACHE_NOT_FOUND
         if not path.startswith("/_fake/"):
             self.fake.requests[route_of(method, path)] += 1
             if self.fake.down is not None:
@@ -827,7 +905,8 @@ class ProxyAwareOptions(ssl.CertificateOptions):
 
 
 def server_tls_options(cert_path, key_path, client_ca_path=None):
-    """TLS options for the fake: our certificate, and client certificates required when client_ca_path."""
+    """TLS options for the fake: our certificate; with client_ca_path, client certificates from those CAs are
+    asked for and verified, but not required (Apache's SSLVerifyClient optional, as FTS runs it)."""
     from OpenSSL import crypto
 
     with open(cert_path, "rb") as handle:
@@ -844,7 +923,7 @@ def server_tls_options(cert_path, key_path, client_ca_path=None):
         blocks = pem_blocks(handle.read(), (b"CERTIFICATE",))
     cas = [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in blocks]
     return ProxyAwareOptions(privateKey=key, certificate=certificate, verify=True, caCerts=cas,
-                             requireCertificate=True, acceptableProtocols=protocols)
+                             requireCertificate=False, acceptableProtocols=protocols)
 
 
 class FakeFTSServer:
@@ -962,7 +1041,7 @@ class TestPKI:
         )
 
     def server_options(self):
-        """TLS options for a FakeFTSServer requiring client certificates from this CA."""
+        """TLS options for a FakeFTSServer asking for (not requiring) client certificates from this CA."""
         return server_tls_options(self.server_cert, self.server_key, self.ca)
 
 
@@ -976,15 +1055,16 @@ class Options(usage.Options):
     optParameters = [
         ["endpoint", "e", "tcp:8446:interface=127.0.0.1", "listen on this Twisted endpoint"],
         ["duration", "d", "0.5", "seconds each file takes"],
-        ["vo", None, "transferd", "the VO of every user (it seeds deterministic job ids)"],
+        ["vo", None, None, "the VO of every authenticated user (default: as FTS derives it; it seeds job ids)"],
         ["submit-delay", None, "0", "seconds to hold each successful POST /jobs answer (the job exists at once)"],
         ["tls-cert", None, None, "serve HTTPS with this certificate (PEM)"],
         ["tls-key", None, None, "... and this key (PEM)"],
-        ["client-ca", None, None, "require client certificates (X.509 auth) issued by these CAs (PEM)"],
+        ["client-ca", None, None, "accept client certificates (X.509 auth) issued by these CAs (PEM)"],
     ]
     optFlags = [
         ["copy", None, "really copy FINISHED files between the local paths of their URLs"],
         ["allow-local", None, "accept file:// URLs and plain paths (real FTS refuses them)"],
+        ["cancel-ended-http-304", None, "cancelling an ended job answers HTTP 304 without a body (older servers)"],
     ]
 
     def __init__(self):
@@ -1031,6 +1111,7 @@ def makeService(options):
         reactor, auth="x509" if options["client-ca"] else None, tokens=options["tokens"], vo=options["vo"],
         duration=options["duration"], fail=options["fail"], slow=options["slow"], copy=options["copy"],
         allow_local=options["allow-local"], submit_delay=options["submit-delay"],
+        cancel_ended_http_304=options["cancel-ended-http-304"],
     )
     site = server.Site(fake.resource())
     factory = site

@@ -43,8 +43,9 @@ every request seen (method, path, endpoint, Authorization header, JSON body,
 client certificate subject); ``token`` (when set) makes every API endpoint
 answer 401 without ``Authorization: Bearer <token>``; respond_next() and
 hang_next() force answers (a 503, no answer at all) for the next requests;
-forget(request_id) makes the server lose a request.  TestPKI makes a CA, a
-server certificate and a client certificate for HTTPS tests.
+forget(request_id) makes the server lose a request; stop() then start() make
+it go away and come back on the same port.  TestPKI makes a CA, a server
+certificate and a client certificate for HTTPS tests.
 """
 
 import collections
@@ -181,10 +182,13 @@ class FakeTapeRest(resource.Resource):
         """Recalls of this path end FAILED with error (requests made from now on)."""
         self._failures[path] = error
 
-    def respond_next(self, status, count=1, endpoint=None, title=None, detail=None):
-        """Answer status (problem+json) to the next count requests (for endpoint only, if given)."""
+    def respond_next(self, status, count=1, endpoint=None, title=None, detail=None, html=False):
+        """Answer status (problem+json) to the next count requests (for endpoint only, if given).
+
+        html: answer a web server's HTML error page instead, as a proxy in front of the API would.
+        """
         for _ in range(count):
-            self._forced.append([endpoint, status, title or f"forced {status}", detail or "forced by the test"])
+            self._forced.append([endpoint, status, title or f"forced {status}", detail or "forced by the test", html])
 
     def hang_next(self, count=1, endpoint=None):
         """Never answer the next count requests (for endpoint only, if given) until the server stops."""
@@ -231,6 +235,10 @@ class FakeTapeRest(resource.Resource):
                 if forced[1] is None:
                     self.hanging.append(request)
                     return server.NOT_DONE_YET
+                if forced[4]:
+                    request.setResponseCode(forced[1])
+                    request.setHeader("content-type", "text/html")
+                    return f"<html><body><h1>{forced[1]} {forced[2]}</h1></body></html>".encode()
                 return self._problem(request, Problem(forced[1], forced[2], forced[3]))
         try:
             if routing is not None:
@@ -435,8 +443,10 @@ class FakeTapeRestServer:
     Other keyword arguments go to FakeTapeRest.
     """
 
-    def __init__(self, reactor, clock=None, tls=None, require_client_certificate=False, **options):
+    def __init__(self, reactor, clock=None, tls=None, require_client_certificate=False, port=0, **options):
+        """port: 0 for a free one; after stop(), start() listens again on the same port."""
         self.reactor = reactor
+        self.port_number = port
         self.tape = FakeTapeRest(clock if clock is not None else reactor, **options)
         self._connections = TrackingFactory(QuietSite(self.tape))
         self.tls = tls
@@ -447,11 +457,12 @@ class FakeTapeRestServer:
     async def start(self):
         """Listen; fire with the site URL (no trailing slash)."""
         if self.tls is not None:
-            endpoint = SSL4ServerEndpoint(self.reactor, 0, self.tls.server_options(self.require_client_certificate),
-                                          interface="127.0.0.1")
+            endpoint = SSL4ServerEndpoint(self.reactor, self.port_number,
+                                          self.tls.server_options(self.require_client_certificate), interface="127.0.0.1")
         else:
-            endpoint = TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
+            endpoint = TCP4ServerEndpoint(self.reactor, self.port_number, interface="127.0.0.1")
         self.port = await endpoint.listen(self._connections)
+        self.port_number = self.port.getHost().port
         scheme = "https" if self.tls is not None else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port.getHost().port}"
         self.tape.base_url = self.url

@@ -10,6 +10,9 @@
     crl = make_crl(ca, revoked=[user])             # the CA's revocation list
     write_ca_dir(directory, cas=[ca], crls=[crl])  # <hash>.0 and <hash>.r0, as fetch-crl leaves them
     forged = make_forged_proxy(other_user, user)   # claims user's name, signed with other_user's key
+    voms = make_voms_server(ca, "voms.example.org")               # a VOMS server's host certificate
+    vproxy = make_voms_proxy(user, voms, "meerkat", ["/meerkat/Role=production/Capability=NULL"])
+    write_voms_dir(directory, {"meerkat": [voms]})                # vomsdir/meerkat/<host>.pem
 
 Everything is made in memory with `cryptography`; nothing here is fit for
 anything but tests (keys are unencrypted, the CA is trusted by nobody).
@@ -23,9 +26,13 @@ from typing import List, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pyasn1.codec.der import decoder, encoder
+from pyasn1.type import univ, useful
+from pyasn1_modules import rfc5280, rfc5755
 
+from transferd.auth import voms as vomslib
 from transferd.fts import delegation
 
 _UTC = datetime.timezone.utc
@@ -389,3 +396,118 @@ def write_credentials(
         paths.host_cert = _write(os.path.join(directory, "hostcert.pem"), host.cert_pem + host.chain_pem)
         paths.host_key = _write(os.path.join(directory, "hostkey.pem"), host.key_pem, private=True)
     return paths
+
+
+# -- VOMS -------------------------------------------------------------------------
+
+
+def make_voms_server(ca: Credential, hostname: str = "voms.example.org", key_kind: str = "rsa", now=None):
+    """A VOMS server's certificate (a host certificate signed by ca): its key signs attribute certificates."""
+    return make_host(ca, hostname, key_kind=key_kind, now=now)
+
+
+def _general_names(**names):
+    sequence = rfc5280.GeneralNames()
+    for kind, value in names.items():
+        name = rfc5280.GeneralName()
+        if kind == "directoryName":
+            rdns, _ = decoder.decode(value.public_bytes(), asn1Spec=rfc5280.Name())
+            name["directoryName"]["rdnSequence"] = rdns["rdnSequence"]
+        else:
+            name[kind] = value
+        sequence.append(name)
+    return sequence
+
+
+def make_attribute_certificate(voms: Credential, holder: Credential, vo: str, fqans, lifetime_seconds=12 * 3600,
+                               now=None, signer_key=None) -> bytes:
+    """A VOMS attribute certificate (DER) for holder's certificate, issued in voms's name.
+
+    It is signed with voms's key, or with signer_key (a forgery).  now: the
+    start of its validity minus 5 minutes, as for the certificates here;
+    pass a now in the past for an expired AC.
+    """
+    not_before, not_after = _window(now, lifetime_seconds)
+    info = rfc5755.AttributeCertificateInfo()
+    info["version"] = 1  # v2
+    info["holder"]["baseCertificateID"]["issuer"] = _general_names(directoryName=holder.cert.issuer)
+    info["holder"]["baseCertificateID"]["serial"] = holder.cert.serial_number
+    info["issuer"]["v2Form"]["issuerName"] = _general_names(directoryName=voms.cert.subject)
+    key = signer_key or voms.key
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        algorithm = "1.2.840.10045.4.3.2"
+    else:
+        algorithm = "1.2.840.113549.1.1.11"
+    info["signature"]["algorithm"] = univ.ObjectIdentifier(algorithm)
+    info["serialNumber"] = x509.random_serial_number()
+    info["attrCertValidityPeriod"]["notBeforeTime"] = useful.GeneralizedTime(not_before.strftime("%Y%m%d%H%M%SZ"))
+    info["attrCertValidityPeriod"]["notAfterTime"] = useful.GeneralizedTime(not_after.strftime("%Y%m%d%H%M%SZ"))
+    host = voms.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    syntax = rfc5755.IetfAttrSyntax()
+    authority = rfc5280.GeneralName()
+    authority["uniformResourceIdentifier"] = f"{vo}://{host}:15000"
+    syntax["policyAuthority"].append(authority)
+    for fqan in fqans:
+        value = syntax["values"].componentType.clone()
+        value["octets"] = fqan.encode()
+        syntax["values"].append(value)
+    attribute = rfc5755.Attribute()
+    attribute["type"] = vomslib.VOMS_ATTRIBUTE
+    attribute["values"].append(univ.Any(encoder.encode(syntax)))
+    info["attributes"].append(attribute)
+    signed = encoder.encode(info)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        signature = key.sign(signed, ec.ECDSA(hashes.SHA256()))
+    else:
+        signature = key.sign(signed, padding.PKCS1v15(), hashes.SHA256())
+    certificate = rfc5755.AttributeCertificate()
+    certificate["acinfo"] = info
+    certificate["signatureAlgorithm"]["algorithm"] = univ.ObjectIdentifier(algorithm)
+    certificate["signatureValue"] = univ.BitString.fromOctetString(signature)
+    return encoder.encode(certificate)
+
+
+def make_voms_proxy(user: Credential, voms: Credential, vo: str = "meerkat", fqans=("/meerkat",),
+                    ac_lifetime_seconds=12 * 3600, lifetime_seconds=12 * 3600, key_kind="rsa", now=None,
+                    ac_now=None, signer_key=None, acs=None):
+    """An RFC 3820 proxy of user carrying a VOMS extension, as voms-proxy-init makes it.
+
+    The extension holds one AC from voms for fqans (ac_lifetime_seconds from
+    ac_now, signed by signer_key if given), or the given acs (DER list).
+    """
+    if acs is None:
+        acs = [make_attribute_certificate(voms, user, vo, fqans, ac_lifetime_seconds, now=ac_now or now,
+                                          signer_key=signer_key)]
+    outer = vomslib._ACs()
+    inner = outer.componentType.clone()
+    for der in acs:
+        inner.append(univ.Any(der))
+    outer.append(inner)
+    plain = make_proxy(user, lifetime_seconds=lifetime_seconds, key_kind=key_kind, now=now)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(plain.cert.subject)
+        .issuer_name(plain.cert.issuer)
+        .public_key(plain.key.public_key())
+        .serial_number(plain.cert.serial_number)
+        .not_valid_before(plain.cert.not_valid_before_utc)
+        .not_valid_after(plain.cert.not_valid_after_utc)
+        .add_extension(x509.UnrecognizedExtension(vomslib.VOMS_EXTENSION, encoder.encode(outer)), critical=False)
+    )
+    for extension in plain.cert.extensions:
+        builder = builder.add_extension(extension.value, critical=extension.critical)
+    return Credential(builder.sign(user.key, hashes.SHA256()), plain.key, plain.chain)
+
+
+def write_voms_dir(directory: str, servers) -> str:
+    """Write VOMS server certificates in the vomsdir layout: {vo: [Credential]} -> directory/<vo>/<CN>.pem.
+
+    The key None puts the certificates directly in directory (trusted for any VO).
+    """
+    for vo, credentials in servers.items():
+        folder = os.path.join(directory, vo) if vo else directory
+        os.makedirs(folder, exist_ok=True)
+        for credential in credentials:
+            host = credential.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+            _replace(os.path.join(folder, host + ".pem"), credential.cert_pem)
+    return directory
