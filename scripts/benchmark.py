@@ -339,10 +339,13 @@ class CPUMeter:
     simply not shown.
     """
 
+    # The servers' ports on this host (main() sets them from --mysql-url and --amqp-url).
+    server_ports = {"mariadb": 3306, "rabbitmq": 5672}
+
     def __init__(self, daemon_pid, **others):
         self.pids = {"daemon": daemon_pid, "loadgen": os.getpid(), **others}
-        for name, commands in (("mariadb", ("mariadbd", "mysqld")), ("rabbitmq", ("beam.smp",))):
-            pid = _find_process(commands)
+        for name, port in self.server_ports.items():
+            pid = _listening_process(port)
             if pid is not None:
                 self.pids[name] = pid
 
@@ -356,12 +359,21 @@ class CPUMeter:
         return {name: end[name] - start[name] for name in start}, t1 - t0
 
 
-def _find_process(commands):
+def _listening_process(port):
+    """The process listening on TCP port here (not another server of the same name, e.g. a test's), or None."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as handle:
+            for line in list(handle)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as handle:
-                if handle.read().strip() in commands:
-                    return int(entry)
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{entry}/fd"):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                        return int(entry)
     return None
 
 
@@ -1181,8 +1193,8 @@ listing                              requests  p50 ms  p90 ms  p99 ms  daemon CP
               f" {load.percentile(99):7.2f} {load.daemon_ms:18.2f}      {_cpu(load.cpu_percent, ('daemon', 'mariadb'))}"
               f"  {met}")
     print("\nEXPLAIN of the statements behind them (the store's list_query, limit 101):")
-    print("  (a deferred join: the subquery picks the page's ids from an index, then 101 rows come by primary key;"
-          " its plan:)")
+    print("  (a deferred join: the subquery picks the page's rows from an index, then reads the 101 rows by seq,"
+          " the primary key; its plan:)")
     for label, rows in plans:
         for row in rows:
             if row["select_type"] == "DERIVED":
@@ -1322,8 +1334,8 @@ def parse_args(argv):
     parser.add_argument("--e2e-jobs", type=int, help="jobs per end-to-end run (default 2000, --quick 300)")
     parser.add_argument("--rss-jobs", type=int, help="jobs TRANSFERRING for the memory figure (default 10000)")
     parser.add_argument("--pool-max", type=int, help="give the daemon this MySQL pool_max (default: its own default)")
-    parser.add_argument("--mysql-url", default=MYSQL_URL, help=f"the MySQL server, without a database ({MYSQL_URL})")
-    parser.add_argument("--amqp-url", default=AMQP_URL, help=f"the RabbitMQ server ({AMQP_URL})")
+    parser.add_argument("--mysql-url", default=MYSQL_URL, help=f"the MySQL server, without a database ({MYSQL_URL})".replace("%", "%%"))
+    parser.add_argument("--amqp-url", default=AMQP_URL, help=f"the RabbitMQ server ({AMQP_URL})".replace("%", "%%"))
     parser.add_argument("--keep-workdir", action="store_true", help="keep the daemons' configs and logs")
     return parser.parse_args(argv)
 
@@ -1386,6 +1398,8 @@ def main(argv=None):
     if args.rss_jobs:
         work["rss"] = args.rss_jobs
     sections = args.only or SECTIONS
+    CPUMeter.server_ports = {"mariadb": urlsplit(args.mysql_url).port or 3306,
+                             "rabbitmq": urlsplit(args.amqp_url).port or 5672}
     # Clean up on Ctrl-C and SIGTERM, even when started in the background (where SIGINT starts ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

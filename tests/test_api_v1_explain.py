@@ -79,6 +79,7 @@ class ExplainTests(unittest.TestCase):
         """A STAGING job says whether a worker stages it, the stager has it, the stager is retried, or it timed out."""
         job_id = yield self.new()
         yield self.store.take_lease(job_id, [jobs.SUBMITTED], "worker-1", 30)
+        self.assertEqual((yield self.waiting(job_id)), {"reason": "staging_starting", "message": "being handed to the stager"})
         yield self.move(job_id, jobs.STAGING, hold=leases.worker("worker-1", 30), fields={"stage_attempts": 1})
         self.assertEqual((yield self.waiting(job_id)), {"reason": "staging", "message": "staging attempt 1 of 3 in progress"})
         yield self.store.end_lease(job_id, "worker-1", then=leases.waiting(3600))

@@ -191,6 +191,30 @@ class PrototypeUpgradeTests(StoreFixture, unittest.TestCase):
         self.assertSchemaUpgraded()
         await self.assertFullLifeCycle(store)
 
+    async def test_fresh_database_has_the_upgraded_schema(self):
+        """A database transferd creates and one it upgraded from the prototype end with the same keys and columns."""
+        self.fresh_url()
+        store = self.open()
+        self.assertEqual(await store.migrate(), CURRENT)
+        self.assertSchemaUpgraded()
+        await self.assertFullLifeCycle(store)
+
+    async def test_version_3_database_rekeyed_and_reindexed(self):
+        """A database at schema version 3 (job_id the primary key, listing indexes without it) gets version 4."""
+        self.fresh_url()
+        store = self.open()
+        await store.migrate()
+        job = a_job()
+        await store.create(job)
+        self.sql("ALTER TABLE jobs DROP PRIMARY KEY, DROP INDEX jobs_key, DROP COLUMN seq, ADD PRIMARY KEY (job_id),"
+                 " DROP INDEX jobs_label, ADD INDEX jobs_label (label, time_submitted)")
+        self.sql("UPDATE schema_version SET version = 3")
+        upgraded = self.open()
+        self.assertEqual(await upgraded.migrate(), CURRENT)
+        self.assertSchemaUpgraded()
+        self.assertEqual((await upgraded.get(job.job_id)).product_id, job.product_id)
+        await self.assertFullLifeCycle(upgraded)
+
     async def assertFullLifeCycle(self, store):
         """New jobs go through every state, with every time column, on the upgraded table."""
         job = a_job(product_id="new-\u6f22")
@@ -224,7 +248,15 @@ class PrototypeUpgradeTests(StoreFixture, unittest.TestCase):
                 " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'jobs'"
             )
         )
-        self.assertEqual(set(columns), set(jobs.COLUMNS))
+        self.assertEqual(set(columns), set(jobs.COLUMNS) | {"seq"})
+        # Rows stored in the order they arrived (schema version 4); job_id stays unique.
+        keys = {(name, column) for name, column in self.sql(
+            "SELECT INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'jobs' AND NON_UNIQUE = 0")}
+        self.assertEqual(keys, {("PRIMARY", "seq"), ("jobs_key", "job_id")})
+        label = self.sql("SELECT COLUMN_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()"
+                         " AND TABLE_NAME = 'jobs' AND INDEX_NAME = 'jobs_label' ORDER BY SEQ_IN_INDEX")
+        self.assertEqual([name for (name,) in label], ["label", "time_submitted", "job_id"])
         self.assertEqual(columns["status"], "varchar(16)")
         self.assertEqual(columns["stager_callback"], "varchar(64)")
         for name in jobs.TIME_COLUMN.values():

@@ -531,6 +531,8 @@ class APIv1:
         if job.status == jobs.STAGED and not worked and not waits:
             ahead = await self._ahead(jobs.STAGED, "time_updated", job.time_updated)
             return _why("queued", f"queued for transfer: {ahead} job(s) ahead"), ahead
+        if job.status == jobs.SUBMITTED and worked:
+            return _why("staging_starting", "being handed to the stager"), None
         if job.status in (jobs.SUBMITTED, jobs.STAGING):
             return self._staging(job, now, worked, waits), None
         if job.status == jobs.STAGED:

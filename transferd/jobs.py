@@ -8,6 +8,7 @@ timestamp column; the column names are the prototype's (docs/architecture.md,
 
 import dataclasses
 import json
+import operator
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Optional
@@ -162,25 +163,29 @@ class Job:
 
     def public_view(self, v1=False) -> dict[str, Any]:
         """The job as /transferStatus shows it (v1: as the v1 API does): every non-null field but the hidden ones."""
+        names, values = (V1_VIEW, _V1_VALUES) if v1 else (VIEW, _VALUES)
         view = {}
-        for name in V1_VIEW if v1 else VIEW:  # precomputed: the v1 API streams views by the hundred thousand
-            value = getattr(self, name)
+        # One attrgetter call and set lookups: the v1 API streams views by the hundred thousand.
+        for name, value in zip(names, values(self)):
             if value is None:
                 continue
-            if name == "stager_path" and self.time_copy_freed is not None:
-                continue  # the copy is gone: the path would point at nothing
-            if isinstance(value, datetime):
-                value = value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-            elif name in ("staged_files", "metadata"):
+            if name in TIME_FIELDS:
+                value = value.isoformat().replace("+00:00", "Z")  # stored and read as UTC
+            elif name in JSON_FIELDS:
                 value = json.loads(value)
             view[name] = value
+        if self.time_copy_freed is not None:
+            view.pop("stager_path", None)  # the copy is gone: the path would point at nothing
         return view
 
 
 COLUMNS = tuple(field.name for field in dataclasses.fields(Job))
+TIME_FIELDS = frozenset(field.name for field in dataclasses.fields(Job) if field.type == Optional[datetime])
+JSON_FIELDS = frozenset({"staged_files", "metadata"})  # kept as JSON text, shown as JSON
 # The fields public_view shows, in order: /transferStatus's, and the v1 API's.
 V1_VIEW = tuple(name for name in COLUMNS if name not in HIDDEN_FIELDS)
 VIEW = tuple(name for name in V1_VIEW if name not in V1_FIELDS)
+_V1_VALUES, _VALUES = operator.attrgetter(*V1_VIEW), operator.attrgetter(*VIEW)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -166,6 +166,15 @@ def _has_index(cursor, table, index):
     return cursor.fetchone()[0] > 0
 
 
+def _index_columns(cursor, table, index):
+    cursor.execute(
+        "SELECT COLUMN_NAME FROM information_schema.STATISTICS"
+        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s AND INDEX_NAME = %s ORDER BY SEQ_IN_INDEX",
+        (table, index),
+    )
+    return [row[0].lower() for row in cursor.fetchall()]
+
+
 def _ensure_jobs_table(cursor):
     """Migration 1: create the jobs table, or bring the prototype's (or a half-migrated one) into shape.
 
@@ -261,6 +270,16 @@ def _migration(version):
                 cursor.execute(f"ALTER TABLE {table.name} " + ", ".join(missing))
         for table, column in schema.retyped(version):
             _retype(cursor, table, column)
+        for table, index in schema.redefined(version):
+            if _index_columns(cursor, table.name, index.name) != list(index.columns):
+                cursor.execute(f"ALTER TABLE {table.name} DROP INDEX {index.name},"
+                               f" ADD INDEX {index.name} ({', '.join(index.columns)})")
+        for table in schema.rekeyed(version):
+            if table.row_key.name not in _columns(cursor, table.name):
+                # One statement: it rebuilds the table once, numbering the existing rows in key order.
+                cursor.execute(f"ALTER TABLE {table.name} ADD COLUMN {table.row_key.name}"
+                               f" {schema.KINDS['serial']['mysql']} FIRST, DROP PRIMARY KEY,"
+                               f" ADD PRIMARY KEY ({table.row_key.name}), ADD {table.unique_key()}")
         for table in {table for table, _index in indexed}:
             _create_indexes(cursor, table, version)
         for fill in schema.BACKFILLS.get(version, ()):
@@ -274,6 +293,7 @@ class MySQLJobStore(SQLJobStore):
 
     log = Logger()
     placeholder = "%s"
+    row_locator = schema.JOBS.row_key.name  # the primary key since version 4: rows in the order they came
     skip_locked = " FOR UPDATE SKIP LOCKED"  # MariaDB 10.6+, MySQL 8.0+
     # Version 1 creates the jobs table or upgrades the prototype's in place.
     migrations = [

@@ -57,6 +57,16 @@ class Index:
     name: str
     columns: tuple
     since: int = 1
+    redefined: int = None  # the version that gave the index its columns (it is dropped and made again)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowKey:
+    """A hidden serial column that orders a MySQL table's rows by insertion (InnoDB stores rows in primary key
+    order); the table's key becomes a unique index.  SQLite keeps rows in rowid order already."""
+
+    name: str
+    since: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +76,7 @@ class Table:
     key: tuple = ()
     indexes: tuple = ()
     since: int = 1
+    row_key: RowKey = None
 
     def column(self, name):
         return next(column for column in self.columns if column.name == name)
@@ -79,12 +90,22 @@ class Table:
     def create(self, dialect, version, if_missing=False):
         """CREATE TABLE as of schema version (the columns it had then; indexes are separate statements)."""
         lines = [f"    {c.name} {c.definition(dialect, version)}" for c in self.columns if c.since <= version]
-        if self.key and not (dialect == "sqlite" and self.column(self.key[0]).kind == "serial"):
+        if self.clustered(dialect, version):
+            lines.insert(0, f"    {self.row_key.name} {KINDS['serial']['mysql']}")
+            lines += [f"    PRIMARY KEY ({self.row_key.name})", f"    {self.unique_key()}"]
+        elif self.key and not (dialect == "sqlite" and self.column(self.key[0]).kind == "serial"):
             lines.append(f"    PRIMARY KEY ({', '.join(self.key)})")
         sql = f"CREATE TABLE {'IF NOT EXISTS ' if if_missing else ''}{self.name} (\n" + ",\n".join(lines) + "\n)"
         if dialect == "mysql":
             sql += " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
         return sql
+
+    def clustered(self, dialect, version):
+        """Whether the table, in dialect as of version, is ordered by its row_key rather than by its key."""
+        return dialect == "mysql" and self.row_key is not None and version >= self.row_key.since
+
+    def unique_key(self):
+        return f"UNIQUE KEY {self.name}_key ({', '.join(self.key)})"
 
     def create_index(self, index):
         return f"CREATE INDEX {index.name} ON {self.name} ({', '.join(index.columns)})"
@@ -131,16 +152,21 @@ JOBS = Table(
         Column("time_copy_freed", "time", since=3),  # when the ended job's staged copy was freed (stager_path is then gone)
     ),
     key=("job_id",),
+    # Listing indexes end with the listing order (time_submitted, job_id), so a page comes off one of them in
+    # order: since version 4 InnoDB no longer appends job_id to every index by itself (see row_key).
+    # Version 4: on MySQL, rows in the order jobs arrive, so the page of a listing (jobs submitted one after
+    # the other) lies on a few pages of the table instead of one page per job (job ids are random).
+    row_key=RowKey("seq", since=4),
     indexes=(
         Index("jobs_status_lease", ("status", "lease_until")),
         Index("jobs_status_poll", ("status", "poll_until"), since=2),
         Index("jobs_submitted", ("time_submitted", "job_id"), since=3),
-        Index("jobs_status_submitted", ("status", "time_submitted"), since=3),
-        Index("jobs_submitter_submitted", ("submitter", "time_submitted"), since=3),
-        Index("jobs_submitter_status", ("submitter", "status", "time_submitted"), since=3),  # "my jobs in state X"
-        Index("jobs_product", ("product_id", "time_submitted"), since=3),
-        Index("jobs_label", ("label", "time_submitted"), since=3),
-        Index("jobs_destination_host", ("destination_host", "time_submitted"), since=3),
+        Index("jobs_status_submitted", ("status", "time_submitted", "job_id"), since=3, redefined=4),
+        Index("jobs_submitter_submitted", ("submitter", "time_submitted", "job_id"), since=3, redefined=4),
+        Index("jobs_submitter_status", ("submitter", "status", "time_submitted", "job_id"), since=3, redefined=4),  # "my jobs in state X"
+        Index("jobs_product", ("product_id", "time_submitted", "job_id"), since=3, redefined=4),
+        Index("jobs_label", ("label", "time_submitted", "job_id"), since=3, redefined=4),
+        Index("jobs_destination_host", ("destination_host", "time_submitted", "job_id"), since=3, redefined=4),
         Index("jobs_status_updated", ("status", "time_updated"), since=3),
         Index("jobs_updated", ("time_updated",), since=3),
     ),
@@ -194,7 +220,8 @@ PROTOTYPE_COLUMNS = (
     "time_success",
 )  # fmt: skip
 
-LATEST = max(item.since for table in TABLES for item in (table, *table.columns, *table.indexes))
+LATEST = max(item.since for table in TABLES
+             for item in (table, *table.columns, *table.indexes, *filter(None, [table.row_key])))
 
 assert {column.name for column in JOBS.columns} == set(jobs.COLUMNS), "the Job fields are the jobs columns"
 
@@ -205,6 +232,16 @@ def changes(version):
     added = [(table, column) for table in TABLES if table.since < version for column in table.columns_since(version)]
     indexed = [(table, index) for table in TABLES for index in table.indexes if index.since == version]
     return created, added, indexed
+
+
+def redefined(version):
+    """(table, index) pairs whose columns change in version."""
+    return [(table, index) for table in TABLES for index in table.indexes if index.redefined == version]
+
+
+def rekeyed(version):
+    """Tables that get their row_key in version (MySQL only)."""
+    return [table for table in TABLES if table.row_key is not None and table.row_key.since == version]
 
 
 def retyped(version):
@@ -250,6 +287,8 @@ def sqlite_migrations():
         steps += [f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.definition('sqlite')}"
                   for table, column in added]
         steps += [table.create_index(index) for table, index in indexed]
+        for table, index in redefined(version):
+            steps += [f"DROP INDEX IF EXISTS {index.name}", table.create_index(index)]
         steps += [lambda cursor, fill=fill: fill(cursor, "?") for fill in BACKFILLS.get(version, ())]
         migrations.append(steps)
     return migrations

@@ -68,7 +68,7 @@ class DatabaseUnavailable(StoreUnavailable):
 class SQLJobStore(Service):
     """A JobStore over an adbapi ConnectionPool.
 
-    Subclasses set `placeholder`, `migrations` (a list of lists of statements,
+    Subclasses set `placeholder`, `row_locator` (the column that says where a row is stored), `migrations` (a list of lists of statements,
     migration N bringing the schema to version N; a statement may also be a
     callable(cursor), for steps that must inspect the schema first) and may override
     `_time_to_db`, `_time_from_db` and `_run` (to retry lost connections).
@@ -76,6 +76,7 @@ class SQLJobStore(Service):
 
     log = Logger()
     placeholder = "?"
+    row_locator = "rowid"  # SQLite keeps a table's rows in rowid order: the order they were inserted
     migrations: list = []
     # Appended to take_for_polling's SELECT where the database can skip rows that
     # another poller's transaction has locked, so concurrent pollers pick
@@ -263,11 +264,13 @@ class SQLJobStore(Service):
                 clauses.append("(time_submitted < ? OR (time_submitted = ? AND job_id < ?) OR time_submitted IS NULL)")
                 params += [moment, moment, job_id]
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        # A deferred join: the page's ids come from an index alone, then their rows by primary key.  Asked for
-        # whole rows at once, MariaDB walks the status index from the newest job and reads every row it passes.
+        # A deferred join: the page's rows are picked from an index alone, then read by where they are stored
+        # (row_locator: jobs submitted together lie together).  Asked for whole rows at once, MariaDB walks the
+        # status index from the newest job and reads every row it passes.
         return self._sql(
-            SELECT_PAGE + f" JOIN (SELECT job_id FROM jobs{where} ORDER BY time_submitted DESC, job_id DESC LIMIT ?)"
-            " page ON page.job_id = jobs.job_id ORDER BY jobs.time_submitted DESC, jobs.job_id DESC"
+            SELECT_PAGE + f" JOIN (SELECT {self.row_locator} AS locator FROM jobs{where}"
+            f" ORDER BY time_submitted DESC, job_id DESC LIMIT ?) page ON page.locator = jobs.{self.row_locator}"
+            " ORDER BY jobs.time_submitted DESC, jobs.job_id DESC"
         ), (*params, limit)
 
     def _filter(self, job_filter):
