@@ -10,6 +10,7 @@ one run rather than absolute rates across runs.
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import datetime
 import json
@@ -18,6 +19,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,7 +65,9 @@ FULL = dict(rounds=3, submit={1: 400, 16: 2000, 64: 3000}, probe={1: 500, 16: 20
             e2e=2000, prefetch=(8, 32), rss=10_000, batches=200, list=1000)
 QUICK = dict(rounds=1, submit={1: 100, 16: 400, 64: 640}, probe={1: 100, 16: 400, 64: 640}, status=400,
              e2e=300, prefetch=(32,), rss=3000, batches=40, list=200)
-SECTIONS = ("backends", "e2e", "rss", "v1")
+SECTIONS = ("backends", "e2e", "rss", "v1", "events")
+EVENTS_GOAL = 0.90  # jobs/s with events on, as a share of jobs/s with events off
+EVENTS_PREFETCH = 32
 
 
 # -- the backends -------------------------------------------------------------
@@ -168,7 +172,7 @@ class Daemon:
     """
 
     def __init__(self, workdir, backends, pool_max=None, prefetch=1, stager_delay=3600, fts=None, reconciler=None,
-                 schemes="file"):
+                 schemes="file", extra=None):
         self.workdir = workdir
         self.port = _free_port()
         self.logfile = os.path.join(workdir, "transferd.log")
@@ -204,6 +208,8 @@ class Daemon:
             # The fake FTS does not copy (no --copy): the source and destination URLs are only recorded.
             sections["fts"] = {"endpoint": fake.url, "auth": "token", "token_file": token_file,
                                "source_template": "gsiftp://{staged_to}{path}", **settings}
+        for section, values in (extra or {}).items():  # e.g. [events] for the events section
+            sections.setdefault(section, {}).update(values)
         _write_config(self.config, sections)
         self.process = None
 
@@ -835,7 +841,7 @@ def fts_requests(daemon, count, prefix):
     ]
 
 
-def start_with_fts(args, stack, workdir, duration, prefetch, fts_settings):
+def start_with_fts(args, stack, workdir, duration, prefetch, fts_settings, extra=None):
     """A fresh database and queue prefix, the fake FTS and transferd on them; the stack undoes all three."""
     backends = Backends(args.mysql_url, args.amqp_url)
     stack.callback(backends.close)
@@ -844,7 +850,7 @@ def start_with_fts(args, stack, workdir, duration, prefetch, fts_settings):
     fake.start()
     # transferd's own reconciler settings (interval 30 s, lease 30 s, requeue_after 300 s).
     daemon = Daemon(workdir, backends, args.pool_max, prefetch=prefetch, stager_delay=0,
-                    fts=(fake, fts_settings), reconciler={})
+                    fts=(fake, fts_settings), reconciler={}, extra=extra(backends) if extra else None)
     stack.callback(daemon.stop)
     stack.callback(step, f"stopping the daemon and the fake FTS, dropping database {backends.database}")
     daemon.start()
@@ -870,12 +876,15 @@ WAITS = (  # (label, from column, to column) of the end-to-end wait figures
 )
 
 
-def end_to_end(args, work, root, prefetch):
-    """Jobs per second from the first submission to the last SUCCESS: local stager, fake FTS finishing at once."""
+def end_to_end(args, work, root, prefetch, extra=None, label="", after=None):
+    """Jobs per second from the first submission to the last SUCCESS: local stager, fake FTS finishing at once.
+
+    extra(backends) -> more config sections; after(result, backends) runs before the daemon stops.
+    """
     count = work["e2e"]
     with contextlib.ExitStack() as stack:
-        workdir = os.path.join(root, f"e2e-prefetch-{prefetch}")
-        backends, fake, daemon = start_with_fts(args, stack, workdir, 0, prefetch, E2E_FTS)
+        workdir = os.path.join(root, f"e2e-prefetch-{prefetch}{label}")
+        backends, fake, daemon = start_with_fts(args, stack, workdir, 0, prefetch, E2E_FTS, extra)
         watch = Watch(backends)
         stack.callback(watch.close)
         meter = CPUMeter(daemon.process.pid, fakefts=fake.process.pid)
@@ -902,8 +911,9 @@ def end_to_end(args, work, root, prefetch):
         times = {column: [_epoch(row[i]) for row in rows] for i, column in enumerate(columns)}
         end = max(times["time_success"])
         waits = {label: sorted(b - a for a, b in zip(times[first], times[then])) for label, first, then in WAITS}
-        return types.SimpleNamespace(
-            prefetch=prefetch, count=count, rate=count / (end - start), submit_rate=count / submit_wall,
+        result = types.SimpleNamespace(
+            prefetch=prefetch, count=count, warm=warm, start=start, end=end, rate=count / (end - start),
+            submit_rate=count / submit_wall,
             submit_wall=submit_wall, elapsed=end - start,
             last={state: max(times[column]) - start for state, column in
                   (("STAGED", "time_staged"), ("TRANSFERRING", "time_transferring"), ("SUCCESS", "time_success"))},
@@ -912,6 +922,117 @@ def end_to_end(args, work, root, prefetch):
             log_lines=(daemon.log_lines() - lines) / count,
             fts={key: fts_after.get(key, 0) - fts_before.get(key, 0) for key in ("POST /jobs", "GET /jobs/{ids}")},
         )
+        if after is not None:
+            after(result, backends)
+        return result
+
+
+# -- events: webhooks and AMQP events on and off ------------------------------------------
+
+
+class WebhookSink:
+    """A webhook receiver in a thread: answers 204 at once, keeps each webhook-id and when it first arrived."""
+
+    def __init__(self):
+        import http.server
+
+        sink = self
+        self.first_seen = {}
+        self.lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # connections kept open, as a production receiver does
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with sink.lock:
+                    sink.first_seen.setdefault(self.headers.get("webhook-id"), time.time())
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 128  # the daemon opens up to 32 connections at once
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def events_benchmark(args, work, root):
+    """Section 8: end to end with events off, then on (one webhook subscriber, AMQP events), alternating."""
+    sink = WebhookSink()
+    secret = os.path.join(root, "webhook.secret")
+    with open(secret, "w") as handle:
+        handle.write("whsec_" + base64.b64encode(os.urandom(32)).decode() + "\n")
+    exchange = f"bench-events-{uuid.uuid4().hex[:8]}"
+    queue = f"{exchange}.all"
+    connection = amqp_connect(args.amqp_url)  # closed at once: an idle blocking connection misses its heartbeats
+    channel = connection.channel()
+    channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+    channel.queue_declare(queue, durable=True)
+    channel.queue_bind(queue, exchange, routing_key="job.#")
+    connection.close()
+    events_on = {"events": {"subscribers": f"bench {sink.url} {secret}", "exchange": exchange}}
+    events_off = {"events": {"amqp": "false"}}
+    results = []
+
+    def webhooks_done(result, backends):
+        """Wait for this run's SUCCESS webhooks (warm-up included); note when the last arrived."""
+        expected = result.warm + result.count
+        wait_until(lambda: sum(1 for moment in sink.first_seen.values() if moment >= result.start - 60) >= expected,
+                   "every SUCCESS webhook", 120)
+        result.webhook_lag = max(sink.first_seen.values()) - result.end
+
+    try:
+        for round_number in range(2):
+            for mode, extra in (("off", events_off), ("on", events_on)):
+                sink.first_seen.clear()
+                step(f"events {mode}, round {round_number + 1}")
+                result = end_to_end(args, work, root, EVENTS_PREFETCH, extra=lambda backends, extra=extra: extra,
+                                    label=f"-events-{mode}-{round_number}",
+                                    after=webhooks_done if mode == "on" else None)
+                result.mode = mode
+                result.webhooks = len(sink.first_seen)
+                results.append(result)
+                step(f"events {mode}: {result.rate:.1f} jobs/s, {result.webhooks} webhooks")
+        connection = amqp_connect(args.amqp_url)
+        amqp_messages = connection.channel().queue_declare(queue, passive=True).method.message_count
+        connection.close()
+    finally:
+        sink.stop()
+        with contextlib.suppress(Exception):
+            connection = amqp_connect(args.amqp_url)
+            channel = connection.channel()
+            channel.queue_delete(queue)
+            channel.exchange_delete(exchange)
+            connection.close()
+    report_events(results, amqp_messages)
+
+
+def report_events(results, amqp_messages):
+    _heading(f"8. Events: end to end with one webhook subscriber and AMQP events on, vs off, in one run"
+             f" (goal: on >= {EVENTS_GOAL:.0%} of off)")
+    print("""   as section 4 at prefetch 32; off: no subscriber, [events] amqp = false (the outbox rows are still written:
+   they are part of each transition); on: one subscriber for the terminal states (a local HTTP receiver answering
+   204 at once), every state published to a topic exchange with a durable queue bound to job.#
+mode  round  jobs  jobs/s  daemon CPU ms/job  CPU% dmn   db   mq | webhooks  last webhook after last SUCCESS s""")
+    for number, r in enumerate(results):
+        lag = f"{r.webhook_lag:8.2f}" if r.mode == "on" else "       -"
+        print(f"{r.mode:4s} {number // 2 + 1:6d} {r.count:5d} {r.rate:7.1f} {r.daemon_ms:18.2f}"
+              f"      {_cpu(r.cpu_percent, ('daemon', 'mariadb', 'rabbitmq'))} | {r.webhooks:8d}  {lag}")
+    off = statistics.mean(r.rate for r in results if r.mode == "off")
+    on = statistics.mean(r.rate for r in results if r.mode == "on")
+    print(f"\nMean jobs/s: off {off:.1f}, on {on:.1f}: on/off = {on / off:.3f} ({(1 - on / off):+.1%} fewer jobs/s;"
+          f" goal at most {1 - EVENTS_GOAL:.0%}). AMQP messages in the bound queue: {amqp_messages}"
+          f" (expected {sum(5 * (r.count + r.warm) for r in results if r.mode == 'on')}).", flush=True)
 
 
 def daemon_memory(args, work, root):
@@ -1141,6 +1262,28 @@ def explain_list_queries(backends):
     return plans
 
 
+def time_job_counts(backends, runs=5):
+    """/metrics' jobs-by-state query (transferd.store.sql.SQLJobStore.COUNT_BY_STATUS) on the full table:
+    (its EXPLAIN row, the median seconds of runs runs, the counts)."""
+    from transferd.store.sql import SQLJobStore
+
+    connection = backends.connect()
+    try:
+        cursor = connection.cursor()
+        cursor.execute("EXPLAIN " + SQLJobStore.COUNT_BY_STATUS)
+        names = [column[0] for column in cursor.description]
+        (plan,) = [dict(zip(names, row)) for row in cursor.fetchall()]
+        seconds = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            cursor.execute(SQLJobStore.COUNT_BY_STATUS)
+            counts = dict(cursor.fetchall())
+            seconds.append(time.perf_counter() - started)
+    finally:
+        connection.close()
+    return plan, statistics.median(seconds), counts
+
+
 def v1_benchmark(args, work, root):
     """Section 6: the v1 API on MySQL and RabbitMQ: batch submissions against the per-item floor; listings of 1M jobs."""
     rng = random.Random(2)
@@ -1159,10 +1302,11 @@ def v1_benchmark(args, work, root):
         listings = [(label, measure_http(daemon, meter, requests, 1, {200}))
                     for label, requests in list_shapes(backends, rng, work["list"] + 1)]
         plans = explain_list_queries(backends)
-        report_v1(batches, wide_floor, accepted, filled, listings, plans, memory_kib(daemon.process.pid))
+        job_counts = time_job_counts(backends)
+        report_v1(batches, wide_floor, accepted, filled, listings, plans, memory_kib(daemon.process.pid), job_counts)
 
 
-def report_v1(batches, wide_floor, accepted, filled, listings, plans, memory):
+def report_v1(batches, wide_floor, accepted, filled, listings, plans, memory, job_counts):
     _heading(f"6. The v1 API: POST /api/v1/jobs, {V1_BATCH} jobs per request, vs the per-item raw floor"
              f" (goal {V1_BATCH_GOAL:g}x)")
     print(f"""\
@@ -1199,6 +1343,10 @@ listing                              requests  p50 ms  p90 ms  p99 ms  daemon CP
         for row in rows:
             if row["select_type"] == "DERIVED":
                 print(f"  {label:44s} type={row['type']} key={row['key']} rows={row['rows']} Extra={row['Extra']}")
+    plan, seconds, counts = job_counts
+    print(f"\n/metrics' jobs by state (one GROUP BY status), {sum(counts.values())} rows:"
+          f" {seconds * 1000:.0f} ms (median of 5); asked at most every [metrics] job_counts_max_age s."
+          f"\n  EXPLAIN: type={plan['type']} key={plan['key']} rows={plan['rows']} Extra={plan['Extra']}")
     print(f"\nDaemon memory at the end: VmRSS {_mib(memory['VmRSS']):.1f} MiB, peak {_mib(memory['VmHWM']):.1f} MiB.",
           flush=True)
 
@@ -1328,7 +1476,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
     parser.add_argument("--only", action="append", choices=SECTIONS,
-                        help="run only this part (repeatable): backends (sections 1-3), e2e (4), rss (5), v1 (6-7)")
+                        help="run only this part (repeatable): backends (sections 1-3), e2e (4), rss (5), v1 (6-7),"
+                             " events (8)")
     parser.add_argument("--prefetch", type=int, action="append",
                         help="end to end with this [queue] prefetch (repeatable; default 8 and 32, --quick 32)")
     parser.add_argument("--e2e-jobs", type=int, help="jobs per end-to-end run (default 2000, --quick 300)")
@@ -1414,6 +1563,8 @@ def main(argv=None):
             report_memory(daemon_memory(args, work, root))
         if "v1" in sections:
             v1_benchmark(args, work, root)
+        if "events" in sections:
+            events_benchmark(args, work, root)
         print(f"\nThe whole run took {time.monotonic() - started:.0f} s.", flush=True)
         return 0
     except KeyboardInterrupt:

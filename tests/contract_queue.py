@@ -141,3 +141,20 @@ class JobQueueContract:
         yield wait_for(lambda: len(seen) >= 100, self.redelivery_wait)
         self.assertEqual(sorted(seen), sorted(batch))
         yield queue.publish_many("staging", [])
+
+    @defer.inlineCallbacks
+    def test_stop_and_resume_consuming(self):
+        """After stop_consuming no message reaches the handler; resume_consuming hands the waiting ones over."""
+        queue = yield self._queue()
+        seen = []
+        queue.consume("staging", seen.append, 2, NO_DEAD_LETTERS)
+        yield queue.publish("staging", "before")
+        yield wait_for(lambda: seen == ["before"], self.redelivery_wait)
+        queue.stop_consuming()
+        for i in range(5):
+            yield queue.publish("staging", f"drained-{i}")
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(seen, ["before"])
+        queue.resume_consuming()
+        yield wait_for(lambda: len(seen) == 6, self.redelivery_wait)
+        self.assertEqual(sorted(seen[1:]), [f"drained-{i}" for i in range(5)])

@@ -461,6 +461,36 @@ class JobStoreContract:
         self.assertRaises(ValueError, self.store.count_before, jobs.SUBMITTED, "status; DROP TABLE jobs", now)
 
     @defer.inlineCallbacks
+    def test_count_by_status(self):
+        """count_by_status() counts the jobs in each state that has any (for /metrics)."""
+        self.assertEqual((yield self.store.count_by_status()), {})
+        started = []
+        for _ in range(3):
+            started.append((yield self._submitted()))
+        yield self.store.transition(started[0].job_id, jobs.SUBMITTED, jobs.STAGING)
+        yield self.store.transition(started[1].job_id, jobs.SUBMITTED, jobs.CANCELLED)
+        self.assertEqual((yield self.store.count_by_status()),
+                         {jobs.SUBMITTED: 1, jobs.STAGING: 1, jobs.CANCELLED: 1})
+
+    @defer.inlineCallbacks
+    def test_transitions_measured(self):
+        """With metrics, each transition counts once, with the seconds spent in the state left and, for SUCCESS,
+        since submission, by the store's clock; a transition that matches no row counts nothing."""
+        from transferd.metrics import Metrics
+
+        self.store.metrics = metrics = Metrics()
+        job = yield self._submitted()
+        for old, new, seconds in ((jobs.SUBMITTED, jobs.STAGING, 7), (jobs.STAGING, jobs.STAGED, 30),
+                                  (jobs.STAGED, jobs.TRANSFERRING, 2), (jobs.TRANSFERRING, jobs.SUCCESS, 600)):
+            self.clock.advance(seconds)
+            self.assertTrue((yield self.store.transition(job.job_id, old, new)))
+            self.assertEqual(metrics.transitions.labels(old, new)._value.get(), 1)
+            self.assertAlmostEqual(metrics.time_in_state.labels(old)._sum.get(), seconds, places=3)
+        self.assertFalse((yield self.store.transition(job.job_id, jobs.TRANSFERRING, jobs.SUCCESS)))
+        self.assertEqual(metrics.transitions.labels(jobs.TRANSFERRING, jobs.SUCCESS)._value.get(), 1)
+        self.assertAlmostEqual(metrics.submit_to_success._sum.get(), 639, places=3)
+
+    @defer.inlineCallbacks
     def test_recent_successes(self):
         """recent_successes() returns the latest jobs to a host that succeeded, submitted since a moment."""
         done = []
@@ -477,3 +507,56 @@ class JobStoreContract:
         found = yield self.store.recent_successes("se.example.org", since, 10)
         self.assertEqual([job.job_id for job in found], [done[2], done[1]])
         self.assertEqual(len((yield self.store.recent_successes("se.example.org", since, 1))), 1)
+
+    # -- the fleet (transferd.fleet) -------------------------------------------------
+
+    def _daemon(self, **overrides):
+        from transferd.fleet import DaemonInfo
+
+        values = dict(daemon_id=jobs.new_job_id(), host="node-1.example.org", pid=4242, version="1.2.3",
+                      time_started=jobs.utc_from_seconds(self.clock.seconds()))
+        values.update(overrides)
+        return DaemonInfo(**values)
+
+    @defer.inlineCallbacks
+    def test_heartbeats_and_drain_flag(self):
+        """A beat inserts or refreshes a daemon's row and fires with its stored drain flag, which set_drain sets
+        for the named daemons only; fleet lists the rows and forgets those silent since before its argument."""
+        first, second = self._daemon(), self._daemon(host="node-2.example.org", pid=7)
+        self.assertFalse((yield self.store.beat(first)))
+        self.assertFalse((yield self.store.beat(second)))
+        self.clock.advance(5)
+        self.assertFalse((yield self.store.beat(first)))
+        self.assertEqual((yield self.store.set_drain([second.daemon_id, "no-such-daemon"], True)), 1)
+        self.assertTrue((yield self.store.beat(second)))  # the flag as stored wins over the daemon's own
+        self.assertFalse((yield self.store.beat(first)))
+        rows = {row.daemon_id: row for row in (yield self.store.fleet(0))}
+        self.assertEqual(set(rows), {first.daemon_id, second.daemon_id})
+        self.assertEqual((rows[second.daemon_id].host, rows[second.daemon_id].pid, rows[second.daemon_id].drain),
+                         ("node-2.example.org", 7, True))
+        self.assertEqual(rows[first.daemon_id].time_beat.timestamp(), self.clock.seconds())
+        self.assertEqual(rows[first.daemon_id].time_started, first.time_started)
+        self.clock.advance(100)
+        yield self.store.beat(second)
+        rows = yield self.store.fleet(self.clock.seconds() - 50)  # first has been silent for 100 s
+        self.assertEqual([row.daemon_id for row in rows], [second.daemon_id])
+        self.assertTrue((yield self.store.forget_daemon(second.daemon_id)))
+        self.assertEqual((yield self.store.fleet(0)), [])
+
+    @defer.inlineCallbacks
+    def test_leases_by_owner(self):
+        """leases_by_owner counts the active jobs under each live worker's lease, not queue holds, waits or
+        expired leases."""
+        worker_a, worker_b = leases.worker_owner("daemon-a"), leases.worker_owner("daemon-b")
+        held = []
+        for _ in range(4):
+            held.append((yield self._submitted()))
+        yield self._submitted()  # free
+        queued = yield self._submitted()
+        yield self.store.hold_in_queue(jobs.SUBMITTED, [queued.job_id], 60)
+        for job, owner in zip(held, (worker_a, worker_a, worker_b, worker_b)):
+            self.assertIsNotNone((yield self.store.take_lease(job.job_id, [jobs.SUBMITTED], owner, 30)))
+        yield self.store.end_lease(held[3].job_id, worker_b, then=leases.waiting(60))
+        self.assertEqual((yield self.store.leases_by_owner(jobs.ACTIVE)), {worker_a: 2, worker_b: 1})
+        self.clock.advance(31)
+        self.assertEqual((yield self.store.leases_by_owner(jobs.ACTIVE)), {})

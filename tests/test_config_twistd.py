@@ -98,9 +98,25 @@ CASES = {
     ("reconciler", "lease"): ({}, "soon"),
     ("reconciler", "requeue_after"): ({}, "-1"),
     ("startup", "wait_for_backends"): ({}, "-1"),
+    ("events", "subscribers"): ({}, "ops ftp://hooks.example.org/x {w}/plain"),
+    ("events", "notify_secret_file"): ({}, "{w}/plain"),  # there, but no whsec_ secret in it
+    ("events", "notify_states"): ({}, "SUCCESS, DONE"),
+    ("events", "timeout"): ({}, "0"),
+    ("events", "retry_delay"): ({}, "-1"),
+    ("events", "max_retry_delay"): ({}, "soon"),
+    ("events", "max_attempts"): ({}, "0"),
+    ("events", "sweep_interval"): ({}, "never"),
+    ("events", "amqp"): ({}, "sometimes"),
+    ("events", "exchange"): ({}, "transferd.events"),  # with the in-process queue: nowhere to publish
     ("retention", "keep"): ({}, "half a year"),
     ("retention", "archive"): ({}, "{w}/no-such-dir/archive.jsonl"),
     ("retention", "interval"): ({}, "0"),
+    ("metrics", "endpoint"): ({}, "tcp:metrics"),
+    ("metrics", "job_counts_max_age"): ({}, "-5"),
+    ("log", "format"): ({}, "xml"),
+    ("log", "level"): ({}, "verbose"),
+    ("fleet", "heartbeat"): ({}, "0"),
+    ("fleet", "stale_after"): ({("fleet", "heartbeat"): "10"}, "15"),  # a missed beat is no death
 }
 
 # The two the issue names, a password that must not be shown, and files that are there but unusable
@@ -111,6 +127,8 @@ EXTRA = [
     (("database", "url"), {}, "mysql://transferd:s3cret@db.example.org/transferd?pool_max=many"),
     (("api", "tls_cert"), {}, "{w}/cert.pem"),
     (("stager", "cert"), TAPE, "{w}/cert.pem"),
+    (("events", "subscribers"), {}, "ops https://hooks.example.org/x {w}/plain"),  # its secret file is unusable
+    (("events", "retry_delay"), {("events", "max_retry_delay"): "30"}, "60"),
 ]
 
 

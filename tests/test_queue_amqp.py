@@ -1,6 +1,6 @@
 """The RabbitMQ JobQueue against a real broker (see tests/amqp_support.py)."""
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -54,6 +54,31 @@ class AMQPJobQueueTests(BrokerTestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         return lines
+
+    @defer.inlineCallbacks
+    def test_stopped_consumer_gives_its_messages_to_the_others(self):
+        """A drained queue takes no more messages, even once it acked the one it was handling: another
+        daemon's consumer gets them all."""
+        drained = yield self.start_queue()
+        other = yield self.start_queue()
+        started, release = [], defer.Deferred()
+
+        def slow(job_id):
+            started.append(job_id)
+            return release
+
+        drained.consume("staging", slow, 1, NO_DEAD_LETTERS)
+        for i in range(6):
+            yield drained.publish("staging", f"job-{i}")
+        yield wait_for(lambda: len(started) == 1, 5)
+        drained.stop_consuming()
+        release.callback(None)  # its ack would have made room for the next message, had it kept consuming
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        taken = []
+        other.consume("staging", taken.append, 8, NO_DEAD_LETTERS)
+        yield wait_for(lambda: len(taken) == 5, 5)
+        self.assertEqual(sorted(taken + started), [f"job-{i}" for i in range(6)])
+        self.assertEqual(len(started), 1)
 
     @defer.inlineCallbacks
     def test_messages_survive_restart(self):

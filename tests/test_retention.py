@@ -49,6 +49,32 @@ class RetentionContract:
     async def present(self, job_ids):
         return {job_id for job_id in job_ids if await self.store.get(job_id) is not None}
 
+    async def test_events_purged_with_their_job_once_delivered(self):
+        """An old ended job with an event delivery still pending stays; once it is delivered the job goes, and its
+        outbox and delivery rows with it."""
+        from transferd.store.outbox import DELIVERED, Outbox, Outcome
+
+        await self.setup_store()
+        job_id = await self.ended()
+        outbox = Outbox(self.store)
+        await outbox.fan_out(lambda state, notify_url: ["amqp"] if state == jobs.SUCCESS else [])
+        self.clock.advance(KEEP + DAY)
+        retention = Retention(self.store, self.clock, KEEP, batch=10, pause=0)
+        self.assertEqual(await retention.run_once(), (0, 0))
+        claimed = await outbox.claim("test", 60)
+        self.assertEqual([delivery.job_id for delivery in claimed], [job_id])
+        await outbox.record("test", [Outcome(claimed[0].delivery_id, DELIVERED)])
+        self.assertEqual(await retention.run_once(), (1, 0))
+
+        def rows(cursor):
+            counts = []
+            for table in ("outbox", "event_deliveries"):
+                cursor.execute(f"SELECT COUNT(*) FROM {table}")
+                counts.append(int(cursor.fetchone()[0]))
+            return counts
+
+        self.assertEqual(await self.store._run(rows), [0, 0])
+
     async def test_old_ended_jobs_removed_with_their_history(self):
         """When ended jobs have not changed for keep, they and their events go; active and recent ones stay."""
         await self.setup_store()

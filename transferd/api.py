@@ -10,11 +10,12 @@ import json
 from klein import Klein
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from zope.interface import implementer
 
 from transferd import jobs, validation
 from transferd.audit import AuditLog
 from transferd.auth.access import Access, Forbidden, Unauthenticated
-from transferd.interfaces import StoreUnavailable
+from transferd.interfaces import IReconfigurable, StoreUnavailable
 from transferd.jobs import StagedFile, StageResult
 from transferd.pipeline import JobFinished, JobNotFound, authcode_matches
 from transferd.validation import BadRequest
@@ -101,17 +102,30 @@ async def visible_job(store, access, request, job_id, action, refuse):
     return job
 
 
+def check_notify_url(notifications, value):
+    """A job's notify_url as given (None when absent), or BadRequest (transferd.events.Notifications.check)."""
+    if value is None:
+        return None
+    if notifications is None:
+        raise BadRequest("this service sends no per-job webhooks: leave notify_url out")
+    return notifications.check(value)
+
+
 def actor(identity):
     """Who the caller is, in job histories."""
     return identity.name if identity is not None else "anonymous user"
 
 
+@implementer(IReconfigurable)
 class TransferAPI:
     app = Klein()
     log = Logger()
 
-    def __init__(self, store, pipeline, stager, clock, destinations, max_body_bytes, access=None, audit=None):
+    def __init__(self, store, pipeline, stager, clock, destinations, max_body_bytes, access=None, audit=None,
+                 metrics=None, notifications=None):
         self.store = store
+        self.notifications = notifications  # transferd.events.Notifications: checks notify_url (None: refused)
+        self.metrics = metrics  # transferd.metrics.Metrics: submissions accepted and refused
         self.pipeline = pipeline
         self.stager = stager
         self.clock = clock
@@ -122,6 +136,10 @@ class TransferAPI:
 
     def resource(self):
         return self.app.resource()
+
+    def reconfigure(self, config):
+        """New [api] max_body_bytes (SIGHUP; transferd.interfaces.IReconfigurable)."""
+        self.max_body_bytes = config.api.max_body_bytes
 
     # -- request parsing --------------------------------------------------
 
@@ -167,7 +185,13 @@ class TransferAPI:
         return identify(self.access, request, action)
 
     def _audit(self, request, code, msg, job_id=None):
+        """Every outcome of a submission or cancel passes here: it is audited, and a submission's is counted."""
         audit_request(self.audit, request, code, msg, job_id)
+        if self.metrics is not None and getattr(request, "audit_action", None) == "submit":
+            if code < 300:
+                self.metrics.accepted("legacy")
+            else:
+                self.metrics.refused("legacy", code)
 
     def _visible_job(self, request, job_id, action):
         return visible_job(self.store, self.access, request, job_id, action, HTTPError)
@@ -188,17 +212,18 @@ class TransferAPI:
     async def submit_transfer(self, request):
         identity = await self._identify(request, "submit")
         self._allow(request, "POST")
-        params = self._params(request, ["product_id", "destination_path"])
+        params = self._params(request, ["product_id", "destination_path", "notify_url"])
         try:
             product_id = validation.product_id(params["product_id"])
             destination = self.destinations.check(params["destination_path"])
+            notify_url = check_notify_url(self.notifications, params["notify_url"] or None)
         except BadRequest as error:
             raise HTTPError(400, str(error)) from None
         if await self.stager.check(product_id) is False:
             raise HTTPError(404, f"product {product_id!r} is not in the archive")
         job = jobs.Job(
             job_id=jobs.new_job_id(), product_id=product_id, destination_path=destination,
-            submitter=identity.name if identity is not None else None,
+            submitter=identity.name if identity is not None else None, notify_url=notify_url,
         )
         await self.pipeline.submit(job)
         msg = f"transfer of {product_id} to {destination} accepted"
@@ -369,4 +394,6 @@ class TransferAPI:
     @app.handle_errors(Exception)
     def internal_error(self, request, failure):
         self.log.failure("internal error answering {uri}", failure, uri=request.uri)
-        return _error(request, 500, "internal error; the operators have been told (see the daemon log)")
+        msg = "internal error; the operators have been told (see the daemon log)"
+        self._audit(request, 500, msg)
+        return _error(request, 500, msg)

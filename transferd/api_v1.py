@@ -26,10 +26,10 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
 from transferd import jobs, leases, validation
-from transferd.api import actor, audit_request, identify, visible_job
+from transferd.api import actor, audit_request, check_notify_url, identify, visible_job
 from transferd.audit import AuditLog
 from transferd.auth.access import Access, Unauthenticated
-from transferd.interfaces import StoreUnavailable
+from transferd.interfaces import IReconfigurable, StoreUnavailable
 from transferd.pipeline import JobFinished, JobNotFound
 from transferd.store.sql import SubmissionExists
 from transferd.validation import BadRequest
@@ -45,7 +45,7 @@ CANCEL_PAGE = 100  # jobs cancelled at once by POST /jobs/cancel
 ETA_WINDOW = 86400.0  # seconds: similar jobs submitted this recently count for the ETA
 ETA_SAMPLES = 50  # at most this many of them
 
-ITEM_KEYS = frozenset({"product_id", "destination_path", "priority", "label", "metadata"})
+ITEM_KEYS = frozenset({"product_id", "destination_path", "priority", "label", "metadata", "notify_url"})
 FILTER_KEYS = ("status", "product_id", "label", "destination_host", "submitter", "submitted_after",
                "submitted_before")
 LIST_KEYS = frozenset(FILTER_KEYS + ("updated_after", "limit", "cursor"))
@@ -155,29 +155,39 @@ class _Backpressure:
 
 
 class SiteRoot(Resource):
-    """The site's root: /api/v1 and below to the v1 API, every other path to the prototype's endpoints."""
+    """The site's root: /api/v1 and below to the v1 API, the operator's endpoints (OPERATIONS_PATHS) to
+    operations (transferd.health), every other path to the prototype's endpoints."""
 
     isLeaf = True
+    OPERATIONS_PATHS = frozenset({b"/livez", b"/readyz", b"/metrics"})
 
-    def __init__(self, legacy, v1):
+    def __init__(self, legacy, v1, operations):
         super().__init__()
         self.legacy = legacy
         self.v1 = v1
+        self.operations = operations
 
     def render(self, request):
         path = request.path
         if path == PREFIX.encode() or path.startswith(PREFIX.encode() + b"/"):
             return self.v1.render(request)
+        if path in self.OPERATIONS_PATHS:
+            return self.operations.render(request)
         return self.legacy.render(request)
 
 
+@implementer(IReconfigurable)
 class APIv1:
     app = Klein()
     log = Logger()
 
     def __init__(self, store, pipeline, stager, mover, clock, destinations, access=None, audit=None,
-                 max_body_bytes=65536, max_batch=10000, max_batch_bytes=16777216):
+                 max_body_bytes=65536, max_batch=10000, max_batch_bytes=16777216, metrics=None, notifications=None,
+                 fleet=None):
         self.store = store
+        self.fleet = fleet  # transferd.fleet.Fleet: /api/v1/daemons (None: no such endpoint)
+        self.notifications = notifications  # transferd.events.Notifications: checks notify_url (None: refused)
+        self.metrics = metrics  # transferd.metrics.Metrics: jobs accepted, jobs and requests refused
         self.pipeline = pipeline
         self.stager = stager
         self.mover = mover
@@ -193,6 +203,11 @@ class APIv1:
 
     def resource(self):
         return self.app.resource()
+
+    def reconfigure(self, config):
+        """New [api] max_body_bytes, max_batch and max_batch_bytes, together (SIGHUP)."""
+        api = config.api
+        self.max_body_bytes, self.max_batch, self.max_batch_bytes = api.max_body_bytes, api.max_batch, api.max_batch_bytes
 
     # -- who is asking ----------------------------------------------------------
 
@@ -312,6 +327,11 @@ class APIv1:
                 submission=jobs.Submission(submitter, submission_id, answer) if submission_id is not None else None)
         except SubmissionExists:  # the same batch, sent again while the first was being committed
             return self._repeated(request, await self.store.submission(submitter, submission_id))
+        if self.metrics is not None:
+            self.metrics.accepted("v1", len(new_jobs))
+            for result in results:
+                if "error" in result:
+                    self.metrics.refused("v1", result["error"]["status"])
         audit_request(self.audit, request, 200, f"batch of {len(items)}: {answer['accepted']} accepted, {answer['refused']} refused"
                     + (f" (submission_id {submission_id})" if submission_id is not None else ""))
         return self._json(request, 200, answer)
@@ -352,6 +372,7 @@ class APIv1:
         try:
             product_id = validation.product_id(item.get("product_id"))
             destination = self.destinations.check(item.get("destination_path"))
+            notify_url = check_notify_url(self.notifications, item.get("notify_url"))
         except BadRequest as error:
             raise Problem(400, str(error)) from None
         priority = item.get("priority", jobs.DEFAULT_PRIORITY)
@@ -371,7 +392,8 @@ class APIv1:
             if len(metadata.encode("utf-8")) > MAX_METADATA_BYTES:
                 raise Problem(400, f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
         return jobs.Job(job_id=jobs.new_job_id(), product_id=product_id, destination_path=destination,
-                        submitter=submitter, priority=priority, label=label, metadata=metadata)
+                        submitter=submitter, priority=priority, label=label, metadata=metadata,
+                        notify_url=notify_url)
 
     # -- GET /api/v1/jobs --------------------------------------------------------------
 
@@ -500,6 +522,39 @@ class APIv1:
             return False
         return True
 
+    # -- the fleet: /api/v1/daemons (admins only) -------------------------------------------------
+
+    async def _admin_fleet(self, request, action=None):
+        identity = await identify(self.access, request, action)
+        self._query(request, frozenset())
+        if not self._sees_all(identity):
+            raise Problem(403, "only admins ([auth] admins) may see and drain the daemons")
+        if self.fleet is None:
+            raise Problem(404, "this transferd keeps no daemons table")
+        return identity
+
+    @app.route(PREFIX + "/daemons", methods=["GET"])
+    async def daemons(self, request):
+        await self._admin_fleet(request)
+        return self._json(request, 200, await self.fleet.status())
+
+    @app.route(PREFIX + "/daemons/<name>/drain", methods=["PUT"])
+    async def drain(self, request, name):
+        return await self._set_drain(request, name, True)
+
+    @app.route(PREFIX + "/daemons/<name>/drain", methods=["DELETE"])
+    async def undrain(self, request, name):
+        return await self._set_drain(request, name, False)
+
+    async def _set_drain(self, request, name, drain):
+        await self._admin_fleet(request, "drain" if drain else "undrain")
+        views = await self.fleet.set_drain(name, drain) if len(name) <= 255 else []
+        if not views:
+            raise Problem(404, f"no daemon {name!r}: name a host or a daemon_id of GET {PREFIX}/daemons")
+        what = "drained" if drain else "undrained"
+        audit_request(self.audit, request, 200, f"{what} {', '.join(view['daemon_id'] for view in views)}")
+        return self._json(request, 200, {"daemons": views})
+
     # -- whoami, the document ----------------------------------------------------------------
 
     @app.route(PREFIX + "/whoami", methods=["GET"])
@@ -509,6 +564,9 @@ class APIv1:
             "identity": identity.name if identity is not None else None,
             "method": identity.method if identity is not None else None,
             "admin": self._sees_all(identity),
+            # The secret that signs the webhooks of this caller's notify_url (absent when there are none).
+            **({"webhook_secret": self.notifications.secret_for(identity.name if identity is not None else None)}
+               if self.notifications is not None and self.notifications.enabled else {}),
         })
 
     @app.route(PREFIX + "/openapi.json", methods=["GET"])
@@ -612,7 +670,10 @@ class APIv1:
         return (json.dumps(body) + "\n").encode("utf-8")
 
     def _problem(self, request, status, detail, job_id=None, headers=None):
+        """Every refusal passes here: it is audited, and a refused submission is counted (once per request)."""
         audit_request(self.audit, request, status, detail, job_id)
+        if self.metrics is not None and getattr(request, "audit_action", None) == "submit":
+            self.metrics.refused("v1", status)
         for name, value in (headers or {}).items():
             request.setHeader(name, value)
         return self._json(request, status, problem(status, detail), PROBLEM)

@@ -207,6 +207,63 @@ def _word(text):
     return text or None
 
 
+@dataclasses.dataclass(frozen=True)
+class Subscriber:
+    """One line of [events] subscribers: who gets webhooks for which states, signed with the secrets in a file."""
+
+    name: str
+    url: str
+    secret_file: str
+    states: tuple
+
+
+SUBSCRIBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+TERMINAL_STATES = ("SUCCESS", "ERROR", "CANCELLED")
+
+
+def _states(text):
+    """Job states, comma-separated (any case), as the state machine names them."""
+    from transferd import jobs
+
+    states = tuple(dict.fromkeys(item.strip().upper() for item in text.split(",") if item.strip()))
+    if not states:
+        raise ValueError("must list at least one job state")
+    unknown = [state for state in states if state not in jobs.STATES]
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} is not a job state (states: {', '.join(jobs.STATES)})")
+    return states
+
+
+def _subscriber_lines(text):
+    """Lines "NAME URL SECRET_FILE [STATES]": a webhook subscriber, its http(s) URL, the file of its
+    whsec_ secret(s), and the states it wants (comma-separated, no spaces; default the terminal ones)."""
+    subscribers = {}
+    for line in _lines(text):
+        parts = line.split()
+        if len(parts) not in (3, 4):
+            raise ValueError(f"each line must be 'NAME URL SECRET_FILE' or 'NAME URL SECRET_FILE STATES', not {line!r}")
+        name, url, secret_file = parts[:3]
+        if not SUBSCRIBER_NAME.match(name):
+            raise ValueError(f"subscriber name {name!r} must be letters, digits, '_', '.' or '-' (at most 63)")
+        if name in subscribers:
+            raise ValueError(f"subscriber {name} is listed twice")
+        try:
+            parsed = urlsplit(url)
+            parsed.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError(f"subscriber {name}: {url!r} is not a valid URL") from None
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"subscriber {name}: {url!r} must be an http:// or https:// URL with a host")
+        if not os.path.isabs(secret_file):
+            raise ValueError(f"subscriber {name}: the secret file {secret_file!r} must be an absolute path")
+        try:
+            states = _states(parts[3]) if len(parts) == 4 else TERMINAL_STATES
+        except ValueError as error:
+            raise ValueError(f"subscriber {name}: {error}") from None
+        subscribers[name] = Subscriber(name, url, secret_file, states)
+    return tuple(subscribers.values())
+
+
 def _choice(*choices):
     def parse(text):
         text = text.strip()
@@ -488,6 +545,15 @@ def parse_endpoint(text):
     return Endpoint(text, kind, port=port, interface=values["interface"])
 
 
+def _optional_endpoint(text):
+    """A Twisted server endpoint (parse_endpoint), or None when left empty."""
+    return parse_endpoint(text) if text.strip() else None
+
+
+# [log] level: the least severe events logged (twisted.logger's level names).
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
 # -- the keys -----------------------------------------------------------------------
 
 # section -> key -> (parser, default text)
@@ -577,12 +643,57 @@ SCHEMA = {
     "startup": {
         "wait_for_backends": (_non_negative_float, "300"),
     },
+    "events": {
+        "subscribers": (_subscriber_lines, ""),
+        "notify_secret_file": (_optional_text, ""),
+        "notify_states": (_states, "SUCCESS, ERROR, CANCELLED"),
+        "timeout": (_positive_float, "15"),
+        "retry_delay": (_positive_float, "5"),
+        "max_retry_delay": (_positive_float, "3600"),
+        "max_attempts": (_positive_int, "15"),
+        "sweep_interval": (_positive_float, "10"),
+        "amqp": (_boolean, "true"),
+        "exchange": (_optional_text, ""),
+    },
     "retention": {
         "keep": (_days_or_forever, "180"),
         "archive": (_optional_text, ""),
         "interval": (_positive_float, "3600"),
     },
+    "metrics": {
+        "endpoint": (_optional_endpoint, ""),
+        "job_counts_max_age": (_positive_float, "5"),
+    },
+    "log": {
+        "format": (_choice("text", "json"), "text"),
+        "level": (_choice(*LOG_LEVELS), "info"),
+    },
+    "fleet": {
+        "heartbeat": (_positive_float, "5"),
+        "stale_after": (_positive_float, "30"),
+    },
 }
+
+# The keys a running daemon applies when it receives SIGHUP (transferd.wiring.Daemon.reload; the reference
+# stager has its own, transferd.stagerd.RELOADABLE).  A change to any other key is logged as needing a restart.
+RELOADABLE = frozenset({
+    ("auth", "admins"), ("auth", "stager_dns"), ("auth", "token_issuers"), ("auth", "token_audiences"),
+    ("auth", "x509_ca_path"),
+    ("transfer", "allowed_hosts"), ("transfer", "denied_hosts"),
+    ("api", "max_body_bytes"), ("api", "max_batch"), ("api", "max_batch_bytes"),
+    ("log", "level"),
+    ("fts", "cert"), ("fts", "key"), ("fts", "proxy"), ("fts", "token_file"),
+    ("stager", "token_file"), ("stager", "cert"), ("stager", "key"),
+    ("events", "subscribers"), ("events", "notify_secret_file"), ("events", "notify_states"), ("events", "timeout"),
+    ("events", "retry_delay"), ("events", "max_retry_delay"), ("events", "max_attempts"),
+})
+
+
+def needing_restart(running, new, reloadable=RELOADABLE):
+    """The (section, key) pairs whose value differs between two Configs and that only a restart applies."""
+    return [(section, key) for section, keys in SCHEMA.items() for key in keys
+            if (section, key) not in reloadable
+            and getattr(running.sections[section], key) != getattr(new.sections[section], key)]
 
 # The destination schemes each [transfer] backend can write (the movers' `schemes`; a test keeps them equal).
 MOVER_SCHEMES = {
@@ -670,8 +781,16 @@ def check_rules(config):
     _check_security(config)
     _check_stager(config)
     _check_transfer(config)
+    _check_events(config)
     if config.transfer.backend == "fts":
         _check_fts(config.fts)
+    _check_fleet(config.fleet)
+
+
+def _check_fleet(section):
+    if section.stale_after < 2 * section.heartbeat:
+        raise ConfigError(f"[fleet] stale_after = {section.stale_after:g} must be at least twice [fleet] heartbeat"
+                          f" ({section.heartbeat:g}): a daemon that misses one beat is not dead")
 
 
 def _check_security(config):
@@ -733,6 +852,17 @@ def _check_transfer(config):
         )
 
 
+def _check_events(config):
+    events = config.events
+    if events.retry_delay > events.max_retry_delay:
+        raise ConfigError(f"[events] retry_delay = {events.retry_delay:g} exceeds max_retry_delay ="
+                          f" {events.max_retry_delay:g}: the first wait cannot be longer than the longest")
+    if events.exchange and config.queue.url.scheme not in ("amqp", "amqps"):
+        raise ConfigError("[events] exchange needs an amqp:// or amqps:// [queue] url: events are published to RabbitMQ")
+    if events.exchange and any(char.isspace() for char in events.exchange):
+        raise ConfigError(f"[events] exchange = {events.exchange!r} must be one word (an exchange name)")
+
+
 def _check_fts(section):
     if not section.endpoint:
         raise ConfigError("[transfer] backend = fts needs [fts] endpoint (e.g. https://fts3.example.org:8446)")
@@ -771,6 +901,7 @@ def check_paths(config):
         directory = os.path.dirname(os.path.abspath(auth.audit_log))
         if not os.path.isdir(directory):
             raise ConfigError(f"[auth] audit_log = {auth.audit_log!r}: its directory {directory} does not exist")
+    _check_event_secrets(config.events)
     archive = config.retention.archive
     if archive:
         if os.path.isdir(archive):
@@ -800,6 +931,18 @@ def check_paths(config):
             _exists(getattr(fts, key), f"[fts] {key}")
         if fts.auth == "token" and not os.path.isfile(fts.token_file):
             raise ConfigError(f"[fts] token_file {fts.token_file!r} is not a file")
+
+
+def _check_event_secrets(events):
+    """The webhook secret files are there and hold whsec_ secrets (transferd.events.read_secrets)."""
+    from transferd.events import read_secrets
+
+    for name, path in [(f"[events] subscribers ({s.name})", s.secret_file) for s in events.subscribers] + (
+            [("[events] notify_secret_file", events.notify_secret_file)] if events.notify_secret_file else []):
+        try:
+            read_secrets(path)
+        except ValueError as error:
+            raise ConfigError(f"{name}: {error}") from None
 
 
 def _exists(path, name):

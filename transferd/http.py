@@ -15,6 +15,11 @@ URL's host, checks every address it resolves to, and connects to a checked
 address only, so a name that resolves to a denied address, or resolves
 differently from one moment to the next, never reaches one
 (DestinationRefused).
+
+Given metrics (transferd.metrics.Metrics), an HTTPClient counts every call
+by its service (the name its user gives: "fts", "stager"...) and outcome
+(the answer's status class, or timeout, refused, error, cancelled), with
+its duration.
 """
 
 import dataclasses
@@ -197,11 +202,17 @@ class HTTPClient:
     call (a call's own headers win).  destinations: DestinationRules that
     every address connected to must pass (CheckedEndpointFactory), names
     resolved by resolver (an IHostnameResolver; default the reactor's).
+    service: what the calls go to, in metrics (transferd.metrics.SERVICES);
+    metrics: where calls are counted (None: nowhere).
     """
 
     def __init__(self, reactor, clock, timeout=60.0, tls_policy=None, max_body=MAX_BODY, per_host=2,
-                 headers=None, destinations=None, resolver=None):
+                 headers=None, destinations=None, resolver=None, service=None, metrics=None):
         self.clock = clock
+        self.service = service
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.calls_to(self.service)
         self.timeout = timeout
         self.max_body = max_body
         self.headers = dict(headers or {})
@@ -232,7 +243,10 @@ class HTTPClient:
         call = defer.Deferred.fromCoroutine(self._whole(method, url, json, data, {**self.headers, **(headers or {})}))
         call.addTimeout(limit, self.clock, onTimeoutCancel=_timed_out)
         self._calls.add(call)
-        return call.addBoth(self._ended, call)
+        call.addBoth(self._ended, call)
+        if self.metrics is not None:
+            call.addBoth(self._counted, self.clock.seconds())
+        return call
 
     def stop(self):
         """Cancel the calls in flight (they fail with CancelledError), take no more, close the pool."""
@@ -264,6 +278,23 @@ class HTTPClient:
     def _ended(self, result, call):
         self._calls.discard(call)
         return result
+
+    def _counted(self, result, started):
+        self.metrics.called(self.service, call_outcome(result), self.clock.seconds() - started)
+        return result
+
+
+def call_outcome(result):
+    """How a call ended, for metrics: the answer's status class, or why there was none."""
+    if isinstance(result, Answer):
+        return f"{result.code // 100}xx" if 200 <= result.code < 600 else "error"
+    if result.check(Timeout):
+        return "timeout"
+    if result.check(DestinationRefused):
+        return "refused"
+    if result.check(defer.CancelledError):
+        return "cancelled"
+    return "error"
 
 
 def _timed_out(result, seconds):

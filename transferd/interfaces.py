@@ -88,6 +88,9 @@ class IJobStore(IService):
     def count_before(status, column, moment):
         """Fire with how many jobs in status have column (time_submitted or time_updated) before moment."""
 
+    def count_by_status():
+        """Fire with {status: how many jobs are in it}, states without jobs left out (for /metrics)."""
+
     def recent_successes(destination_host, since, limit):
         """Fire with up to limit Jobs to destination_host submitted since then that succeeded, newest first."""
 
@@ -163,6 +166,23 @@ class IJobStore(IService):
         died with an in-process queue).
         """
 
+    def beat(daemon):
+        """Record a heartbeat of daemon (a transferd.fleet.DaemonInfo: its row, last_beat now); fire with its
+        drain flag as stored (an operator may have set it from another daemon)."""
+
+    def set_drain(daemon_ids, drain):
+        """Set the drain flag of these daemons; fire with how many rows exist among them."""
+
+    def fleet(forget_before):
+        """Fire with every daemon row (DaemonInfo with time_beat), after deleting those silent since before
+        forget_before (epoch seconds): daemons long dead."""
+
+    def leases_by_owner(statuses):
+        """Fire with {lease_owner: how many jobs} of the jobs in statuses under a live worker's lease."""
+
+    def forget_daemon(daemon_id):
+        """Delete daemon_id's row (it stopped cleanly); fire with True/False."""
+
     def take_for_polling(status, owner, seconds, limit, having=None):
         """Take up to limit jobs in status for one polling cycle, least recently polled first.
 
@@ -179,6 +199,10 @@ class IJobQueue(IService):
     durable = Attribute(
         "True when published messages survive a restart of the daemon (a broker). False for an "
         "in-process queue: after a restart its queue holds are void and the reconciler re-drives them."
+    )
+    connected = Attribute(
+        "True while publishing can succeed (a broker: while connected to it; in-process: always). /readyz and the"
+        " transferd_broker_connected metric read it."
     )
 
     def publish(queue, job_id):
@@ -199,7 +223,25 @@ class IJobQueue(IService):
         """
 
     def stop_consuming():
-        """Hand no more messages to the handlers: the daemon is stopping (messages not handled stay queued)."""
+        """Hand no more messages to the handlers: the daemon is stopping or drained.
+
+        Messages not handled go back to the queue at once, for other daemons; those being handled finish.
+        """
+
+    def resume_consuming():
+        """Hand messages to the handlers again, after stop_consuming (an operator undrained the daemon)."""
+
+
+class IReconfigurable(Interface):
+    """A part of the daemon that takes new settings while running (SIGHUP; transferd.wiring.Daemon.reload)."""
+
+    def reconfigure(config):
+        """Use the settings of config (a transferd.config.Config, checked as a whole) from now on.
+
+        Check everything first: raise transferd.config.ConfigError to refuse,
+        having changed nothing; otherwise apply it all at once.  Only the keys
+        of transferd.config.RELOADABLE may differ from those the part was built with.
+        """
 
 
 class IOutcomes(Interface):

@@ -109,7 +109,7 @@ class TransferResult:
 HIDDEN_FIELDS = frozenset({"stager_callback", "lease_owner", "lease_until", "poll_owner", "poll_until", "deliveries"})
 # Columns /transferStatus (the prototype's contract) does not show; the v1 API does.
 V1_FIELDS = frozenset({"priority", "label", "metadata", "destination_host", "time_updated", "time_away",
-                       "time_copy_freed"})
+                       "time_copy_freed", "notify_url"})
 
 DEFAULT_PRIORITY = 3  # 1 (lowest) to 5 (highest), as FTS has
 
@@ -150,6 +150,7 @@ class Job:
     time_updated: Optional[datetime] = None
     time_away: Optional[datetime] = None  # since when the stager or transfer service it waits for is away
     time_copy_freed: Optional[datetime] = None  # when its staged copy was freed: stager_path is no longer shown
+    notify_url: Optional[str] = None  # where its state changes are sent as webhooks (transferd.events)
 
     @property
     def terminal(self) -> bool:

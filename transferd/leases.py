@@ -45,3 +45,16 @@ def waiting(seconds):
 def is_worker(owner):
     """True for a worker's lease, not a queue hold or a wait: the job's deliveries count these."""
     return owner is not None and owner != IN_QUEUE
+
+
+def worker_owner(daemon_id):
+    """The lease owner of a daemon's workers: it names the daemon (transferd.fleet), so that an operator
+    sees which daemon holds which jobs."""
+    return f"worker-{daemon_id}"
+
+
+def daemon_of(owner):
+    """The daemon id in a worker's lease owner, or None for any other owner."""
+    if owner and owner.startswith("worker-"):
+        return owner[len("worker-"):]
+    return None

@@ -71,8 +71,9 @@ class Pipeline(Service):
     log = Logger()
 
     def __init__(self, store, queue, stager, mover, clock, prefetch=8, lease=30.0, requeue_after=300.0,
-                 max_deliveries=5):
+                 max_deliveries=5, metrics=None, daemon_id=None):
         self.store = store
+        self.metrics = metrics  # transferd.metrics.Metrics: leases renewed, dead letters
         self.queue = queue
         self.stager = stager
         self.mover = mover
@@ -83,8 +84,10 @@ class Pipeline(Service):
         self.lease = lease
         self.requeue_after = requeue_after
         self.max_deliveries = max_deliveries  # leases taken and never given back before a job is failed
-        self.owner = f"worker-{uuid.uuid4()}"
-        self.actor = f"transferd on {socket.gethostname()}"  # who its workers' changes are by, in job histories
+        daemon_id = str(daemon_id or uuid.uuid4())
+        self.owner = leases.worker_owner(daemon_id)  # names its daemon (transferd.fleet)
+        # Who its workers' changes are by, in job histories: the daemon, as GET /api/v1/daemons lists it.
+        self.actor = f"transferd on {socket.gethostname()} (daemon {daemon_id})"
         self.held = set()
         self._unreturned = set()  # job ids whose lease could not be given back while the store was away
         self._isolation = Isolation()  # jobs workers died on run alone
@@ -101,6 +104,14 @@ class Pipeline(Service):
         self.queue.consume(STAGING_QUEUE, self.stage, self.stage_prefetch, self.dead_letter)
         self.queue.consume(TRANSFER_QUEUE, self.transfer, self.prefetch, self.dead_letter)
         self._renewal.start(self.lease / 3, now=False)
+
+    def drain(self):
+        """Take no new jobs from the queues (transferd.fleet); the ones in hand go on."""
+        self.queue.stop_consuming()
+
+    def undrain(self):
+        if self.running:
+            self.queue.resume_consuming()
 
     async def _stop(self):
         # A staging attempt may wait as long as a tape recall: it is not
@@ -121,7 +132,9 @@ class Pipeline(Service):
 
     async def _renew_leases(self):
         try:
-            await self.store.renew_leases(self.owner, sorted(self.held), self.lease)
+            renewed = await self.store.renew_leases(self.owner, sorted(self.held), self.lease)
+            if self.metrics is not None:
+                self.metrics.leases_renewed.inc(renewed)
             for job_id in sorted(self._unreturned):
                 await self._give_back(job_id)
         except StoreUnavailable as error:
@@ -408,6 +421,8 @@ class Pipeline(Service):
 
     async def dead_letter(self, queue, job_id, reason):
         """A message failed max_deliveries times: its job ends in ERROR with the reason."""
+        if self.metrics is not None:
+            self.metrics.dead_letters.labels(queue).inc()
         job = await self.store.get(job_id)
         if job is not None and not job.terminal:
             await self.store.transition(job_id, job.status, jobs.ERROR, {"detailed_status": reason},
@@ -643,16 +658,26 @@ class Reconciler:
 
     log = Logger()
 
-    def __init__(self, store, pipeline, queue_durable, batch=1000):
+    def __init__(self, store, pipeline, queue_durable, batch=1000, metrics=None):
         self.store = store
+        self.metrics = metrics  # transferd.metrics.Metrics: jobs re-driven
         self.pipeline = pipeline
         self.batch = batch
         # The first pass after start also re-drives jobs under a queue hold
         # when the queue does not survive restarts: their messages died with it.
         self._queue_holds_void = not queue_durable
+        self.draining = False  # a drained daemon re-drives nothing (transferd.fleet); the others do
+
+    def drain(self):
+        self.draining = True
+
+    def undrain(self):
+        self.draining = False
 
     async def run_once(self):
         """One pass; returns how many jobs it re-drove.  Never raises (timer-safe)."""
+        if self.draining:
+            return 0
         try:
             return await self._pass()
         except StoreUnavailable as error:
@@ -676,4 +701,6 @@ class Reconciler:
             count += 1
         if count:
             self.log.info("reconciler re-drove {count} job(s)", count=count)
+            if self.metrics is not None:
+                self.metrics.redriven.inc(count)
         return count

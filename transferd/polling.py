@@ -28,6 +28,7 @@ class Poller(TimerService):
         self.outcomes = outcomes
         self.poll_interval = poll_interval
         self.polls = 0  # cycles ended, for tests and monitoring
+        self.draining = False  # a drained daemon polls nothing (transferd.fleet): the others poll its jobs
         self._cycle = None
 
     async def cycle(self):
@@ -37,8 +38,16 @@ class Poller(TimerService):
         """What poll_once fires with when its cycle failed or was cancelled."""
         return None
 
+    def drain(self):
+        self.draining = True
+
+    def undrain(self):
+        self.draining = False
+
     def poll_once(self):
-        """One cycle; fires with what cycle() returned.  Never fails (timer-safe)."""
+        """One cycle; fires with what cycle() returned.  Never fails (timer-safe); none while draining."""
+        if self.draining:
+            return defer.succeed(self.nothing())
         self._cycle = defer.Deferred.fromCoroutine(self._safely())
         return self._cycle
 

@@ -60,12 +60,14 @@ operators.  Options inject delays and failures for tests: --delay,
 --fail-products, --drop-first, --unavailable-first, --ignore-cancel.
 """
 
+import configparser
 import dataclasses
 import json
 import os
 import random
 import signal
 import socket
+import sys
 import threading
 from typing import Optional
 from urllib.parse import urlsplit
@@ -223,7 +225,9 @@ class ReferenceStager:
         self.callback_deadline = callback_deadline
         self.clock = clock
         self.random = random
+        self.reactor, self.request_timeout = reactor, request_timeout
         self.http = HTTPClient(reactor, clock, timeout=request_timeout, tls_policy=tls_policy)
+        self._retired_http = []  # clients replaced by a reload, closed with this one
         self.stagings = {}  # job_id -> the Staging now current for that job
         self.stage_requests = 0  # POST /stage requests seen (for --unavailable-first)
         self.accepted = 0  # stagings started (for --drop-first)
@@ -232,6 +236,22 @@ class ReferenceStager:
 
     def resource(self):
         return self.app.resource()
+
+    def reconfigure(self, options):
+        """Take the reloadable options (RELOADABLE) of a freshly parsed Options, all at once (SIGHUP).
+
+        Stagings under way keep the archive copy they started; callbacks from now on use the new TLS settings.
+        """
+        self.archive = os.path.abspath(options["archive"])
+        self.hostname = options["hostname"] or socket.getfqdn()
+        self.delay, self.link = options["delay"], bool(options["link"])
+        self.fail_products = frozenset(options["fail-products"])
+        self.callback_retry, self.callback_retry_max = options["callback-retry"], options["callback-retry-max"]
+        self.callback_deadline = options["callback-deadline"]
+        if options.get("tls-changed"):
+            self._retired_http.append(self.http)
+            self.http = HTTPClient(self.reactor, self.clock, timeout=self.request_timeout,
+                                   tls_policy=options["tls-policy"])
 
     # -- POST /stage ------------------------------------------------------
 
@@ -439,7 +459,8 @@ class ReferenceStager:
         for staging in self.stagings.values():
             self._stop(staging)
         await defer.gatherResults([_after(work) for work in list(self._works)])
-        await self.http.stop()
+        for http in [*self._retired_http, self.http]:
+            await http.stop()
 
 
 # -- twistd ----------------------------------------------------------------------------
@@ -459,12 +480,20 @@ def _count(text):
     return value
 
 
+# The options SIGHUP applies (from --config FILE, read again); a change to another one is logged as needing a restart.
+RELOADABLE = frozenset({"archive", "hostname", "delay", "link", "fail-products", "callback-retry",
+                        "callback-retry-max", "callback-deadline", "callback-ca", "callback-cert", "callback-key"})
+CONFIG_SECTION = "transferd-stager"
+
+
 class Options(usage.Options):
-    synopsis = "--archive DIR --staging DIR [--endpoint SPEC] [options]"
+    synopsis = "--archive DIR --staging DIR [--endpoint SPEC] [--config FILE] [options]"
     longdesc = ("A reference stager for transferd's callback protocol ([stager] backend = callback, "
                 "url = http://HOST:PORT/stage). Products are files or directories under --archive; "
                 "staging copies them to --staging/<job_id>/<product_id> and calls transferd back.")
     optParameters = [
+        ["config", "c", None, "INI file whose [transferd-stager] section holds options (key = the option's long"
+                              " name); the command line wins over it; SIGHUP reads it again"],
         ["archive", None, None, "directory holding the products, one file or directory per product id"],
         ["staging", None, None, "directory receiving staged copies (created if missing)"],
         ["endpoint", "e", "tcp:8081:interface=127.0.0.1", "listen on this Twisted endpoint"],
@@ -486,6 +515,44 @@ class Options(usage.Options):
         ["link", None, "hard-link the archive's files instead of copying them (same filesystem)"],
         ["ignore-cancel", None, "testing: answer DELETE but go on staging and calling back"],
     ]
+
+    def parseOptions(self, options=None):
+        """The options of --config FILE come first, so that the command line's own win."""
+        self.arguments = list(sys.argv[1:] if options is None else options)  # SIGHUP parses them again
+        super().parseOptions(self._file_arguments(self.arguments) + self.arguments)
+
+    def _file_arguments(self, arguments):
+        path = None
+        for at, argument in enumerate(arguments):
+            if argument in ("--config", "-c") and at + 1 < len(arguments):
+                path = arguments[at + 1]
+            elif argument.startswith("--config="):
+                path = argument.split("=", 1)[1]
+        if path is None:
+            return []
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                parser.read_file(handle)
+        except OSError as error:
+            raise usage.UsageError(f"--config {path}: {error.strerror}") from None
+        except (configparser.Error, UnicodeDecodeError) as error:
+            raise usage.UsageError(f"--config {path} is not a valid INI file: {' '.join(str(error).split())}") from None
+        known = {name for name, *_ in self.optParameters} | {name for name, *_ in self.optFlags}
+        extra = [section for section in parser.sections() if section != CONFIG_SECTION]
+        if extra:
+            raise usage.UsageError(f"--config {path}: unknown section [{extra[0]}] (options go in [{CONFIG_SECTION}])")
+        found = []
+        for key, value in parser.items(CONFIG_SECTION) if parser.has_section(CONFIG_SECTION) else ():
+            if key not in known or key == "config":
+                raise usage.UsageError(f"--config {path}: unknown option {key} in [{CONFIG_SECTION}]")
+            if key in {name for name, *_ in self.optFlags}:
+                if value.strip().lower() not in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                    raise usage.UsageError(f"--config {path}: {key} must be true or false")
+                found += [f"--{key}"] if value.strip().lower() in ("true", "yes", "on", "1") else []
+            else:
+                found.append(f"--{key}={value.strip()}")
+        return found
 
     def postOptions(self):
         for name in ("archive", "staging"):
@@ -517,8 +584,9 @@ class StagerService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, stager, endpoint, reactor):
+    def __init__(self, stager, endpoint, reactor, options=None):
         super().__init__()
+        self.options = options  # the parsed Options, which SIGHUP parses again
         self.stager = stager
         self.reactor = reactor
         site = LimitedSite(stager.resource(), MAX_BODY_BYTES)
@@ -531,8 +599,37 @@ class StagerService(service.MultiService):
                       archive=self.stager.archive, staging=self.stager.staging)
 
     def _sighup(self, signum, frame):
-        """SIGHUP would kill the daemon by default (a closed terminal, a careless reload)."""
-        self.reactor.callFromThread(self.log.info, "SIGHUP ignored")
+        """SIGHUP reads --config again (it would kill the daemon by default)."""
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self):
+        """Parse the command line and --config again; apply the RELOADABLE options, name the others that changed.
+
+        Options that do not parse or fail their checks change nothing: one line says why.
+        """
+        if self.options is None or self.options.get("config") is None:
+            self.log.info("SIGHUP: no --config file to read again")
+            return False
+        fresh = Options()
+        try:
+            fresh.parseOptions(self.options.arguments)
+        except (usage.UsageError, SystemExit) as error:
+            self.log.error("options not reloaded, nothing changed: {error}", error=error)
+            return False
+        names = [name for name, *_ in Options.optParameters + Options.optFlags]
+        changed = [name for name in names if fresh[name] != self.options[name]]
+        for name in changed:
+            if name not in RELOADABLE:
+                self.log.warn("--{name} changed: restart transferd-stager to apply it", name=name)
+        applied = [name for name in changed if name in RELOADABLE]
+        fresh["tls-changed"] = bool({"callback-ca", "callback-cert", "callback-key"} & set(applied))
+        if applied:
+            self.stager.reconfigure(fresh)
+            for name in applied:
+                self.options[name] = fresh[name]
+            self.options["tls-policy"] = fresh["tls-policy"]
+        self.log.info("options reloaded: {changed}", changed=", ".join(f"--{name}" for name in applied) or "none changed")
+        return True
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -561,4 +658,4 @@ def makeService(options):
         callback_deadline=options["callback-deadline"],
         tls_policy=options["tls-policy"],
     )
-    return StagerService(stager, options["endpoint"], reactor)
+    return StagerService(stager, options["endpoint"], reactor, options)

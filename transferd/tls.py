@@ -163,6 +163,32 @@ class ClientTLSPolicy:
         return ssl.optionsForClientTLS(hostname.decode("idna"), trustRoot=self.trust_root, **kwargs)
 
 
+def reconfigure_client_credential(policy, cert, key, name):
+    """New cert and key file names for a ClientTLSPolicy built with a certificate (SIGHUP); name: the keys, for
+    messages.  ConfigError, the policy unchanged, when the files cannot be used or a certificate comes or goes
+    (that needs a restart)."""
+    from transferd.config import ConfigError
+
+    current = policy.credential if policy is not None else None
+    if (current is None) != (not cert):
+        raise ConfigError(f"{name}: starting or stopping to present a client certificate needs a restart")
+    if current is None or (current.cert_path, current.key_path) == (cert, key or cert):
+        return False
+    try:
+        replace_credential(policy, X509Credential(cert, key))
+    except CredentialError as error:
+        raise ConfigError(f"{name}: {error}") from None
+    return True
+
+
+def replace_credential(policy, credential):
+    """Make a ClientTLSPolicy present credential (an X509Credential, loaded first: CredentialError if its files
+    cannot be used, the policy unchanged) from the next connection on (SIGHUP: renewed credential files)."""
+    if credential is not None:
+        credential.load()
+    policy.credential = credential
+
+
 def client_tls_policy(ca_path=None, cert=None, key=None):
     """A ClientTLSPolicy from file names: ca_path (file or directory), cert (or a proxy) and key.
 

@@ -8,6 +8,10 @@ import os
 import re
 from urllib.parse import unquote, urlsplit
 
+from zope.interface import implementer
+
+from transferd.interfaces import IReconfigurable
+
 MAX_PRODUCT_ID = 200
 MAX_DESTINATION = 2048
 PRODUCT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@,-]*\Z")
@@ -32,6 +36,7 @@ def product_id(value):
     return value
 
 
+@implementer(IReconfigurable)
 class DestinationRules:
     """Where users may send products: [transfer] allowed_schemes, file_roots, allowed_hosts, denied_hosts.
 
@@ -49,6 +54,13 @@ class DestinationRules:
         self.file_roots = tuple(file_roots)
         self.allowed_hosts = tuple(host_pattern(pattern) for pattern in allowed_hosts)
         self.denied_hosts = tuple(host_pattern(pattern) for pattern in denied_hosts)
+
+    def reconfigure(self, config):
+        """New [transfer] allowed_hosts and denied_hosts, both at once (SIGHUP; transferd.interfaces.IReconfigurable)."""
+        section = config.transfer
+        allowed = tuple(host_pattern(pattern) for pattern in section.allowed_hosts)
+        denied = tuple(host_pattern(pattern) for pattern in section.denied_hosts)
+        self.allowed_hosts, self.denied_hosts = allowed, denied
 
     def check(self, value):
         """The destination URL, unchanged, or BadRequest saying what is wrong."""

@@ -26,6 +26,9 @@ from twisted.internet import address
 from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.web import http, server
+from zope.interface import implementer
+
+from transferd.interfaces import IReconfigurable
 
 # twisted.web parses every POST's Content-Type with the email package, about
 # 44 µs a request, a fifth of the daemon's CPU per submission (see
@@ -86,6 +89,7 @@ class LimitedChannel(http.HTTPChannel):
         self.loseConnection()
 
 
+@implementer(IReconfigurable)
 class LimitedSite(server.Site):
     """The API's Site: HTTP/1.1 only, bounded bodies and headers, an idle timeout, an optional access log.
 
@@ -100,6 +104,10 @@ class LimitedSite(server.Site):
         super().__init__(resource, requestFactory=self._factory(max_body_bytes), timeout=timeout, **kwargs)
         self.max_header_bytes = max_header_bytes
         self.access_log = access_log
+
+    def reconfigure(self, config):
+        """New body limits (SIGHUP): the site keeps bodies up to the larger of [api] max_body_bytes and max_batch_bytes."""
+        self.requestFactory.max_body_bytes = max(config.api.max_body_bytes, config.api.max_batch_bytes)
 
     def buildProtocol(self, addr):
         channel = super().buildProtocol(addr)

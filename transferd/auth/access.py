@@ -17,9 +17,13 @@ everything; transferd then listens only on loopback (transferd.tap).
 import dataclasses
 from typing import Optional
 
+from zope.interface import implementer
+
 from transferd.auth import x509
 from transferd.auth.tokens import TokenError
 from transferd.auth.voms import fqan_matches
+from transferd.config import ConfigError
+from transferd.interfaces import IReconfigurable
 
 
 class Unauthenticated(Exception):
@@ -53,6 +57,7 @@ def token_identity(iss, sub):
     return f"SUB={sub}, ISS={iss}"
 
 
+@implementer(IReconfigurable)
 class Access:
     """Authentication (client certificate DN, bearer token) and the rules on jobs.
 
@@ -67,6 +72,16 @@ class Access:
         self.tokens = tokens
         self.admins = frozenset(admins)
         self.stager_dns = frozenset(stager_dns)
+
+    def reconfigure(self, config):
+        """New [auth] admins and stager_dns.  Turning client certificates or bearer tokens on or off changes
+        what the listener asks of clients: that needs a restart."""
+        auth = config.auth
+        if bool(auth.x509_ca_path) != bool(self.x509):
+            raise ConfigError("[auth] x509_ca_path: turning client certificates on or off needs a restart")
+        if bool(auth.token_issuers) != (self.tokens is not None):
+            raise ConfigError("[auth] token_issuers: turning bearer tokens on or off needs a restart")
+        self.admins, self.stager_dns = frozenset(auth.admins), frozenset(auth.stager_dns)
 
     @property
     def enabled(self):

@@ -37,8 +37,11 @@ from twisted.application import service
 from twisted.application.internet import TimerService
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from transferd.config import ConfigError
 from transferd.http import HTTPClient, Timeout, describe
+from transferd.interfaces import IReconfigurable
 from transferd.tls import WatchedFile, client_tls_policy
 
 ALGORITHMS = ("RS256", "ES256")  # the profile's algorithms; asymmetric only
@@ -171,12 +174,13 @@ class _Issuer:
         return f"the token's key {_shown(kid)} is not among the keys of issuer {self.iss}"
 
 
+@implementer(IReconfigurable)
 class TokenVerifier(service.MultiService):
     """Verifies bearer tokens against the keys of the trusted issuers; a service that keeps the keys current."""
 
     log = Logger()
 
-    def __init__(self, issuers, audiences, reactor, clock, refresh=3600.0, fetch_timeout=FETCH_TIMEOUT):
+    def __init__(self, issuers, audiences, reactor, clock, refresh=3600.0, fetch_timeout=FETCH_TIMEOUT, metrics=None):
         """issuers: {iss: JWKS source}, a source being an http(s) URL or a file name.
         audiences: the aud values that mean this service; a token must name one of them.
         reactor: downloads the JWKS URLs (verifying https against the system's CAs).
@@ -192,10 +196,29 @@ class TokenVerifier(service.MultiService):
         trusted = {iss: spec if isinstance(spec, TrustedIssuer) else TrustedIssuer(spec) for iss, spec in issuers.items()}
         self._issuers = {iss: _Issuer(iss, spec.jwks, spec.kid_optional) for iss, spec in trusted.items()}
         self.http = HTTPClient(reactor, clock, timeout=fetch_timeout, tls_policy=client_tls_policy(),
-                               max_body=MAX_JWKS_BYTES, headers={"Accept": "application/json"})
+                               max_body=MAX_JWKS_BYTES, headers={"Accept": "application/json"}, service="token_issuer",
+                               metrics=metrics)
         timer = TimerService(refresh, self.refresh)
         timer.clock = clock
         timer.setServiceParent(self)
+
+    def reconfigure(self, config):
+        """New [auth] token_issuers and token_audiences, at once.  An issuer kept as it was keeps its keys; a new
+        one's keys are loaded now (its tokens are refused until they are)."""
+        issuers, audiences = config.auth.token_issuers, tuple(config.auth.token_audiences)
+        if not issuers or not audiences:
+            raise ConfigError("[auth] token_issuers: turning bearer tokens off needs a restart")
+        kept = {}
+        for iss, spec in issuers.items():
+            old = self._issuers.get(iss)
+            same = old is not None and (old.source, old.kid_optional) == (spec.jwks, spec.kid_optional)
+            kept[iss] = old if same else _Issuer(iss, spec.jwks, spec.kid_optional)
+        for iss, old in self._issuers.items():
+            if kept.get(iss) is not old and old.fetching is not None:
+                old.fetching.cancel()
+        self._issuers, self.audiences = kept, audiences
+        if self.running:
+            self.refresh()
 
     def stopService(self):
         """Cancel the downloads in flight, stop the refresh, close our connections."""

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from transferd.fts.delegation import PROXY_CERT_INFO_OID
+from transferd.interfaces import IReconfigurable
 from transferd.tls import CredentialError, X509Credential
 
 __all__ = ["ServerTLS", "peer_dn", "peer_chain", "peer_certificate", "canonical_dn", "end_entity", "PROXY_EXTENSION_OIDS"]
@@ -167,7 +168,7 @@ def peer_certificate(request):
     return dn, chain
 
 
-@implementer(IOpenSSLServerConnectionCreator)
+@implementer(IOpenSSLServerConnectionCreator, IReconfigurable)
 class ServerTLS:
     """The TLS side of the API listener, verifying client certificates against a grid CA directory.
 
@@ -215,6 +216,29 @@ class ServerTLS:
         self._ca_stamp = ca_stamp
         self._context = self._make_context(self._loaded)
         self._next_check = clock.seconds() + check_interval
+
+    def reconfigure(self, config):
+        """A new [auth] x509_ca_path (SIGHUP): checked as at start (ConfigError), then used from the next connection."""
+        from transferd.config import ConfigError
+
+        ca_path = config.auth.x509_ca_path or None
+        if (ca_path is None) != (self.ca_path is None):
+            raise ConfigError("[auth] x509_ca_path: turning client certificates on or off needs a restart")
+        if ca_path == self.ca_path:
+            return
+        try:
+            ca_stamp = _directory_stamp(ca_path) if os.path.isdir(ca_path) else None
+        except OSError as error:
+            raise ConfigError(f"[auth] x509_ca_path: cannot read {ca_path}: {error.strerror}") from None
+        if ca_stamp is None or not any(_HASHED_CA.match(name) for name, *_ in ca_stamp):
+            raise ConfigError(f"[auth] x509_ca_path = {ca_path!r} holds no CA certificate named <hash>.0")
+        previous, self.ca_path = self.ca_path, ca_path
+        try:
+            context = self._make_context(self._loaded)
+        except SSL.Error as error:
+            self.ca_path = previous
+            raise ConfigError(f"[auth] x509_ca_path = {ca_path!r} cannot be used: {error}") from None
+        self._context, self._ca_stamp = context, ca_stamp
 
     def serverConnectionForTLS(self, tlsProtocol):
         now = self.clock.seconds()

@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import uuid
+from urllib.parse import quote
 
 import click
 
@@ -354,6 +355,57 @@ def whoami(url, as_json):
     click.echo(f"admin      {'yes' if answer.get('admin') else 'no'}")
     click.echo(f"presented  {presented}")
     click.echo(f"server     {run.client.url}")
+    return run.exit_code
+
+
+@cli.group()
+def admin():
+    """Operators' commands (admins only): the daemons sharing the database, draining them."""
+
+
+@admin.command(name="status")
+@common
+def admin_status(url, as_json):
+    """The daemons (host, pid, version, state, jobs held, last heartbeat) and the jobs in each state."""
+    run = current_run(url, as_json)
+    fleet = run.client.call("GET", "/api/v1/daemons")
+    if as_json:
+        run.emit(fleet)
+        return run.exit_code
+    click.echo(output.DAEMONS_HEADER)
+    for daemon in fleet["daemons"]:
+        click.echo(output.daemon_row(daemon))
+    click.echo("jobs: " + output.job_counts(fleet["jobs"]))
+    return run.exit_code
+
+
+@admin.command()
+@click.argument("name", metavar="HOST")
+@common
+def drain(name, url, as_json):
+    """Make the daemons on HOST (or the one with this daemon id) take no new work; they finish what they hold.
+
+    Each follows on its next heartbeat; `admin status` shows "drained" once one holds no job and can be stopped.
+    """
+    return _set_drain(name, url, as_json, "PUT")
+
+
+@admin.command()
+@click.argument("name", metavar="HOST")
+@common
+def undrain(name, url, as_json):
+    """Let the daemons on HOST (or the one with this daemon id) take new work again."""
+    return _set_drain(name, url, as_json, "DELETE")
+
+
+def _set_drain(name, url, as_json, method):
+    run = current_run(url, as_json)
+    answer = run.client.call(method, f"/api/v1/daemons/{quote(name, safe='')}/drain")
+    if as_json:
+        run.emit(answer)
+        return run.exit_code
+    for daemon in answer["daemons"]:
+        click.echo(output.daemon_row(daemon))
     return run.exit_code
 
 

@@ -129,6 +129,22 @@ def tally(views):
     return f"{len(views)} job{'s' if len(views) != 1 else ''}: {counts(views)}"
 
 
+DAEMONS_HEADER = f"{'HOST':24}  {'PID':>7}  {'VERSION':8}  {'STATE':8}  {'HELD':>5}  {'LAST BEAT':20}  DAEMON"
+
+
+def daemon_row(daemon):
+    """`admin status`: one daemon a line; * marks the one that answered."""
+    return (f"{daemon['host']:24}  {daemon['pid']:>7}  {daemon.get('version') or '-':8}  {daemon['state']:8}  "
+            f"{daemon['jobs_held']:>5}  {short_time(daemon.get('time_beat')):20}  {daemon['daemon_id']}"
+            f"{' *' if daemon.get('this') else ''}")
+
+
+def job_counts(counts):
+    """ "3 SUBMITTED, 1 STAGING, ...": every state, in the order of the states."""
+    order = list(STEP) + ["ERROR", "CANCELLED"]
+    return ", ".join(f"{counts.get(state, 0)} {state}" for state in order)
+
+
 def _text(value):
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True)

@@ -256,7 +256,7 @@ class FTSClient:
 
     def __init__(self, endpoint, reactor, clock, auth=None, token_file=None, cert=None, key=None, proxy=None,
                  ca_path=None, vo=None, delegation_min_lifetime=21600.0, delegation_lifetime=43200.0,
-                 request_timeout=60.0):
+                 request_timeout=60.0, metrics=None):
         self.endpoint = endpoint.rstrip("/")
         self.clock = clock
         self.auth = auth
@@ -265,9 +265,10 @@ class FTSClient:
         if auth == "token" and not token_file:
             raise ValueError("token authentication needs a token file")
         trust_root = load_trust_root(ca_path) if ca_path else None
+        self.tls_policy = ClientTLSPolicy(trust_root, self.credential)
         self.http = HTTPClient(reactor, clock, timeout=request_timeout, max_body=MAX_BODY, per_host=8,
-                               tls_policy=ClientTLSPolicy(trust_root, self.credential),
-                               headers={"Accept": "application/json"})
+                               tls_policy=self.tls_policy,
+                               headers={"Accept": "application/json"}, service="fts", metrics=metrics)
         self.request_timeout = request_timeout
         self.delegation_min_lifetime = delegation_min_lifetime
         self.delegation_lifetime = delegation_lifetime
@@ -279,6 +280,38 @@ class FTSClient:
         self._problem = None  # the credential problem last logged
         self._delegation_lock = defer.DeferredLock()
         self._renew_delegation_at = None  # epoch seconds; None: ask FTS
+
+    def reconfigure_credentials(self, token_file, cert, key, proxy):
+        """Use other credential files (SIGHUP): checked first (ConfigError, nothing changed), then all at once.
+
+        The connections kept open are closed, so the next request presents the new certificate; a
+        certificate delegates again.
+        """
+        from transferd.config import ConfigError
+
+        if self.auth == "token":
+            if not token_file:
+                raise ConfigError("[fts] token_file: auth = token needs one")
+            token = TokenFile(token_file)
+            try:
+                token.text()
+            except FTSCredentialsError as error:
+                raise ConfigError(f"[fts] token_file: {error}") from None
+            if token_file != self.token.path:
+                self.token = token
+        elif self.auth == "x509":
+            try:
+                credential = X509Credential(cert, key, proxy)
+            except ValueError as error:
+                raise ConfigError(f"[fts] cert/key/proxy: {error}") from None
+            if (credential.cert_path, credential.key_path) == (self.credential.cert_path, self.credential.key_path):
+                return
+            try:
+                tls.replace_credential(self.tls_policy, credential)
+            except FTSCredentialsError as error:
+                raise ConfigError(f"[fts] cert/key/proxy: {error}") from None
+            self.credential, self._renew_delegation_at = credential, None
+            self.http.pool.closeCachedConnections()
 
     # -- what FTS offers --------------------------------------------------
 

@@ -37,7 +37,7 @@ from transferd import jobs
 from transferd.files import safe_relative
 from transferd.fts.client import FTSClient, FTSConflict, FTSError, FTSRefused, FTSUnavailable, deterministic_job_id
 from transferd.fts.poller import FTSPoller
-from transferd.interfaces import IMover, ServiceAway
+from transferd.interfaces import IMover, IReconfigurable, ServiceAway
 from transferd.jobs import StagedFile, TransferResult
 
 # Characters kept as they are in URL paths built from file paths.
@@ -51,7 +51,7 @@ def _join_url(base, relative):
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
-@implementer(IMover)
+@implementer(IMover, IReconfigurable)
 class FTSMover(Service):
     """Submits staged products to FTS3 (idempotently); its poller reports how they ended."""
 
@@ -76,6 +76,11 @@ class FTSMover(Service):
         self.retry = retry
         self.priority = priority
         self.poll_limit = poll_limit or max(1000, bulk_size * 10)
+
+    def reconfigure(self, config):
+        """New [fts] token_file, or cert, key and proxy (SIGHUP): FTS sees them from the next request on."""
+        section = config.fts
+        self.client.reconfigure_credentials(section.token_file, section.cert, section.key, section.proxy)
 
     # -- IMover -----------------------------------------------------------
 
@@ -214,7 +219,7 @@ class FTSMover(Service):
         return None
 
 
-def from_config(config, reactor, clock, store):
+def from_config(config, reactor, clock, store, metrics=None):
     """The FTS mover from [fts] (transferd.config has checked endpoint, auth, files and source_template)."""
     from transferd.config import ConfigError
 
@@ -224,7 +229,7 @@ def from_config(config, reactor, clock, store):
             section.endpoint, reactor, clock, auth=section.auth,
             token_file=section.token_file, cert=section.cert, key=section.key, proxy=section.proxy,
             ca_path=section.ca_path, vo=section.vo,
-            delegation_min_lifetime=section.delegation_min_lifetime,
+            delegation_min_lifetime=section.delegation_min_lifetime, metrics=metrics,
         )
     except ValueError as error:
         raise ConfigError(f"[fts]: {error}") from None

@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from transferd import files
 from transferd.http import DestinationRefused, HTTPClient, Timeout
-from transferd.interfaces import IMover
+from transferd.interfaces import IMover, IReconfigurable
 from transferd.jobs import TransferResult
 from transferd.validation import DestinationRules, under_roots
 
@@ -83,7 +83,7 @@ class _Running:
             raise TransferCancelled()
 
 
-@implementer(IMover)
+@implementer(IMover, IReconfigurable)
 class LocalMover(Service):
     """Delivers staged products to file:// directories under file_roots, or by HTTP PUT."""
 
@@ -94,7 +94,7 @@ class LocalMover(Service):
     give_up_after = None  # it is never away: a destination it cannot write fails the transfer
 
     def __init__(self, file_roots, reactor, clock, request_timeout=60.0, overwrite=False, tls_policy=None,
-                 min_rate=1 << 20, destinations=None, resolver=None):
+                 min_rate=1 << 20, destinations=None, resolver=None, metrics=None):
         """file_roots: the directories file:// destinations must lie in.
         reactor, clock: do the HTTP I/O, and time it out.
         request_timeout: seconds an HTTP request may take, plus size / min_rate
@@ -105,13 +105,26 @@ class LocalMover(Service):
         IHostnameResolver that resolves names (transferd.http.CheckedEndpointFactory).
         """
         self.file_roots = tuple(file_roots)
+        self.destinations = destinations
         self.http = HTTPClient(reactor, clock, timeout=request_timeout, tls_policy=tls_policy,
-                               destinations=destinations, resolver=resolver)
+                               destinations=destinations, resolver=resolver, service="destination", metrics=metrics)
         self.request_timeout = request_timeout
         self.min_rate = min_rate
         self.overwrite = overwrite
         self.deliveries = 0
         self._running = {}  # job_id -> _Running
+
+    def reconfigure(self, config):
+        """New destination host rules (SIGHUP).  The HTTP client checks addresses only when rules were set at start."""
+        from transferd.config import ConfigError
+
+        rules, section = self.destinations, config.transfer
+        if rules is None:
+            return
+        if not rules.restricts_addresses and (section.allowed_hosts or section.denied_hosts):
+            raise ConfigError("[transfer] allowed_hosts / denied_hosts: the local mover checks the addresses it"
+                              " connects to only when host rules were set at start; restart transferd to set the first")
+        rules.reconfigure(config)
 
     # -- IMover -----------------------------------------------------------
 
@@ -290,8 +303,8 @@ class LocalMover(Service):
         return TransferResult(False, f"{method} {url} {reason}")
 
 
-def from_config(config, reactor, clock, store):
+def from_config(config, reactor, clock, store, metrics=None):
     """The local mover from [transfer]; its HTTP connections are checked against the destination host rules."""
     section = config.transfer
     rules = DestinationRules(section.allowed_schemes, section.file_roots, section.allowed_hosts, section.denied_hosts)
-    return LocalMover(section.file_roots, reactor, clock, destinations=rules)
+    return LocalMover(section.file_roots, reactor, clock, destinations=rules, metrics=metrics)

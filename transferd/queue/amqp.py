@@ -8,6 +8,8 @@ Topology, for each queue name N (default prefix "transferd"):
 
 * ``<prefix>.N``       durable work queue; persistent messages whose body is a job id
 * ``<prefix>.N.dead``  durable dead-letter queue, inspected by operators
+* event exchanges (transferd.events, publish_event): durable topic exchanges,
+  declared on each connection the first time an event goes to them
 
 Classic queues do not count deliveries, so failed deliveries are counted in
 the message itself: when the handler fails, the message is held for
@@ -127,6 +129,8 @@ class _Consumer:
         self.prefetch = prefetch
         self.on_dead_letter = on_dead_letter
         self.connection = None  # the connection this consumer runs on
+        self.channel = None  # its channel and consumer tag, while it consumes
+        self.tag = None
 
 
 @implementer(IJobQueue)
@@ -171,6 +175,7 @@ class AMQPJobQueue(Service):
         self._closing = False
         self._delivering = True  # False once stop_consuming() was called
         self._first_connection = None  # fires when a connection is set up, while startService waits for it
+        self._exchanges = (None, set())  # (the connection, the event exchanges declared on it)
         self._last_failure = None  # why the last try to connect failed
 
     @classmethod
@@ -213,6 +218,31 @@ class AMQPJobQueue(Service):
         return defer.gatherResults(confirms, consumeErrors=True).addCallbacks(
             lambda _: None, lambda failure: failure.value.subFailure)
 
+    async def publish_event(self, exchange, routing_key, body, message_id):
+        """Publish an event (JSON bytes) to a durable topic exchange, persistent; return once RabbitMQ confirmed it.
+
+        Not mandatory: an exchange no queue is bound to takes the event and drops it.
+        """
+        channel, connection = self._publisher, self._connection
+        if channel is None or not channel.is_open:
+            raise QueueUnavailable("RabbitMQ is not connected")
+        if self._blocked is not None:
+            raise QueueUnavailable(f"RabbitMQ blocks publishers ({self._blocked})")
+        if self._exchanges[0] is not connection:
+            self._exchanges = (connection, set())
+        declared = self._exchanges[1]
+        properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
+                                          content_type="application/json", message_id=message_id)
+        try:
+            if exchange not in declared:
+                await channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+                declared.add(exchange)
+            await channel.basic_publish(exchange, routing_key, body, properties)
+        except pika.exceptions.NackError:
+            raise PublishRefused(f"RabbitMQ refused event {message_id} for exchange {exchange} (nack)") from None
+        except pika.exceptions.AMQPError as error:
+            raise QueueUnavailable(f"RabbitMQ did not confirm event {message_id}: {_describe(error)}") from None
+
     def consume(self, queue, handler, prefetch, on_dead_letter):
         """Register handler for queue, on this and every later connection.
 
@@ -230,8 +260,24 @@ class AMQPJobQueue(Service):
     # -- service ----------------------------------------------------------
 
     def stop_consuming(self):
-        """Hand no more messages to the handlers; those not handled go back to the queue when the channel closes."""
+        """Hand no more messages to the handlers: cancel the consumers; the messages received and not handled
+        go back to the queue at once (rejected), for other daemons.  Those being handled finish."""
         self._delivering = False
+        for consumer in self._consumers.values():
+            channel, tag = consumer.channel, consumer.tag
+            consumer.channel = consumer.tag = consumer.connection = None
+            if channel is not None and channel.is_open:
+                try:
+                    channel.basic_cancel(tag).addErrback(lambda _: None)
+                except Exception:  # the channel is closing: its messages go back with it
+                    pass
+
+    def resume_consuming(self):
+        """Consume again after stop_consuming (an undrained daemon)."""
+        self._delivering = True
+        if self._connection is not None and self.running:
+            for consumer in self._consumers.values():
+                self._start_consumer(self._connection, consumer)
 
     def startService(self):
         super().startService()
@@ -421,7 +467,7 @@ class AMQPJobQueue(Service):
     # -- consuming --------------------------------------------------------
 
     def _start_consumer(self, connection, consumer):
-        if consumer.connection is connection:
+        if consumer.connection is connection or not self._delivering:  # resume_consuming starts it later
             return
         consumer.connection = connection
         defer.Deferred.fromCoroutine(self._consume(connection, consumer))
@@ -431,20 +477,31 @@ class AMQPJobQueue(Service):
         try:
             channel = await connection.channel()
             await channel.basic_qos(prefetch_count=consumer.prefetch)
-            messages, _tag = await channel.basic_consume(self.queue_name(consumer.name), auto_ack=False)
+            messages, tag = await channel.basic_consume(self.queue_name(consumer.name), auto_ack=False)
         except Exception as error:
             self._rebuild(connection, f"could not consume {consumer.name}: {_describe(error)}")
             return
+        if consumer.connection is not connection:  # stop_consuming came meanwhile
+            channel.basic_cancel(tag).addErrback(lambda _: None)
+        else:
+            consumer.channel, consumer.tag = channel, tag
         while True:
             try:
                 message = await messages.get()
             except Exception as error:  # channel closed or consumer cancelled
+                if not self._delivering and channel.is_open:  # cancelled by stop_consuming
+                    for message in list(messages.pending):  # received, never handed: back to the queue
+                        _reject(message)
+                    del messages.pending[:]
+                    return
                 self._rebuild(connection, f"the consumer of {consumer.name} stopped: {_describe(error)}")
                 return
-            if self.running and self._delivering:  # otherwise unacked: they go back to the queue on close
+            if self.running and self._delivering:
                 d = defer.Deferred.fromCoroutine(self._process(consumer, message))
                 self._in_flight.add(d)
                 d.addBoth(self._processed, d)
+            else:  # arrived before the cancel was through: back to the queue, for the other daemons
+                _reject(message)
 
     def _processed(self, result, d):
         self._in_flight.discard(d)
@@ -528,6 +585,13 @@ def _ack(message):
     channel = message.channel
     if channel.is_open:  # otherwise its delivery tag died with the channel; the broker delivers it again
         channel.basic_ack(message.method.delivery_tag)
+
+
+def _reject(message):
+    """Give a message back to its queue unhandled (a drained daemon), if its channel still lives."""
+    channel = message.channel
+    if channel.is_open:
+        channel.basic_reject(message.method.delivery_tag, requeue=True)
 
 
 def _describe(error):

@@ -30,6 +30,7 @@ class MemoryJobQueue(Service):
 
     log = Logger()
     durable = False
+    connected = True  # publishing always succeeds (IJobQueue.connected)
 
     def __init__(self, clock, max_deliveries=5, retry_delay=1.0):
         self.clock = clock
@@ -77,6 +78,11 @@ class MemoryJobQueue(Service):
     def stop_consuming(self):
         """Hand no more messages to the handlers (they stay queued; an in-process queue loses them at exit)."""
         self._delivering = False
+
+    def resume_consuming(self):
+        self._delivering = True
+        for name in list(self._queues):
+            self._pump(name)
 
     def startService(self):
         super().startService()

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from transferd.http import HTTPClient, answer_message, describe
-from transferd.interfaces import IStager, ServiceAway
+from transferd.interfaces import IReconfigurable, IStager, ServiceAway
 from transferd.jobs import StageResult
 from transferd.tls import client_tls_policy
 
@@ -39,7 +39,7 @@ RETRYABLE_STATUS = frozenset({408, 429})  # 4xx answers that mean "try again lat
 MAX_RETRY_AFTER = 3600.0  # a stager's Retry-After is followed up to an hour
 
 
-@implementer(IStager)
+@implementer(IStager, IReconfigurable)
 class CallbackStager(Service):
     """Asks a stager service over HTTP to stage products; it reports back through POST /doneStaging."""
 
@@ -47,7 +47,7 @@ class CallbackStager(Service):
     batch_size = 1
 
     def __init__(self, url, public_url, reactor, clock, timeout, max_attempts, retry_delay, give_up_after=86400.0,
-                 tls_policy=None, request_timeout=30.0):
+                 tls_policy=None, request_timeout=30.0, metrics=None):
         """url: where staging requests are POSTed (DELETE <url>/<job_id> on cancel and when a job ends).
         public_url: transferd's own URL as the stager reaches it; callbacks go to <public_url>/doneStaging.
         reactor, clock: do the network I/O, and time requests.
@@ -63,9 +63,20 @@ class CallbackStager(Service):
         self.give_up_after = give_up_after
         self.retry_delay = retry_delay
         self.clock = clock
+        self.tls_policy = tls_policy
         self.http = HTTPClient(reactor, clock, timeout=request_timeout, tls_policy=tls_policy,
-                               headers={"Accept": "application/json"})
+                               headers={"Accept": "application/json"}, service="stager", metrics=metrics)
         self._work = set()  # stage() and DELETE coroutines in flight, cancelled when the service stops
+
+    def reconfigure(self, config):
+        """New [stager] cert and key (SIGHUP), presented from the next connection on."""
+        from transferd.tls import reconfigure_client_credential
+
+        if self.tls_policy is None:
+            return  # an http:// stager: no certificate to present
+        section = config.stager
+        if reconfigure_client_credential(self.tls_policy, section.cert, section.key, "[stager] cert/key"):
+            self.http.pool.closeCachedConnections()
 
     # -- IStager ----------------------------------------------------------
 
@@ -185,7 +196,7 @@ class CallbackStager(Service):
         self._track(defer.Deferred.fromCoroutine(notify()))
 
 
-def from_config(config, reactor, clock, store):
+def from_config(config, reactor, clock, store, metrics=None):
     """The callback stager from [stager] url, timeout, max_attempts, give_up_after, retry_delay (and TLS keys)
     and [api] public_url."""
     from transferd.config import ConfigError
@@ -207,4 +218,5 @@ def from_config(config, reactor, clock, store):
         reactor=reactor,
         clock=clock,
         tls_policy=tls_policy,
+        metrics=metrics,
     )

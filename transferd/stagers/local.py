@@ -148,7 +148,7 @@ class LocalStager(Service):
         return d
 
 
-def from_config(config, reactor, clock, store):
+def from_config(config, reactor, clock, store, metrics=None):
     """The local stager from [stager] (transferd.config has checked archive_root); staging_root is created."""
     section = config.stager
     os.makedirs(section.staging_root, exist_ok=True)

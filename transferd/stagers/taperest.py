@@ -69,7 +69,7 @@ from zope.interface import implementer
 
 from transferd import jobs
 from transferd.files import is_plain_name
-from transferd.interfaces import IStager, ServiceAway
+from transferd.interfaces import IReconfigurable, IStager, ServiceAway
 from transferd.jobs import StageResult
 from transferd.taperest.client import Refused, TapeRestClient, Unreachable, document
 from transferd.taperest.namespace import Namespace, NotStageable
@@ -95,7 +95,7 @@ class _Batch:
     send: Optional[defer.Deferred] = None
 
 
-@implementer(IStager)
+@implementer(IStager, IReconfigurable)
 class TapeRestStager(Service):
     """Stages products through a WLCG Tape REST API endpoint: bulk requests out; its poller learns the outcome."""
 
@@ -137,6 +137,11 @@ class TapeRestStager(Service):
     def queued(self):
         """How many stage() calls wait for the next POST /stage."""
         return len(self._waiting)
+
+    def reconfigure(self, config):
+        """New [stager] token_file, cert and key (SIGHUP)."""
+        section = config.stager
+        self.client.reconfigure_credentials(section.token_file, section.cert, section.key)
 
     # -- IStager ----------------------------------------------------------
 
@@ -356,7 +361,7 @@ class TapeRestStager(Service):
         return deferred.addBoth(untrack)
 
 
-def from_config(config, reactor, clock, store):
+def from_config(config, reactor, clock, store, metrics=None):
     """The Tape REST stager from [stager]: url and an absolute archive_root are required."""
     from transferd.config import ConfigError
 
@@ -368,7 +373,7 @@ def from_config(config, reactor, clock, store):
         except (OSError, ValueError, SSL.Error, crypto.Error) as error:
             raise ConfigError(f"[stager] cert/key/ca_path cannot be used: {error}") from None
     client = TapeRestClient(section.url, section.archive_root, reactor, clock, token_file=section.token_file,
-                            tls_policy=tls_policy)
+                            tls_policy=tls_policy, metrics=metrics)
     namespace = Namespace(section.namespace_mount, reactor, section.retry_delay) if section.namespace_mount else None
     return TapeRestStager(
         client,

@@ -320,8 +320,8 @@ class MySQLJobStore(SQLJobStore):
     # Start-up waits for a server that is not up yet: first wait, doubling up to the cap.
     start_backoff = (0.5, 10.0)
 
-    def __init__(self, pool, reactor, clock, where="the database", start_wait=0.0, random=random.random):
-        super().__init__(pool, clock)
+    def __init__(self, pool, reactor, clock, where="the database", start_wait=0.0, random=random.random, metrics=None):
+        super().__init__(pool, clock, metrics)
         self.reactor = reactor  # waits between retries: a real server takes real time to come back
         self.where = where  # how messages name the server: "the database at host:port/db"
         self.start_wait = start_wait
@@ -329,7 +329,7 @@ class MySQLJobStore(SQLJobStore):
         self._down_since = None  # clock time the database was found unreachable; None while it is up
 
     @classmethod
-    def from_url(cls, url, reactor, clock, start_wait=0.0):
+    def from_url(cls, url, reactor, clock, start_wait=0.0, metrics=None):
         """A store for a parsed mysql:// url (transferd.config.DatabaseURL)."""
         pool = _Pool(
             "MySQLdb",
@@ -345,7 +345,8 @@ class MySQLJobStore(SQLJobStore):
             **url.connect_keywords(),
         )
         server = url.unix_socket or f"{url.host}:{url.port}"
-        return cls(pool, reactor, clock, where=f"the database at {server}/{url.database}", start_wait=start_wait)
+        return cls(pool, reactor, clock, where=f"the database at {server}/{url.database}", start_wait=start_wait,
+                   metrics=metrics)
 
     # -- plumbing ---------------------------------------------------------
 

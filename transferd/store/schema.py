@@ -26,6 +26,7 @@ KINDS = {
     "seconds": {"sqlite": "DOUBLE", "mysql": "DOUBLE"},
     "time": {"sqlite": "TIMESTAMP", "mysql": "DATETIME(6)"},
     "serial": {"sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT", "mysql": "BIGINT NOT NULL AUTO_INCREMENT"},
+    "big": {"sqlite": "INTEGER", "mysql": "BIGINT"},  # refers to a serial
 }
 
 
@@ -150,6 +151,7 @@ JOBS = Table(
         Column("time_updated", "time", since=3),  # the last change of any kind
         Column("time_away", "time", since=3),  # since when the service the job waits for is away; transitions clear it
         Column("time_copy_freed", "time", since=3),  # when the ended job's staged copy was freed (stager_path is then gone)
+        Column("notify_url", "text", since=5),  # where the submitter wants its webhooks (transferd.events)
     ),
     key=("job_id",),
     # Listing indexes end with the listing order (time_submitted, job_id), so a page comes off one of them in
@@ -206,10 +208,67 @@ SUBMISSIONS = Table(
     since=3,
 )
 
+# Version 5: events.  Each state change (a job_events row of kind "state") is also an outbox row, written in
+# the same transaction; the dispatcher (transferd.events) fans each out into one delivery per target that
+# wants it (the job's notify_url, a subscriber, the AMQP exchange) and sends those in order per job and target.
+OUTBOX = Table(
+    "outbox",
+    columns=(
+        Column("event_id", "big", required=True),  # the job_events row of the state change
+        Column("job_id", "id", required=True),
+        Column("state", "status", required=True),  # the state entered
+        Column("fanned_out", "count", required=True, default="0"),  # 1 once its deliveries are made
+        Column("time_created", "time"),
+    ),
+    key=("event_id",),
+    indexes=(Index("outbox_fanned", ("fanned_out", "event_id"), since=5),
+             Index("outbox_job", ("job_id", "event_id"), since=5)),
+    since=5,
+)
+
+EVENT_DELIVERIES = Table(
+    "event_deliveries",
+    columns=(
+        Column("delivery_id", "serial"),
+        Column("event_id", "big", required=True),
+        Column("job_id", "id", required=True),
+        Column("target", "name", required=True),  # "notify", "amqp" or "subscriber:<name>"
+        Column("status", "status", required=True),  # pending, delivered, given_up
+        Column("attempts", "count", required=True, default="0"),
+        Column("next_attempt", "seconds", required=True),  # epoch seconds; while one is being sent, its lease's end
+        Column("owner", "short"),  # the dispatcher sending it now
+        Column("last_error", "text"),
+        Column("time_done", "time"),
+    ),
+    key=("delivery_id",),
+    indexes=(Index("event_deliveries_due", ("status", "target", "next_attempt"), since=5),
+             Index("event_deliveries_job", ("job_id", "target", "event_id"), since=5),
+             Index("event_deliveries_event", ("event_id",), since=5)),
+    since=5,
+)
+
+# Version 6: the fleet.  Each running daemon upserts its row every [fleet] heartbeat (transferd.fleet); the
+# drain flag is how an operator, through any daemon's API, tells this one to take no new work.
+DAEMONS = Table(
+    "daemons",
+    columns=(
+        Column("daemon_id", "id", required=True),  # a UUID per process; its workers' lease owner is worker-<id>
+        Column("host", "name", required=True),
+        Column("pid", "count", required=True),
+        Column("version", "short"),
+        Column("time_started", "time"),
+        Column("time_beat", "time"),  # the last heartbeat
+        Column("drain", "count", required=True, default="0"),  # 1: take no new work
+    ),
+    key=("daemon_id",),
+    indexes=(Index("daemons_host", ("host",), since=6),),
+    since=6,
+)
+
 SCHEMA_VERSION = Table("schema_version", columns=(Column("version", "count", required=True),))
 
 # Every table transferd keeps, in the order they are created.
-TABLES = (JOBS, JOB_EVENTS, SUBMISSIONS)
+TABLES = (JOBS, JOB_EVENTS, SUBMISSIONS, OUTBOX, EVENT_DELIVERIES, DAEMONS)
 
 # The prototype's columns (legacy/prototype_schema.sql): a jobs table without
 # all of them is not one transferd may alter.

@@ -30,9 +30,11 @@ SECONDS_AT = tuple(jobs.COLUMNS.index(name) for name in ("lease_until", "poll_un
 # What create_many inserts for each new job, in this order.
 NEW_JOB_COLUMNS = ("job_id", "product_id", "destination_path", "destination_host", "submitter", "priority", "label",
                    "metadata", "status", "stage_attempts", "time_submitted", "time_updated", "lease_owner",
-                   "lease_until")
+                   "lease_until", "notify_url")
 INSERT_EVENT = ("INSERT INTO job_events (job_id, time, kind, old_status, new_status, actor, reason)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)")
+# A state change is also an event to send (transferd.events): its outbox row, in the same transaction.
+INSERT_OUTBOX = "INSERT INTO outbox (event_id, job_id, state, fanned_out, time_created) VALUES (?, ?, ?, 0, ?)"
 # A lease that anyone may take (parameters: now, the queue-hold owner); see transferd.leases.
 FREE_OR_IN_QUEUE = "(lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
 
@@ -72,6 +74,8 @@ class SQLJobStore(Service):
     migration N bringing the schema to version N; a statement may also be a
     callable(cursor), for steps that must inspect the schema first) and may override
     `_time_to_db`, `_time_from_db` and `_run` (to retry lost connections).
+    metrics (transferd.metrics.Metrics) counts the transitions and the time
+    jobs spent in the states they leave.
     """
 
     log = Logger()
@@ -83,9 +87,10 @@ class SQLJobStore(Service):
     # different candidates.
     skip_locked = ""
 
-    def __init__(self, pool, clock):
+    def __init__(self, pool, clock, metrics=None):
         self.pool = pool
         self.clock = clock
+        self.metrics = metrics
 
     # -- service ------------------------------------------------------------
 
@@ -197,7 +202,7 @@ class SQLJobStore(Service):
         rows = [
             (job.job_id, job.product_id, job.destination_path, schema.destination_host(job.destination_path),
              job.submitter, job.priority, job.label, job.metadata, jobs.SUBMITTED, 0, moment, moment,
-             lease["lease_owner"], lease["lease_until"])
+             lease["lease_owner"], lease["lease_until"], job.notify_url)
             for job in new_jobs
         ]
         insert_jobs = self._sql(
@@ -211,8 +216,15 @@ class SQLJobStore(Service):
             if rows:
                 cursor.executemany(insert_jobs, rows)
                 cursor.executemany(self._sql(INSERT_EVENT), events)
+                ids = [job.job_id for job in new_jobs]
+                for start in range(0, len(ids), 500):  # the outbox rows of the SUBMITTED events just written
+                    chunk = ids[start:start + 500]
+                    cursor.execute(self._sql(
+                        "INSERT INTO outbox (event_id, job_id, state, fanned_out, time_created)"
+                        " SELECT event_id, job_id, new_status, 0, time FROM job_events"
+                        f" WHERE job_id IN ({', '.join('?' for _ in chunk)})"), chunk)
 
-        return self._run(interaction, idempotent=False)
+        return self._run(interaction, idempotent=False).addCallback(self._events_committed, bool(rows))
 
     def _insert_submission(self, cursor, submission, moment):
         """The submission's row goes first: a second one with its key waits for the first's commit, then fails."""
@@ -293,6 +305,17 @@ class SQLJobStore(Service):
                 params.append(self._time_to_db(moment))
         return clauses, params
 
+    # Jobs by state for /metrics: one pass over an index that starts with status, reading no row
+    # (tests/test_metrics_mysql.py checks MariaDB's plan).
+    COUNT_BY_STATUS = "SELECT status, COUNT(*) FROM jobs GROUP BY status"
+
+    def count_by_status(self):
+        def interaction(cursor):
+            cursor.execute(self.COUNT_BY_STATUS)
+            return {status: int(count) for status, count in cursor.fetchall()}
+
+        return self._run(interaction)
+
     def count_before(self, status, column, moment):
         if column not in ("time_submitted", "time_updated"):
             raise ValueError(f"count_before counts by time_submitted or time_updated, not {column!r}")
@@ -319,12 +342,15 @@ class SQLJobStore(Service):
 
         One short transaction (index jobs_status_updated).  archive(jobs,
         events), if given, runs in it after the deletes, before the commit:
-        if it raises, nothing is removed.  On MySQL the rows are taken FOR UPDATE SKIP
+        if it raises, nothing is removed.  A job with an event delivery still
+        pending stays; the outbox and delivery rows of those removed go with them.  On MySQL the rows are taken FOR UPDATE SKIP
         LOCKED, so daemons purging at once take different rows.  Fires with
         the number of jobs removed.
         """
         ended = sorted(jobs.TERMINAL)
         select = self._sql(SELECT_JOB + f" WHERE status IN ({', '.join('?' for _ in ended)}) AND time_updated < ?"
+                           " AND NOT EXISTS (SELECT 1 FROM event_deliveries WHERE event_deliveries.job_id = jobs.job_id"
+                           " AND event_deliveries.status = 'pending')"
                            " LIMIT ?" + self.skip_locked)
 
         def interaction(cursor):
@@ -340,6 +366,8 @@ class SQLJobStore(Service):
                 events = [dict(zip(EVENT_COLUMNS, row)) for row in cursor.fetchall()]
                 for row in events:
                     row["time"] = self._time_from_db(row["time"])
+            cursor.execute(self._sql(f"DELETE FROM event_deliveries WHERE job_id IN ({marks})"), ids)
+            cursor.execute(self._sql(f"DELETE FROM outbox WHERE job_id IN ({marks})"), ids)
             cursor.execute(self._sql(f"DELETE FROM job_events WHERE job_id IN ({marks})"), ids)
             cursor.execute(self._sql(f"DELETE FROM jobs WHERE job_id IN ({marks})"), ids)
             removed = cursor.rowcount
@@ -391,16 +419,25 @@ class SQLJobStore(Service):
         sets, params = self._assignments(fields)
         query = self._sql(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ? AND status = ?")
         reason = fields.get("detailed_status")
+        # When the job entered old (or began its latest attempt there) and was submitted, for metrics.
+        entered = self._sql(f"SELECT {jobs.TIME_COLUMN[old]}, time_submitted FROM jobs WHERE job_id = ?")
+        times = []
 
         def interaction(cursor):
             cursor.execute(query, (*params, job_id, old))
             if cursor.rowcount <= 0:
                 return False
             self._record_event(cursor, job_id, now, "state", old, new, actor, reason)
+            if self.metrics is not None:
+                cursor.execute(entered, (job_id,))
+                times[:] = cursor.fetchone() or ()  # [:]: a transaction run again replaces them
             return True
 
         def logged(changed):
             if changed:
+                if self.metrics is not None:
+                    since = [now - self._time_from_db(t).timestamp() if t is not None else None for t in times[:2]]
+                    self.metrics.transitioned(old, new, *since)
                 self.log.info(
                     "job {job_id} {old} -> {new}{why}",
                     job_id=job_id,
@@ -408,6 +445,7 @@ class SQLJobStore(Service):
                     new=new,
                     why=f": {reason}" if reason else "",
                 )
+                self._events_committed(None)
             return changed
 
         return self._run(interaction, idempotent=False).addCallback(logged)
@@ -550,6 +588,69 @@ class SQLJobStore(Service):
 
         return self._run(interaction, idempotent=False)
 
+    # -- the fleet (transferd.fleet) ------------------------------------------
+
+    def beat(self, daemon):
+        now = self._time_to_db(jobs.utc_from_seconds(self._now()))
+        started = self._time_to_db(daemon.time_started)
+
+        def interaction(cursor):
+            cursor.execute(self._sql("SELECT drain FROM daemons WHERE daemon_id = ?"), (daemon.daemon_id,))
+            row = cursor.fetchone()
+            if row is None:  # a first beat, or a row forgotten while this daemon was stopped in a debugger
+                cursor.execute(self._sql("INSERT INTO daemons (daemon_id, host, pid, version, time_started, time_beat,"
+                                         " drain) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                               (daemon.daemon_id, daemon.host, daemon.pid, daemon.version, started, now,
+                                int(daemon.drain)))
+                return daemon.drain
+            cursor.execute(self._sql("UPDATE daemons SET time_beat = ? WHERE daemon_id = ?"), (now, daemon.daemon_id))
+            return bool(row[0])
+
+        return self._run(interaction, idempotent=True)
+
+    def set_drain(self, daemon_ids, drain):
+        daemon_ids = list(daemon_ids)
+        if not daemon_ids:
+            return defer.succeed(0)
+        marks = ", ".join("?" for _ in daemon_ids)
+
+        def interaction(cursor):
+            cursor.execute(self._sql(f"UPDATE daemons SET drain = ? WHERE daemon_id IN ({marks})"),
+                           (int(drain), *daemon_ids))
+            cursor.execute(self._sql(f"SELECT COUNT(*) FROM daemons WHERE daemon_id IN ({marks})"), daemon_ids)
+            return int(cursor.fetchone()[0])
+
+        return self._run(interaction, idempotent=True)
+
+    def fleet(self, forget_before):
+        from transferd.fleet import DaemonInfo
+
+        def interaction(cursor):
+            cursor.execute(self._sql("DELETE FROM daemons WHERE time_beat < ?"),
+                           (self._time_to_db(jobs.utc_from_seconds(forget_before)),))
+            cursor.execute("SELECT daemon_id, host, pid, version, time_started, time_beat, drain FROM daemons"
+                           " ORDER BY host, time_started, daemon_id")
+            return [DaemonInfo(daemon_id, host, int(pid), version, self._time_from_db(started),
+                               bool(drain), self._time_from_db(beat))
+                    for daemon_id, host, pid, version, started, beat, drain in cursor.fetchall()]
+
+        return self._run(interaction, idempotent=True)
+
+    def leases_by_owner(self, statuses):
+        statuses = list(statuses)
+        marks = ", ".join("?" for _ in statuses)
+        query = self._sql(f"SELECT lease_owner, COUNT(*) FROM jobs WHERE status IN ({marks}) AND lease_until >= ?"
+                          " AND lease_owner IS NOT NULL AND lease_owner <> ? GROUP BY lease_owner")
+
+        def interaction(cursor):
+            cursor.execute(query, (*statuses, self._now(), leases.IN_QUEUE))
+            return {owner: int(count) for owner, count in cursor.fetchall()}
+
+        return self._run(interaction)
+
+    def forget_daemon(self, daemon_id):
+        return self._rowcount(self._sql("DELETE FROM daemons WHERE daemon_id = ?"), [daemon_id], idempotent=True)
+
     # -- helpers ------------------------------------------------------------
 
     def _select_job(self, cursor, job_id):
@@ -558,10 +659,26 @@ class SQLJobStore(Service):
         return self._job_from_row(row) if row else None
 
     def _record_event(self, cursor, job_id, now, kind, old, new, actor, reason):
-        cursor.execute(
-            self._sql(INSERT_EVENT),
-            (job_id, self._time_to_db(jobs.utc_from_seconds(now)), kind, old, new, actor, reason),
-        )
+        moment = self._time_to_db(jobs.utc_from_seconds(now))
+        cursor.execute(self._sql(INSERT_EVENT), (job_id, moment, kind, old, new, actor, reason))
+        if kind == "state":
+            cursor.execute(self._sql(INSERT_OUTBOX), (cursor.lastrowid, job_id, new, moment))
+
+    # Called with no argument after each commit that wrote outbox rows (transferd.events wakes its dispatcher).
+    _event_listeners = ()
+
+    def listen_for_events(self, listener):
+        """Call listener() after every commit that wrote events to the outbox."""
+        self._event_listeners = (*self._event_listeners, listener)
+
+    def _events_committed(self, result, wrote=True):
+        if wrote:
+            for listener in self._event_listeners:
+                try:
+                    listener()
+                except Exception:
+                    self.log.failure("an event listener failed")
+        return result
 
     @staticmethod
     def _lease_fields(hold, now):

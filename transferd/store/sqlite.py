@@ -20,7 +20,7 @@ class SQLiteJobStore(SQLJobStore):
     migrations = schema.sqlite_migrations()
 
     @classmethod
-    def from_url(cls, url, reactor, clock):
+    def from_url(cls, url, reactor, clock, metrics=None):
         """A store in the file of a parsed sqlite:// url (transferd.config.DatabaseURL)."""
         path = url.path
         directory = os.path.dirname(os.path.abspath(path))
@@ -34,4 +34,4 @@ class SQLiteJobStore(SQLJobStore):
             cp_openfun=_configure,
             cp_reactor=reactor,
         )
-        return cls(pool, clock)
+        return cls(pool, clock, metrics)

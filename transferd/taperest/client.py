@@ -25,6 +25,7 @@ Failures come in two kinds: Unreachable (no connection, a timeout, 5xx, 408,
 and detail of the answer).
 """
 
+import os
 import posixpath
 import re
 from urllib.parse import urljoin, urlsplit
@@ -96,16 +97,28 @@ class TapeRestClient:
     log = Logger()
 
     def __init__(self, url, namespace, reactor, clock, token_file=None, tls_policy=None,
-                 request_timeout=REQUEST_TIMEOUT, connections=8):
+                 request_timeout=REQUEST_TIMEOUT, connections=8, metrics=None):
         self.url = url.rstrip("/")
         self.namespace = normalize(namespace).rstrip("/")
         self.tls_policy = tls_policy
         self.request_timeout = request_timeout
         self.http = HTTPClient(reactor, clock, timeout=request_timeout, tls_policy=tls_policy, per_host=connections,
-                               headers={"Accept": "application/json"})
+                               headers={"Accept": "application/json"}, service="taperest", metrics=metrics)
         self._token = WatchedFile(token_file) if token_file else None
         # A site URL (no path) is discovered; any other URL is the endpoint itself.
         self._endpoint_url = None if urlsplit(self.url).path in ("", "/") else self.url
+
+    def reconfigure_credentials(self, token_file, cert, key):
+        """Other [stager] token_file, cert and key (SIGHUP): checked first (ConfigError), then used at once."""
+        from transferd.config import ConfigError
+        from transferd.tls import reconfigure_client_credential
+
+        if token_file and not os.path.isfile(token_file):
+            raise ConfigError(f"[stager] token_file {token_file!r} is not a file")
+        if reconfigure_client_credential(self.tls_policy, cert, key, "[stager] cert/key"):
+            self.http.pool.closeCachedConnections()  # the next connection presents the new certificate
+        if token_file != (self._token.path if self._token is not None else None):
+            self._token = WatchedFile(token_file) if token_file else None
 
     @property
     def shown(self):
