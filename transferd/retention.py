@@ -32,6 +32,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from transferd import files, jobs
+from transferd.interfaces import StoreUnavailable
 from transferd.validation import under_roots
 
 BATCH = 500  # rows per transaction
@@ -206,6 +207,9 @@ class Housekeeping(TimerService):
                 continue
             try:
                 await part.run_once()
+            except StoreUnavailable as error:  # an outage of the database: one line, nothing to debug here
+                self.log.warn("housekeeping: {part} waits for the database ({error}); the next pass tries again",
+                              part=type(part).__name__, error=error)
             except Exception:
                 self.log.failure("housekeeping: {part} failed; the next pass tries again", part=type(part).__name__)
 
