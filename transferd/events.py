@@ -176,12 +176,7 @@ class Notifications:
             raise BadRequest("notify_url must be an http:// or https:// URL with a host")
         if parts.username is not None or parts.fragment:
             raise BadRequest("notify_url must not contain user information or a fragment")
-        host = parts.hostname.lower().rstrip(".")
-        for matches in self.rules.denied_hosts:
-            if matches(host):
-                raise BadRequest(f"notify_url host {host} is not allowed here")
-        if self.rules.allowed_hosts and not any(matches(host) for matches in self.rules.allowed_hosts):
-            raise BadRequest(f"notify_url host {host} is not one this service calls")
+        host = self.rules.check_host(parts.hostname, "notify_url host", "one this service calls")
         try:
             self.rules.check_address(host, str(ipaddress.ip_address(host)))
         except ValueError as error:  # a name (resolved when connecting), or a refused literal address

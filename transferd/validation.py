@@ -66,14 +66,18 @@ class DestinationRules:
         """The destination URL, unchanged, or BadRequest saying what is wrong."""
         url = destination(value, self.schemes, self.file_roots)
         host = urlsplit(url).hostname
-        if host is None:  # file:///...
-            return url
-        host = _literal_host(host)
-        if any(matches(host) for matches in self.denied_hosts):
-            raise BadRequest(f"destination host {host} is not allowed here")
-        if self.allowed_hosts and not any(matches(host) for matches in self.allowed_hosts):
-            raise BadRequest(f"destination host {host} is not one this service delivers to")
+        if host is not None:  # not file:///...
+            self.check_host(host)
         return url
+
+    def check_host(self, host, subject="destination host", refused="one this service delivers to"):
+        """host as the rules compare it (lower case, a numeric name checked), or BadRequest naming subject."""
+        host = _literal_host(host, subject)
+        if any(matches(host) for matches in self.denied_hosts):
+            raise BadRequest(f"{subject} {host} is not allowed here")
+        if self.allowed_hosts and not any(matches(host) for matches in self.allowed_hosts):
+            raise BadRequest(f"{subject} {host} is not {refused}")
+        return host
 
     @property
     def restricts_addresses(self):
@@ -97,7 +101,7 @@ class DestinationRules:
 NUMERIC_HOST = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+))*\.?\Z", re.IGNORECASE)
 
 
-def _literal_host(host):
+def _literal_host(host, subject="destination host"):
     """host in lower case without a trailing dot; numeric names must be plain dotted IPv4 addresses.
 
     "2130706433", "0x7f.1" or "127.1" reach 127.0.0.1 with many clients;
@@ -108,7 +112,7 @@ def _literal_host(host):
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
-            raise BadRequest(f"destination host {host} is not a valid host name or IP address") from None
+            raise BadRequest(f"{subject} {host} is not a valid host name or IP address") from None
     return host
 
 
