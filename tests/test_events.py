@@ -169,6 +169,7 @@ class WebhookTests(ReceiverMixin, unittest.TestCase):
         for url, words in (("ftp://example.org/x", "http:// or https://"),
                            ("http://127.0.0.1:9/x", "internal address"),
                            ("http://[::1]/x", "internal address"),
+                           ("http://0x7f.1/x", "not a valid host name or IP address"),  # 127.0.0.1 to many clients
                            ("http://user:pw@example.org/x", "user information"),
                            (17, "http:// or https://")):
             response, body = yield harness.request(
