@@ -307,7 +307,7 @@ class JWKSParsingTests(unittest.SynchronousTestCase):
 
 class URLJWKSTests(VerifierTestCase):
     async def serve(self, issuer):
-        server = JWKSServer(issuer)
+        server = JWKSServer(issuer, reactor)
         await server.start()
         self.addCleanup(server.stop)
         return server

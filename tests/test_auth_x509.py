@@ -169,7 +169,7 @@ class ServerTLSTests(unittest.TestCase):
             crls = [testx509.make_crl(self.ca, revoked=revoked)]
         testx509.write_ca_dir(self.ca_dir, cas=[self.ca], crls=crls, policy_files=True)
 
-    def serve(self, require_client_cert=True, clock=None):
+    def serve(self, require_client_cert=True, clock=reactor):
         """Listen on 127.0.0.1 with ServerTLS in front of WhoAmI; the URL to ask."""
         tls = ServerTLS(self.paths.host_cert, self.paths.host_key, ca_path=self.ca_dir,
                         require_client_cert=require_client_cert, clock=clock)
@@ -336,7 +336,7 @@ class ServerTLSFilesTests(unittest.SynchronousTestCase):
 
     def assert_refused(self, name, *args, **kwargs):
         with self.assertRaises(CredentialError) as caught:
-            ServerTLS(*args, **kwargs)
+            ServerTLS(*args, clock=task.Clock(), **kwargs)
         self.assertIn(name, str(caught.exception))
 
     def test_missing_certificate(self):

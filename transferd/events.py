@@ -29,8 +29,12 @@ is delivered; 410 gives up at once; anything else is tried again after
 retry_delay, doubling up to max_retry_delay (or the answer's Retry-After,
 within the same cap), until max_attempts, when the delivery is given up
 with a log line and transferd_events_given_up_total.  Each target gets a
-job's events in order: an event waits until the one before it was
-delivered or given up.
+job's events in order: a webhook waits until the one before it was
+delivered or given up; the AMQP lane claims a job's due events as a run
+and publishes them in order on its one channel, and when one of them
+fails, those after it are sent again after it.  A woken lane waits
+`linger` (250 ms) before its cycle, so that one cycle carries what many
+jobs did meanwhile.
 """
 
 import base64
@@ -361,6 +365,12 @@ class EventDispatcher(Service):
     log = Logger()
     batch = 500  # AMQP deliveries claimed at once (published together, confirmed together)
     webhook_batch = 32  # webhook deliveries claimed at once: calls in flight to one target
+    # Seconds a lane waits after a wake before its cycle.  A cycle costs the
+    # same few transactions whether it carries one event or hundreds; under
+    # load a commit wakes the dispatcher every millisecond or two, and this
+    # short wait lets one cycle carry what every job did meanwhile.  A lane
+    # whose last cycle claimed a full batch does not wait.
+    linger = 0.25
 
     def __init__(self, store, config, reactor, clock, publisher=None, metrics=None, registry=None,
                  endpoint=None, owner=None, random=random.random):
@@ -380,6 +390,7 @@ class EventDispatcher(Service):
         self._clients = self._new_clients(config, self.notifications.rules)
         self._retired = []  # clients a reload replaced, stopped once the cycle using them ends
         self._lane_by_name = {}  # target name (None: the rest) -> its _Lane
+        self._busy = set()  # lanes running a cycle, those a reload dropped included
         self._timer = None  # the next wake-up for a retry: (time, IDelayedCall)
         self._fanning = False  # a fan-out is running
         self._fan_waiters = []  # lanes waiting for the next fan-out
@@ -412,7 +423,7 @@ class EventDispatcher(Service):
         clients, self._retired = self._new_clients(config, fresh.rules), self._retired + list(self._clients)
         self.notifications.rules, self.notifications.master_keys = fresh.rules, fresh.master_keys
         self.settings, self._clients = settings, clients
-        if all(lane.cycle is None for lane in self._lane_by_name.values()):
+        if not self._busy:
             self._stop_retired()
         self.log.info("events: {n} subscriber(s), per-job webhooks {notify}", n=len(settings.subscribers),
                       notify="on" if settings.notifications.enabled else "off")
@@ -443,7 +454,7 @@ class EventDispatcher(Service):
         self._timer = None
         for client in self._clients:
             client.stop()  # calls in flight fail: their deliveries are claimed again after the lease
-        running = [lane.cycle for lane in self._lane_by_name.values() if lane.cycle is not None]
+        running = [lane.cycle for lane in self._busy if lane.cycle is not None]
         if running:
             await defer.DeferredList(running)
         self._stop_retired()
@@ -463,6 +474,7 @@ class EventDispatcher(Service):
             if lane.cycle is not None:
                 lane.again = True
                 continue
+            self._busy.add(lane)
             cycle = defer.Deferred.fromCoroutine(self._run(lane))
             if not cycle.called:  # a cycle that ended at once has already cleared lane.cycle
                 lane.cycle = cycle
@@ -482,10 +494,15 @@ class EventDispatcher(Service):
 
     async def _run(self, lane):
         try:
+            backlog = False
             while self.running:
+                if not backlog and self.linger > 0:
+                    await task.deferLater(self.reactor, self.linger, lambda: None)
+                    if not self.running:
+                        break
                 lane.again = False
                 try:
-                    worked = await self.run_once(lane)
+                    worked, backlog = await self._cycle(lane)
                 except Exception as error:
                     self.log.warn("events: could not send events now ({error}); trying again in {wait:g}s",
                                   error=describe(error), wait=self.settings.sweep_interval)
@@ -499,23 +516,56 @@ class EventDispatcher(Service):
             self.log.failure("events: the dispatcher failed")
         finally:
             lane.cycle = None
-            if all(other.cycle is None for other in self._lane_by_name.values()):
+            self._busy.discard(lane)
+            if not self._busy:
                 self._stop_retired()
 
     async def run_once(self, lane=None):
         """Fan out new events, send what is due (of the lane's targets); fire with whether anything was done."""
+        worked, _ = await self._cycle(lane)
+        return worked
+
+    async def _cycle(self, lane):
+        """run_once's work; fires with (anything done, a full batch claimed: more may be due at once)."""
         settings = self.settings
         fanned = await self._fan_out()
-        batch = self.batch if lane is None or lane.name == AMQP else self.webhook_batch
+        amqp = lane is not None and lane.name == AMQP
+        batch = self.batch if lane is None or amqp else self.webhook_batch
         claimed = await self.outbox.claim(self.owner, settings.timeout + CLAIM_LEASE_MARGIN, batch,
                                           targets=lane.targets if lane else None,
-                                          exclude=lane.exclude if lane else None)
+                                          exclude=lane.exclude if lane else None, runs=amqp)
         if not claimed:
-            return bool(fanned)
+            return bool(fanned), False
+        # Started in order: the AMQP lane's publishes leave in event order.
         outcomes = await defer.gatherResults([defer.Deferred.fromCoroutine(self._deliver(settings, delivery))
                                               for delivery in claimed])
+        outcomes = self._in_order(claimed, outcomes)
+        for delivery, outcome in zip(claimed, outcomes):
+            if outcome.status == DELIVERED:
+                self._count(_target_name(delivery.target), DELIVERED)
         await self.outbox.record(self.owner, outcomes)
-        return True
+        return True, len(claimed) >= batch
+
+    def _in_order(self, claimed, outcomes):
+        """A delivery sent after an earlier one of its job and target failed is sent again after it.
+
+        Only a run (the AMQP lane) holds several deliveries of one job and
+        target; the receiver may see the later event twice, never only
+        before the earlier one.
+        """
+        failed = {}  # (job_id, target) -> the failed earlier delivery's Outcome
+        kept = []
+        for delivery, outcome in zip(claimed, outcomes):
+            key = (delivery.job_id, delivery.target)
+            earlier = failed.get(key)
+            if earlier is not None and outcome.status == DELIVERED:
+                self._count(_target_name(delivery.target), "retried")
+                outcome = Outcome(delivery.delivery_id, PENDING, next_attempt=earlier.next_attempt,
+                                  error="sent again after an earlier event of the job, which was not delivered")
+            if outcome.status == PENDING:
+                failed.setdefault(key, outcome)
+            kept.append(outcome)
+        return kept
 
     def _fan_out(self):
         """Fan out for a lane: one fan-out runs at a time; lanes asking meanwhile share the next one, which
@@ -556,7 +606,7 @@ class EventDispatcher(Service):
     async def _deliver(self, settings, delivery):
         """Send one delivery; its Outcome (never raises)."""
         target = delivery.target
-        name = target[len(SUBSCRIBER):] if target.startswith(SUBSCRIBER) else target
+        name = _target_name(target)
         try:
             if target == NOTIFY:
                 if not settings.notifications.enabled:
@@ -574,8 +624,7 @@ class EventDispatcher(Service):
                 await self._post(self._clients[1], subscriber[0].url, subscriber[1], delivery)
         except Exception as error:
             return self._failed(settings, delivery, name, error)
-        self._count(name, DELIVERED)
-        return Outcome(delivery.delivery_id, DELIVERED)
+        return Outcome(delivery.delivery_id, DELIVERED)  # counted by the cycle, once the order is checked
 
     def _failed(self, settings, delivery, name, error):
         attempts = delivery.attempts + 1
@@ -624,6 +673,11 @@ class EventDispatcher(Service):
     async def _publish(self, exchange, delivery):
         await self.publisher.publish_event(exchange, routing_key(delivery.new_status),
                                            amqp_body(delivery, self.endpoint), webhook_id(delivery))
+
+
+def _target_name(target):
+    """How metrics and logs name a target: notify, amqp, or the subscriber's name."""
+    return target[len(SUBSCRIBER):] if target.startswith(SUBSCRIBER) else target
 
 
 def _host(url):

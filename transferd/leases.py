@@ -6,9 +6,7 @@ Each job row holds one lease, lease_owner and lease_until (epoch seconds):
   * a wait: no owner, a deadline; an outside party (stager, FTS) has the job until then;
   * free: no deadline, or a passed one; the reconciler re-drives the job.
 A Hold says which of these a store operation leaves behind; None leaves the job free.
-A job's deliveries column counts the workers' leases taken in its current state
-and never given back (crashed workers), so a job that crashes the daemon on every
-attempt ends in ERROR instead of being re-driven forever.
+jobs.deliveries counts workers' leases never given back (crashes): at max_deliveries, ERROR.
 Pollers lease separately (poll_owner, poll_until): which poller asks about the job this cycle.
 """
 

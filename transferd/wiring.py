@@ -242,7 +242,7 @@ def build_listener(config, reactor, root, keep=None):
         try:
             tls = ServerTLS(
                 config.api.tls_cert, config.api.tls_key, ca_path=config.auth.x509_ca_path,
-                require_client_cert=bool(config.auth.x509_ca_path) and not config.auth.token_issuers,
+                require_client_cert=bool(config.auth.x509_ca_path) and not config.auth.token_issuers, clock=reactor,
             )
         except CredentialError as error:
             raise ConfigError(f"[api] tls_cert / [auth] x509_ca_path: {error}") from None

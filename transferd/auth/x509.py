@@ -192,10 +192,8 @@ class ServerTLS:
 
     log = Logger()
 
-    def __init__(self, cert_path, key_path=None, ca_path=None, require_client_cert=True, clock=None,
+    def __init__(self, cert_path, key_path=None, ca_path=None, require_client_cert=True, *, clock,
                  check_interval=5.0):
-        if clock is None:
-            from twisted.internet import reactor as clock
         self.credential = X509Credential(cert_path, key_path or None)
         self.ca_path = ca_path or None
         self.require_client_cert = require_client_cert

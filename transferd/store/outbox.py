@@ -10,8 +10,10 @@ of its own:
    the outbox rows are taken FOR UPDATE SKIP LOCKED, so of several daemons
    only one fans out each event;
 2. claims deliveries that are due, only the oldest pending one of each job
-   and target, and only when no older event of the job still waits to be
-   fanned out: so each target sees a job's events in order.  Claiming sets
+   and target (or, for the AMQP lane, the due ones of each job and target
+   that no earlier pending one holds back, as a run), and only when no
+   older event of the job still waits to be fanned out: so each target
+   sees a job's events in order.  Claiming sets
    the row's owner and pushes next_attempt to the end of a lease; a daemon
    that dies while sending leaves the row to be claimed again when the
    lease ends (at least once);
@@ -120,10 +122,14 @@ class Outbox:
 
         return store._run(interaction, idempotent=False)
 
-    def claim(self, owner, lease, limit=200, targets=None, exclude=None):
-        """Claim up to limit due deliveries (the next of each job and target) for lease seconds; fire with them.
+    def claim(self, owner, lease, limit=200, targets=None, exclude=None, runs=False):
+        """Claim up to limit due deliveries for lease seconds; fire with them, a job's in event order.
 
         targets: only deliveries to these targets; exclude: none to these.
+        runs=False: only the next delivery of each job and target, for a
+        sender that sends them all at once (webhooks).  runs=True: each job
+        and target's due deliveries in a row, for a sender that keeps their
+        order itself (one AMQP channel delivers in the order it publishes).
         """
         store = self.store
         now = store._now()
@@ -133,17 +139,32 @@ class Outbox:
             if names:
                 which += f" AND d.target {operator} ({', '.join('?' for _ in names)})"
                 chosen += list(names)
+        # An earlier pending delivery of the same job and target holds this one
+        # back: any (runs=False), or one not due (runs=True: it is being sent
+        # by someone, or waits for its retry).  Ordered by delivery_id, which
+        # follows event_id within a job and target, so a limit never takes a
+        # later delivery without the earlier ones.
+        held = " AND p.next_attempt > ?" if runs else ""
         due = store._sql(
             "SELECT d.delivery_id FROM event_deliveries d WHERE d.status = ? AND d.next_attempt <= ?" + which +
             " AND NOT EXISTS (SELECT 1 FROM event_deliveries p WHERE p.job_id = d.job_id AND p.target = d.target"
-            " AND p.status = ? AND p.event_id < d.event_id)"
+            " AND p.status = ? AND p.event_id < d.event_id" + held + ")"
             " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = d.job_id AND o.fanned_out = 0"
             " AND o.event_id < d.event_id)"
-            " ORDER BY d.next_attempt, d.delivery_id LIMIT ?"
+            + (" ORDER BY d.delivery_id LIMIT ?" if runs else " ORDER BY d.next_attempt, d.delivery_id LIMIT ?")
+        )
+        # After claiming a run: another dispatcher that claimed an earlier
+        # delivery of the same job and target since our SELECT (READ COMMITTED:
+        # our UPDATE waited for its commit) keeps it; we let go of the rest.
+        overtaken = (
+            "SELECT d.delivery_id FROM event_deliveries d WHERE d.delivery_id IN ({marks}) AND d.owner = ?"
+            " AND d.next_attempt = ? AND EXISTS (SELECT 1 FROM event_deliveries p WHERE p.job_id = d.job_id"
+            " AND p.target = d.target AND p.status = ? AND p.event_id < d.event_id"
+            " AND (p.owner IS NULL OR p.owner <> ? OR p.next_attempt <> ?))"
         )
 
         def interaction(cursor):
-            cursor.execute(due, (PENDING, now, *chosen, PENDING, limit))
+            cursor.execute(due, (PENDING, now, *chosen, PENDING, *((now,) if runs else ()), limit))
             ids = [int(row[0]) for row in cursor.fetchall()]
             if not ids:
                 return []
@@ -152,6 +173,13 @@ class Outbox:
             cursor.execute(store._sql(f"UPDATE event_deliveries SET owner = ?, next_attempt = ? WHERE delivery_id IN"
                                       f" ({marks}) AND status = ? AND next_attempt <= ?"),
                            (owner, until, *ids, PENDING, now))
+            if runs and cursor.rowcount != len(ids):  # someone else claimed some: check what we hold
+                cursor.execute(store._sql(overtaken.format(marks=marks)), (*ids, owner, until, PENDING, owner, until))
+                released = [int(row[0]) for row in cursor.fetchall()]
+                if released:
+                    cursor.execute(store._sql(
+                        "UPDATE event_deliveries SET owner = NULL, next_attempt = ? WHERE delivery_id IN"
+                        f" ({', '.join('?' for _ in released)}) AND owner = ?"), (now, *released, owner))
             cursor.execute(store._sql(SELECT_CLAIMED + f" WHERE d.delivery_id IN ({marks}) AND d.owner = ?"
                                       " AND d.next_attempt = ? ORDER BY d.event_id"), (*ids, owner, until))
             return [self._delivery(row) for row in cursor.fetchall()]

@@ -3,7 +3,7 @@
     issuer = TokenIssuer("https://idp.example.org", kind="rsa")   # or "ec" (ES256)
     token = issuer.token(sub="alice", aud="https://transferd.example.org")
     issuer.write_jwks(path)          # a JWKS file, replaced atomically
-    server = JWKSServer(issuer)
+    server = JWKSServer(issuer, reactor)
     url = await server.start()       # http://127.0.0.1:PORT/jwk, answering the issuer's current JWKS
     issuer.rotate()                  # a new key pair and kid; the server publishes it from now on
     server.requests                  # how many times the JWKS was asked for
@@ -144,9 +144,7 @@ class _JWKSResource(resource.Resource):
 class JWKSServer:
     """An IdP's JWKS endpoint on 127.0.0.1 (a free port): GET /jwk answers the issuer's current JWKS."""
 
-    def __init__(self, issuer, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, issuer, reactor):
         self.reactor = reactor
         self.issuer = issuer
         self.requests = 0  # GET /jwk received
