@@ -6,8 +6,9 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # swig and libssl-dev build M2Crypto, needed by the official FTS3 client (PyPI fts3) the tests run;
 # the openssl command checks the tests' certificate hashes and DNs against OpenSSL's own;
-# tmux gives transferctl watch a real terminal to draw in (tests/test_cli_terminal.py).
-apt_install build-essential pkg-config libmariadb-dev python3-dev curl swig libssl-dev openssl tmux
+# tmux gives transferctl watch a real terminal to draw in (tests/test_cli_terminal.py);
+# chromium is the browser Playwright drives in tests/test_dashboard_browser.py (never a downloaded one).
+apt_install build-essential pkg-config libmariadb-dev python3-dev curl swig libssl-dev openssl tmux chromium chromium-driver
 ensure_venv "[mysql,test]"
 ensure_mariadb
 ensure_rabbitmq

@@ -508,6 +508,89 @@ class JobStoreContract:
         self.assertEqual([job.job_id for job in found], [done[2], done[1]])
         self.assertEqual(len((yield self.store.recent_successes("se.example.org", since, 1))), 1)
 
+    # -- what the dashboard sums up (transferd.dashboard) ---------------------------------
+
+    @defer.inlineCallbacks
+    def _ended(self, status, reason=None, **overrides):
+        """A job taken through to status (SUCCESS through every state; ERROR or CANCELLED from SUBMITTED)."""
+        job = yield self._submitted(**overrides)
+        steps = ([(jobs.SUBMITTED, jobs.STAGING), (jobs.STAGING, jobs.STAGED), (jobs.STAGED, jobs.TRANSFERRING),
+                  (jobs.TRANSFERRING, jobs.SUCCESS)] if status == jobs.SUCCESS else [(jobs.SUBMITTED, status)])
+        for old, new in steps:
+            fields = {"detailed_status": reason} if new == jobs.ERROR else {}
+            if new == jobs.STAGED:
+                fields["stager_hostname"] = "stager-1.example.org"
+            yield self.store.transition(job.job_id, old, new, fields)
+        return job
+
+    @defer.inlineCallbacks
+    def test_count_by_status_of_one_submitter(self):
+        """count_by_status(submitter) counts only that submitter's jobs."""
+        yield self._submitted(submitter="CN=Ann")
+        yield self._ended(jobs.CANCELLED, submitter="CN=Ann")
+        yield self._submitted(submitter="CN=Bob")
+        self.assertEqual((yield self.store.count_by_status("CN=Ann")), {jobs.SUBMITTED: 1, jobs.CANCELLED: 1})
+        self.assertEqual((yield self.store.count_by_status("CN=Nobody")), {})
+
+    @defer.inlineCallbacks
+    def test_activity_counts_submitted_and_ended_since(self):
+        """activity() counts the jobs submitted after a moment and those that ended after it, by state."""
+        yield self._ended(jobs.SUCCESS, submitter="CN=Ann")  # before the moment
+        self.clock.advance(10)
+        since = jobs.utc_from_seconds(self.clock.seconds())
+        self.clock.advance(1)
+        yield self._submitted(submitter="CN=Ann")
+        yield self._ended(jobs.ERROR, "no space left", submitter="CN=Bob")
+        yield self._ended(jobs.SUCCESS, submitter="CN=Ann")
+        self.assertEqual((yield self.store.activity(since)),
+                         {"submitted": 3, jobs.SUCCESS: 1, jobs.ERROR: 1, jobs.CANCELLED: 0})
+        self.assertEqual((yield self.store.activity(since, "CN=Ann")),
+                         {"submitted": 2, jobs.SUCCESS: 1, jobs.ERROR: 0, jobs.CANCELLED: 0})
+
+    @defer.inlineCallbacks
+    def test_counts_by_destination_and_stager(self):
+        """counts_by() counts active jobs now and successes and failures since, per destination or stager host."""
+        yield self._ended(jobs.ERROR, "old failure", destination_path="davs://se.example.org/d")  # before since
+        self.clock.advance(10)
+        since = jobs.utc_from_seconds(self.clock.seconds())
+        self.clock.advance(1)
+        yield self._submitted(destination_path="davs://se.example.org/d", submitter="CN=Ann")
+        yield self._ended(jobs.SUCCESS, destination_path="davs://se.example.org/d", submitter="CN=Ann")
+        yield self._ended(jobs.ERROR, "refused", destination_path="davs://se.example.org/d")
+        yield self._ended(jobs.CANCELLED, destination_path="davs://se.example.org/d")  # neither success nor failure
+        yield self._submitted(destination_path="file:///tmp/d", submitter="CN=Ann")
+        self.assertEqual((yield self.store.counts_by("destination_host", since)),
+                         {"se.example.org": {jobs.SUBMITTED: 1, jobs.SUCCESS: 1, jobs.ERROR: 1},
+                          None: {jobs.SUBMITTED: 1}})
+        self.assertEqual((yield self.store.counts_by("destination_host", since, "CN=Ann")),
+                         {"se.example.org": {jobs.SUBMITTED: 1, jobs.SUCCESS: 1}, None: {jobs.SUBMITTED: 1}})
+        self.assertEqual((yield self.store.counts_by("stager_hostname", since)),
+                         {"stager-1.example.org": {jobs.SUCCESS: 1}, None: {jobs.SUBMITTED: 2, jobs.ERROR: 1}})
+        self.assertRaises(ValueError, self.store.counts_by, "status; DROP TABLE jobs", since)
+
+    @defer.inlineCallbacks
+    def test_failure_reasons_and_recent_failures(self):
+        """failure_reasons() ranks the reasons of jobs failed since a moment by count; recent_failures() lists
+        those jobs, the latest first; both may be limited to one submitter."""
+        yield self._ended(jobs.ERROR, "too old")
+        self.clock.advance(10)
+        since = jobs.utc_from_seconds(self.clock.seconds())
+        failed = []
+        for reason, submitter in (("disk full", "CN=Ann"), ("refused", "CN=Bob"), ("disk full", "CN=Bob")):
+            self.clock.advance(1)
+            failed.append((yield self._ended(jobs.ERROR, reason, submitter=submitter)))
+        yield self._ended(jobs.SUCCESS)
+        reasons = yield self.store.failure_reasons(since)
+        self.assertEqual([(reason, count) for reason, count, _ in reasons], [("disk full", 2), ("refused", 1)])
+        self.assertEqual(reasons[0][2].timestamp(), self.clock.seconds())
+        self.assertEqual([(r, c) for r, c, _ in (yield self.store.failure_reasons(since, "CN=Ann"))], [("disk full", 1)])
+        self.assertEqual(len((yield self.store.failure_reasons(since, limit=1))), 1)
+        found = yield self.store.recent_failures(since, 10)
+        self.assertEqual([job.job_id for job in found], [job.job_id for job in reversed(failed)])
+        self.assertEqual([job.detailed_status for job in found], ["disk full", "refused", "disk full"])
+        mine = yield self.store.recent_failures(since, 1, submitter="CN=Bob")
+        self.assertEqual([job.job_id for job in mine], [failed[2].job_id])
+
     # -- the fleet (transferd.fleet) -------------------------------------------------
 
     def _daemon(self, **overrides):

@@ -17,7 +17,9 @@ ISS = "https://iam.example.org/"
 ALICE, BOB, ADMIN = (f"SUB={sub}, ISS={ISS}" for sub in ("alice", "bob", "operator"))
 
 
-class TokenAccessTests(V1TestCase):
+class TokenCase(V1TestCase):
+    """The harness accepting bearer tokens of a test issuer, with an admin (tests/test_dashboard.py uses it too)."""
+
     def setUp(self):
         self.issuer = TokenIssuer(ISS)
         base = os.path.abspath(self.mktemp())
@@ -52,6 +54,8 @@ class TokenAccessTests(V1TestCase):
         with open(self.audit_path) as handle:
             return [json.loads(line) for line in handle]
 
+
+class TokenAccessTests(TokenCase):
     @defer.inlineCallbacks
     def test_own_jobs_only_admins_all(self):
         """Each submitter lists, sees and cancels only its own jobs (403 otherwise); the admin lists and cancels all."""

@@ -36,6 +36,8 @@ class PackagingTests(unittest.TestCase):
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
         self.assertIn("transferd/auth/voms.py", names)
+        for asset in ("templates/page.html", "static/dashboard.css", "static/dashboard.js"):
+            self.assertIn("transferd/dashboard/" + asset, names)
 
     def test_editable_install_with_plugin_path(self):
         """When transferd is installed editable, twistd lists its plugins once lib.sh's plugin_path has run."""

@@ -156,16 +156,20 @@ class _Backpressure:
 
 class SiteRoot(Resource):
     """The site's root: /api/v1 and below to the v1 API, the operator's endpoints (OPERATIONS_PATHS) to
-    operations (transferd.health), every other path to the prototype's endpoints."""
+    operations (transferd.health), the dashboard's pages and assets (DASHBOARD_PATHS, DASHBOARD_PREFIXES) to
+    the dashboard (transferd.dashboard), every other path to the prototype's endpoints."""
 
     isLeaf = True
     OPERATIONS_PATHS = frozenset({b"/livez", b"/readyz", b"/metrics"})
+    DASHBOARD_PATHS = frozenset({b"/", b"/jobs", b"/errors"})
+    DASHBOARD_PREFIXES = (b"/jobs/", b"/static/")
 
-    def __init__(self, legacy, v1, operations):
+    def __init__(self, legacy, v1, operations, dashboard=None):
         super().__init__()
         self.legacy = legacy
         self.v1 = v1
         self.operations = operations
+        self.dashboard = dashboard
 
     def render(self, request):
         path = request.path
@@ -173,6 +177,8 @@ class SiteRoot(Resource):
             return self.v1.render(request)
         if path in self.OPERATIONS_PATHS:
             return self.operations.render(request)
+        if self.dashboard is not None and (path in self.DASHBOARD_PATHS or path.startswith(self.DASHBOARD_PREFIXES)):
+            return self.dashboard.render(request)
         return self.legacy.render(request)
 
 
@@ -213,6 +219,12 @@ class APIv1:
 
     def _sees_all(self, identity):
         return not self.access.enabled or self.access.is_admin(identity)
+
+    sees_all = _sees_all  # the dashboard's rule is this API's
+
+    def own_submitter(self, identity):
+        """The submitter whose jobs identity sees: None (everyone's) for admins and without authentication."""
+        return self._own_filter(identity, None)
 
     def _own_filter(self, identity, submitter):
         """The submitter a listing or bulk cancel is limited to: anyone's for admins, else the caller's own."""
@@ -401,11 +413,17 @@ class APIv1:
     async def list_jobs(self, request):
         identity = await identify(self.access, request)
         params = self._query(request, LIST_KEYS)
-        job_filter = self._filter(identity, params)
         if _wants_ndjson(request):
+            job_filter = self._filter(identity, params)
             if "limit" in params or "cursor" in params:
                 raise Problem(400, "NDJSON streams every matching job: leave out limit and cursor")
             return await self._stream(request, job_filter)
+        return self._json(request, 200, await self.page(identity, params))
+
+    async def page(self, identity, params):
+        """{"jobs": views, "next": cursor or None}: one page of GET /api/v1/jobs for these text parameters
+        (the dashboard's job list too).  Problem 400 or 403 for parameters this caller may not give."""
+        job_filter = self._filter(identity, params)
         limit = params.get("limit", str(DEFAULT_LIMIT))
         if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= MAX_LIMIT):
             raise Problem(400, f"limit must be a whole number from 1 to {MAX_LIMIT}")
@@ -413,8 +431,7 @@ class APIv1:
         after = decode_cursor(params["cursor"]) if "cursor" in params else None
         page = await self.store.list_jobs(job_filter, limit + 1, after)
         following = encode_cursor(page[limit - 1]) if len(page) > limit else None
-        return self._json(request, 200, {"jobs": [job.public_view(v1=True) for job in page[:limit]],
-                                         "next": following})
+        return {"jobs": [job.public_view(v1=True) for job in page[:limit]], "next": following}
 
     async def _stream(self, request, job_filter):
         """Every matching job as one JSON line, STREAM_PAGE at a time, waiting while the client's connection is full.
@@ -452,6 +469,10 @@ class APIv1:
     @app.route(PREFIX + "/jobs/<job_id>", methods=["GET"])
     async def job(self, request, job_id):
         await identify(self.access, request)
+        return self._json(request, 200, await self.detail(request, job_id))
+
+    async def detail(self, request, job_id):
+        """The view of GET /api/v1/jobs/{job_id} (the dashboard's job page too), for the caller identified already."""
         job = await self._visible_job(request, job_id, "see")
         now = self.clock.seconds()
         history = await self.store.events(job_id)
@@ -460,7 +481,7 @@ class APIv1:
                            for event in history]
         view["waiting_for"], ahead = await self._waiting_for(job, now)
         view["eta"] = _iso(await self._eta(job, now, ahead))
-        return self._json(request, 200, view)
+        return view
 
     @app.route(PREFIX + "/jobs/<job_id>", methods=["DELETE"])
     async def cancel(self, request, job_id):

@@ -88,8 +88,25 @@ class IJobStore(IService):
     def count_before(status, column, moment):
         """Fire with how many jobs in status have column (time_submitted or time_updated) before moment."""
 
-    def count_by_status():
-        """Fire with {status: how many jobs are in it}, states without jobs left out (for /metrics)."""
+    def count_by_status(submitter=None):
+        """Fire with {status: how many jobs are in it}, states without jobs left out (for /metrics).
+
+        submitter: count only that submitter's jobs (the dashboard of a user who is not an admin).
+        """
+
+    def activity(since, submitter=None):
+        """Fire with {"submitted": jobs submitted after since, and for each ended state: jobs that entered it after}."""
+
+    def counts_by(column, since, submitter=None):
+        """Fire with {value of column (None when unset): {status: count}}: the active jobs now, and the jobs that
+        succeeded or failed after since.  column: destination_host or stager_hostname (ValueError otherwise)."""
+
+    def failure_reasons(since, submitter=None, limit=1000):
+        """Fire with up to limit (detailed_status, count, latest time_updated) of the jobs that failed after since,
+        most frequent first."""
+
+    def recent_failures(since, limit, submitter=None):
+        """Fire with up to limit Jobs that failed after since, the latest first."""
 
     def recent_successes(destination_host, since, limit):
         """Fire with up to limit Jobs to destination_host submitted since then that succeeded, newest first."""

@@ -24,6 +24,7 @@ from transferd.auth.tokens import TokenVerifier
 from transferd.auth.voms import VOMSTrust
 from transferd.auth.x509 import ServerTLS
 from transferd.config import RELOADABLE, ConfigError, needing_restart
+from transferd.dashboard import Dashboard
 from transferd.fleet import Fleet, this_process
 from transferd.health import OperationsAPI, Readiness
 from transferd.interfaces import IReconfigurable
@@ -175,13 +176,15 @@ def build(config, reactor, clock=None, stager=None, mover=None):
         max_batch_bytes=config.api.max_batch_bytes, metrics=metrics, notifications=dispatcher.notifications,
         fleet=fleet,
     )
+    dashboard = Dashboard(api_v1, clock)  # the pages at / (docs/dashboard.md): the v1 API's views and rules
     daemon = Daemon()
     # /livez, /readyz, /metrics; on the API listener /metrics is for admins once authentication is on.
     operations = OperationsAPI(readiness, metrics, status, access=access, audit=audit)
     # [api] endpoint and [metrics] endpoint were checked with the configuration.
     listener = Listener(serverFromString(reactor, config.api.endpoint.text),
                         build_listener(config, reactor,
-                                       SiteRoot(api.resource(), api_v1.resource(), operations.resource()), keep=daemon))
+                                       SiteRoot(api.resource(), api_v1.resource(), operations.resource(),
+                                                dashboard.resource()), keep=daemon))
     metrics_listener = None
     if config.metrics.endpoint is not None:  # open to whoever reaches it: a loopback or private interface
         site = LimitedSite(OperationsAPI(readiness, metrics, status).resource(), 0, access_log=False,
@@ -198,6 +201,7 @@ def build(config, reactor, clock=None, stager=None, mover=None):
     daemon.listener, daemon.reconciler, daemon.housekeeping = listener, reconciler, housekeeping
     daemon.metrics, daemon.status_collector, daemon.readiness = metrics, status, readiness
     daemon.metrics_listener = metrics_listener
+    daemon.dashboard = dashboard
     daemon.events = dispatcher
     daemon.fleet, daemon.tokens, daemon.access, daemon.destinations = fleet, tokens, access, destinations
     daemon.config = daemon.config_at_start = config

@@ -309,10 +309,90 @@ class SQLJobStore(Service):
     # (tests/test_metrics_mysql.py checks MariaDB's plan).
     COUNT_BY_STATUS = "SELECT status, COUNT(*) FROM jobs GROUP BY status"
 
-    def count_by_status(self):
+    def count_by_status(self, submitter=None):
+        """submitter: count only that submitter's jobs (index jobs_submitter_status)."""
+        query, params = self.COUNT_BY_STATUS, ()
+        if submitter is not None:
+            query = self._sql("SELECT status, COUNT(*) FROM jobs WHERE submitter = ? GROUP BY status")
+            params = (submitter,)
+
         def interaction(cursor):
-            cursor.execute(self.COUNT_BY_STATUS)
+            cursor.execute(query, params)
             return {status: int(count) for status, count in cursor.fetchall()}
+
+        return self._run(interaction)
+
+    # -- what the dashboard sums up (transferd.dashboard) ---------------------------
+    # Each reads one index range: submitted since (jobs_submitted, or jobs_submitter_submitted for one
+    # submitter), ended since (jobs_status_updated, or jobs_submitter_status), active now (the status indexes).
+
+    BREAKDOWN_COLUMNS = frozenset({"destination_host", "stager_hostname"})
+
+    @staticmethod
+    def _marks(values):
+        return ", ".join("?" for _ in values)
+
+    def _mine(self, submitter):
+        return (" AND submitter = ?", (submitter,)) if submitter is not None else ("", ())
+
+    def activity(self, since, submitter=None):
+        ended = sorted(jobs.TERMINAL)
+        mine, who = self._mine(submitter)
+        submitted = self._sql("SELECT COUNT(*) FROM jobs WHERE time_submitted > ?" + mine)
+        finished = self._sql(f"SELECT status, COUNT(*) FROM jobs WHERE status IN ({self._marks(ended)})"
+                             f" AND time_updated > ?{mine} GROUP BY status")
+        moment = self._time_to_db(since)
+
+        def interaction(cursor):
+            cursor.execute(submitted, (moment, *who))
+            counts = {"submitted": int(cursor.fetchone()[0]), **{status: 0 for status in ended}}
+            cursor.execute(finished, (*ended, moment, *who))
+            counts.update({status: int(count) for status, count in cursor.fetchall()})
+            return counts
+
+        return self._run(interaction)
+
+    def counts_by(self, column, since, submitter=None):
+        if column not in self.BREAKDOWN_COLUMNS:
+            raise ValueError(f"cannot count jobs by {column!r}")
+        mine, who = self._mine(submitter)
+        outcomes = (jobs.SUCCESS, jobs.ERROR)
+        active = self._sql(f"SELECT {column}, status, COUNT(*) FROM jobs WHERE status IN ({self._marks(jobs.ACTIVE)})"
+                           f"{mine} GROUP BY {column}, status")
+        ended = self._sql(f"SELECT {column}, status, COUNT(*) FROM jobs WHERE status IN ({self._marks(outcomes)})"
+                          f" AND time_updated > ?{mine} GROUP BY {column}, status")
+
+        def interaction(cursor):
+            counts = {}
+            cursor.execute(active, (*jobs.ACTIVE, *who))
+            rows = cursor.fetchall()
+            cursor.execute(ended, (*outcomes, self._time_to_db(since), *who))
+            for key, status, count in [*rows, *cursor.fetchall()]:
+                counts.setdefault(key or None, {})[status] = int(count)
+            return counts
+
+        return self._run(interaction)
+
+    def failure_reasons(self, since, submitter=None, limit=1000):
+        mine, who = self._mine(submitter)
+        query = self._sql("SELECT detailed_status, COUNT(*), MAX(time_updated) FROM jobs WHERE status = ?"
+                          f" AND time_updated > ?{mine} GROUP BY detailed_status ORDER BY COUNT(*) DESC LIMIT ?")
+
+        def interaction(cursor):
+            cursor.execute(query, (jobs.ERROR, self._time_to_db(since), *who, limit))
+            return [(reason or "", int(count), self._time_from_db(latest))
+                    for reason, count, latest in cursor.fetchall()]
+
+        return self._run(interaction)
+
+    def recent_failures(self, since, limit, submitter=None):
+        mine, who = self._mine(submitter)
+        query = self._sql(SELECT_JOB + f" WHERE status = ? AND time_updated > ?{mine}"
+                                       " ORDER BY time_updated DESC LIMIT ?")
+
+        def interaction(cursor):
+            cursor.execute(query, (jobs.ERROR, self._time_to_db(since), *who, limit))
+            return [self._job_from_row(row) for row in cursor.fetchall()]
 
         return self._run(interaction)
 
