@@ -9,6 +9,7 @@ import socket
 from datetime import datetime, timezone
 
 from twisted.internet import defer, reactor, task, threads
+from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 
 from tests import mysql_support
@@ -369,6 +370,32 @@ class LostConnectionTests(StoreFixture, unittest.TestCase):
         job = await self.store.get(self.job.job_id)
         self.assertEqual((job.status, job.label), (jobs.STAGING, "other"))
         events = await self.store.events(self.job.job_id)
+        self.assertEqual([event["new_status"] for event in events], [jobs.SUBMITTED, jobs.STAGING])
+
+    async def test_transition_after_lock_wait_timeout_runs_again(self):
+        """A transition that waited too long for a row lock (1205) runs again once the lock is gone, and once only."""
+        store = self.open()
+        opened = store.pool.openfun
+
+        def short_lock_waits(connection):  # this store's sessions only: the shared server keeps its 50 s
+            opened(connection)
+            connection.cursor().execute("SET SESSION innodb_lock_wait_timeout = 1")
+
+        store.pool.openfun = short_lock_waits
+        retries = []
+        store.log = Logger(observer=lambda event: retries.append(event) if "rolled" in event["log_format"] else None)
+        other = mysql_support.admin_connection(self.database)
+        self.addCleanup(other.close)
+        cursor = other.cursor()
+        cursor.execute("BEGIN")
+        cursor.execute("SELECT status FROM jobs WHERE job_id = %s FOR UPDATE", (self.job.job_id,))
+        transition = store.transition(self.job.job_id, jobs.SUBMITTED, jobs.STAGING)
+        await wait_for(lambda: retries, timeout=10)  # the first try timed out waiting for the row: 1205
+        self.assertIn("Lock wait timeout", formatEvent(retries[0]))
+        await threads.deferToThread(cursor.execute, "COMMIT")
+        self.assertTrue(await transition)
+        self.assertEqual((await store.get(self.job.job_id)).status, jobs.STAGING)
+        events = await store.events(self.job.job_id)
         self.assertEqual([event["new_status"] for event in events], [jobs.SUBMITTED, jobs.STAGING])
 
     async def test_unreachable_server(self):
