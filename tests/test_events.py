@@ -10,6 +10,8 @@ import hashlib
 import hmac
 import json
 import os
+import time
+from datetime import datetime
 
 from prometheus_client import generate_latest
 from twisted.internet import defer, reactor
@@ -97,6 +99,24 @@ class WebhookTests(ReceiverMixin, unittest.TestCase):
         answer = json.loads(body)
         self.assertEqual(response.code, 200, answer)
         return answer
+
+    @defer.inlineCallbacks
+    def test_success_heard_within_a_second_on_an_idle_daemon(self):
+        """With no sweep for an hour, the commit of SUCCESS itself wakes the dispatcher: the webhook arrives within
+        a second of the transition's time."""
+        self.receiver, self.receiver_url = yield self.start_receiver()
+        harness = self.build()
+        yield harness.start()
+        answer = yield self.submit([{"product_id": "sample-001", "destination_path": harness.destination}])
+        job_id = answer["results"][0]["job_id"]
+        while True:
+            received = yield self.receiver.arrived.get()
+            heard = time.time()
+            data = json.loads(received.body)["data"]
+            if received.path == "/ops" and data["job_id"] == job_id and data["state"] == jobs.SUCCESS:
+                break
+        moment = datetime.fromisoformat(data["time"].replace("Z", "+00:00")).timestamp()
+        self.assertLess(heard - moment, 1.0)
 
     @defer.inlineCallbacks
     def test_every_state_change_delivered_once_signed_in_order(self):
