@@ -1093,6 +1093,7 @@ V1_BATCH = 100  # jobs per POST /api/v1/jobs
 V1_LEVELS = (1, 4, 16)  # concurrent clients posting batches
 V1_BATCH_GOAL = 2.0  # batch jobs/s over the per-item raw floor
 V1_LIST_ROWS = 1_000_000  # jobs in the table for the GET /api/v1/jobs latencies
+V1_LIST_WARM = 100  # requests per listing shape sent, unmeasured, after the fill and before measuring
 V1_LIST_GOAL_MS = 20.0  # p99
 
 
@@ -1299,8 +1300,10 @@ def v1_benchmark(args, work, root):
         step(f"v1: filling the jobs table to {V1_LIST_ROWS} rows")
         filled = fill_jobs(backends, V1_LIST_ROWS)
         step("v1: GET /api/v1/jobs latencies")
-        listings = [(label, measure_http(daemon, meter, requests, 1, {200}))
-                    for label, requests in list_shapes(backends, rng, work["list"] + 1)]
+        shapes = list_shapes(backends, rng, work["list"] + 1 + V1_LIST_WARM)
+        for _, requests in shapes:  # one unmeasured pass: the indexes were just built, not read yet
+            drive(daemon.port, requests[:V1_LIST_WARM], 1, {200})
+        listings = [(label, measure_http(daemon, meter, requests[V1_LIST_WARM:], 1, {200})) for label, requests in shapes]
         plans = explain_list_queries(backends)
         job_counts = time_job_counts(backends)
         report_v1(batches, wide_floor, accepted, filled, listings, plans, memory_kib(daemon.process.pid), job_counts)
@@ -1329,7 +1332,7 @@ clients requests   jobs/s  p50 ms  p99 ms  daemon CPU ms/job  CPU% dmn  gen   db
     print(f"""\
    filled in {filled[0]:.0f} s inside MariaDB: data {_mib(filled[1][0] / 1024):.0f} MiB, indexes\
  {_mib(filled[1][1] / 1024):.0f} MiB, innodb_buffer_pool_size {_mib(filled[2] / 1024):.0f} MiB;
-   limit=100 (the default); each shape with random values
+   limit=100 (the default); each shape with random values, measured after one unmeasured pass of {V1_LIST_WARM} requests per shape
 listing                              requests  p50 ms  p90 ms  p99 ms  daemon CPU ms/req  CPU% dmn   db  goal""")
     for label, load in listings:
         met = "met" if load.percentile(99) < V1_LIST_GOAL_MS else "NOT met"
