@@ -1,19 +1,16 @@
 """The outbox's claims on SQLite and MariaDB: a job's events in order, one at a time or as a run (AMQP)."""
 
-import os
-
 from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from tests import mysql_support
 from tests.contract_store import a_job
+from tests.stores import OnMariaDB, OnSQLite
 from transferd import jobs
-from transferd.config import load_config, parse_database_url
+from transferd.config import load_config
 from transferd.events import AMQP, EventDispatcher
 from transferd.queue.amqp import QueueUnavailable
-from transferd.store.mysql import MySQLJobStore
 from transferd.store.outbox import DELIVERED, PENDING, Outbox, Outcome
-from transferd.store.sqlite import SQLiteJobStore
 
 PATH = (jobs.STAGING, jobs.STAGED, jobs.TRANSFERRING, jobs.SUCCESS)
 
@@ -28,16 +25,21 @@ class OutboxContract:
         self.addCleanup(self.store.stopService)
         self.outbox = Outbox(self.store)
 
-    async def delivered_job(self):
-        """A job through every state to SUCCESS, its 5 events fanned out to the AMQP target."""
+    async def succeeded_job(self):
+        """A job through every state to SUCCESS: 5 events in the outbox."""
         job = a_job()
         await self.store.create(job)
         old = jobs.SUBMITTED
         for new in PATH:
             await self.store.transition(job.job_id, old, new, {})
             old = new
-        await self.outbox.fan_out(lambda state, notify_url: [AMQP])
         return job.job_id
+
+    async def delivered_job(self):
+        """A job through every state to SUCCESS, its 5 events fanned out to the AMQP target."""
+        job_id = await self.succeeded_job()
+        await self.outbox.fan_out(lambda state, notify_url: [AMQP])
+        return job_id
 
     async def test_one_at_a_time_or_as_a_run(self):
         """Without runs a claim takes the next event of each job only; with runs, every due one, in order."""
@@ -66,22 +68,29 @@ class OutboxContract:
         run = await self.outbox.claim("run", 60, runs=True)
         self.assertEqual([(d.job_id, d.new_status) for d in run], [(job_id, jobs.SUBMITTED)] + [(job_id, s) for s in PATH])
 
+    async def test_failed_event_sends_the_later_ones_again_after_it(self):
+        """One publish of a job's run fails: the later ones, though published, are sent again after it."""
+        await self.setup_store()
+        job_id = await self.succeeded_job()
+        publisher = _Publisher(refuse={"job.staged"})
+        config = load_config(None, {("events", "retry_delay"): "1"}, check_files=False)
+        dispatcher = EventDispatcher(self.store, config, reactor, self.clock, publisher=publisher)
+        lane = next(lane for lane in dispatcher._lanes() if lane.name == AMQP)
+        await dispatcher.run_once(lane)
+        self.assertEqual(publisher.published, ["job.submitted", "job.staging", "job.transferring", "job.success"])
+        statuses = [(d["status"], d["attempts"]) for d in await self.outbox.deliveries(job_id)]
+        self.assertEqual(statuses, [(DELIVERED, 1), (DELIVERED, 1), (PENDING, 1), (PENDING, 1), (PENDING, 1)])
+        self.clock.advance(2)
+        await dispatcher.run_once(lane)
+        self.assertEqual(publisher.published[4:], ["job.staged", "job.transferring", "job.success"])
+        self.assertEqual({d["status"] for d in await self.outbox.deliveries(job_id)}, {DELIVERED})
 
-class SQLiteOutboxTests(OutboxContract, unittest.TestCase):
-    async def make_store(self, clock):
-        path = os.path.abspath(self.mktemp() + ".sqlite")
-        store = SQLiteJobStore.from_url(parse_database_url("sqlite:///" + path), reactor, clock)
-        await store.migrate()
-        return store
+
+class SQLiteOutboxTests(OnSQLite, OutboxContract, unittest.TestCase):
+    pass
 
 
-class MySQLOutboxTests(OutboxContract, unittest.TestCase):
-    async def make_store(self, clock):
-        self.url = mysql_support.fresh_database(self)
-        store = MySQLJobStore.from_url(parse_database_url(self.url), reactor, clock)
-        await store.migrate()
-        return store
-
+class MySQLOutboxTests(OnMariaDB, OutboxContract, unittest.TestCase):
     async def test_run_overtaken_by_another_dispatcher(self):
         """Another dispatcher claims a job's first event between our SELECT and our UPDATE: we let go of the rest."""
         await self.setup_store()
@@ -137,33 +146,3 @@ class _Publisher:
             self.refuse.discard(routing_key)
             raise QueueUnavailable("RabbitMQ is not connected")
         self.published.append(routing_key)
-
-
-class RunOrderTests(unittest.TestCase):
-    async def test_failed_event_sends_the_later_ones_again_after_it(self):
-        """One publish of a job's run fails: the later ones, though published, are sent again after it."""
-        clock = task.Clock()
-        clock.advance(1_800_000_000)
-        path = os.path.abspath(self.mktemp() + ".sqlite")
-        store = SQLiteJobStore.from_url(parse_database_url("sqlite:///" + path), reactor, clock)
-        await store.migrate()
-        self.addCleanup(store.stopService)
-        job = a_job()
-        await store.create(job)
-        old = jobs.SUBMITTED
-        for new in PATH:
-            await store.transition(job.job_id, old, new, {})
-            old = new
-        publisher = _Publisher(refuse={"job.staged"})
-        config = load_config(None, {("events", "retry_delay"): "1"}, check_files=False)
-        dispatcher = EventDispatcher(store, config, reactor, clock, publisher=publisher)
-        lane = next(lane for lane in dispatcher._lanes() if lane.name == AMQP)
-        await dispatcher.run_once(lane)
-        self.assertEqual(publisher.published, ["job.submitted", "job.staging", "job.transferring",
-                                               "job.success"])
-        statuses = [(d["status"], d["attempts"]) for d in await dispatcher.outbox.deliveries(job.job_id)]
-        self.assertEqual(statuses, [(DELIVERED, 1), (DELIVERED, 1), (PENDING, 1), (PENDING, 1), (PENDING, 1)])
-        clock.advance(2)
-        await dispatcher.run_once(lane)
-        self.assertEqual(publisher.published[4:], ["job.staged", "job.transferring", "job.success"])
-        self.assertEqual({d["status"] for d in await dispatcher.outbox.deliveries(job.job_id)}, {DELIVERED})

@@ -9,6 +9,7 @@ from twisted.trial import unittest
 
 from tests import mysql_support
 from tests.contract_store import a_job
+from tests.stores import OnMariaDB, OnSQLite
 from tests.test_store_mysql import PROTOTYPE_SCHEMA
 from transferd import jobs
 from transferd.config import load_config, parse_database_url
@@ -174,21 +175,11 @@ class RetentionContract:
         self.assertEqual((await self.store.get(active)).public_view()["stager_path"], "/staging/y")
 
 
-class SQLiteRetentionTests(RetentionContract, unittest.TestCase):
-    async def make_store(self, clock):
-        path = os.path.abspath(self.mktemp() + ".sqlite")
-        store = SQLiteJobStore.from_url(parse_database_url("sqlite:///" + path), reactor, clock)
-        await store.migrate()
-        return store
+class SQLiteRetentionTests(OnSQLite, RetentionContract, unittest.TestCase):
+    pass
 
 
-class MySQLRetentionTests(RetentionContract, unittest.TestCase):
-    async def make_store(self, clock):
-        self.url = mysql_support.fresh_database(self)
-        store = MySQLJobStore.from_url(parse_database_url(self.url), reactor, clock)
-        await store.migrate()
-        return store
-
+class MySQLRetentionTests(OnMariaDB, RetentionContract, unittest.TestCase):
     async def test_concurrent_passes_take_different_rows(self):
         """When two daemons purge at once, every due job is removed once and archived once."""
         await self.setup_store()

@@ -217,10 +217,9 @@ class APIv1:
 
     # -- who is asking ----------------------------------------------------------
 
-    def _sees_all(self, identity):
+    def sees_all(self, identity):
+        """Whether identity sees every job (an admin, or no authentication): the dashboard follows it too."""
         return not self.access.enabled or self.access.is_admin(identity)
-
-    sees_all = _sees_all  # the dashboard's rule is this API's
 
     def own_submitter(self, identity):
         """The submitter whose jobs identity sees: None (everyone's) for admins and without authentication."""
@@ -228,7 +227,7 @@ class APIv1:
 
     def _own_filter(self, identity, submitter):
         """The submitter a listing or bulk cancel is limited to: anyone's for admins, else the caller's own."""
-        if self._sees_all(identity):
+        if self.sees_all(identity):
             return submitter
         if submitter is not None and submitter != identity.name:
             raise Problem(403, "only admins may name another submitter; leave submitter out to see your own jobs")
@@ -548,7 +547,7 @@ class APIv1:
     async def _admin_fleet(self, request, action=None):
         identity = await identify(self.access, request, action)
         self._query(request, frozenset())
-        if not self._sees_all(identity):
+        if not self.sees_all(identity):
             raise Problem(403, "only admins ([auth] admins) may see and drain the daemons")
         if self.fleet is None:
             raise Problem(404, "this transferd keeps no daemons table")
@@ -584,7 +583,7 @@ class APIv1:
         return self._json(request, 200, {
             "identity": identity.name if identity is not None else None,
             "method": identity.method if identity is not None else None,
-            "admin": self._sees_all(identity),
+            "admin": self.sees_all(identity),
             # The secret that signs the webhooks of this caller's notify_url (absent when there are none).
             **({"webhook_secret": self.notifications.secret_for(identity.name if identity is not None else None)}
                if self.notifications is not None and self.notifications.enabled else {}),
