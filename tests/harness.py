@@ -58,8 +58,9 @@ class Harness:
     @defer.inlineCallbacks
     def start(self, consume=True):
         """Start the daemon; without consume, no worker moves jobs on (the API alone)."""
-        if not consume:
+        if not consume:  # and nothing is released to the queues (jobs stay free, as they were committed)
             self.pipeline.disownServiceParent()
+            self.daemon.scheduler.disownServiceParent()
         self.daemon.startService()
         yield self.daemon.started
         self.url = f"http://127.0.0.1:{self.daemon.listener.port.getHost().port}"

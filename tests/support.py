@@ -18,3 +18,16 @@ def wait_for(predicate, timeout=10.0, interval=0.02):
         if reactor.seconds() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         yield task.deferLater(reactor, interval, lambda: None)
+
+
+@defer.inlineCallbacks
+def settled(daemon):
+    """Fire once daemon's queue is idle and its scheduler has nothing left to release: the work done.
+
+    Twice in a row: a pass the scheduler ran on its own may have released jobs meanwhile.
+    """
+    quiet = 0
+    while quiet < 2:
+        yield daemon.queue.idle()
+        released = yield defer.Deferred.fromCoroutine(daemon.scheduler.settle())
+        quiet = quiet + 1 if not released else 0

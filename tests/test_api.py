@@ -5,6 +5,7 @@ import json
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from tests.support import settled
 from transferd import jobs
 from transferd.pipeline import hash_authcode
 from transferd.store.sql import DatabaseUnavailable
@@ -146,7 +147,7 @@ class SubmitTransferTests(APITestCase):
         def broken(*args, **kwargs):
             return defer.fail(RuntimeError("disk on fire"))
 
-        self.h.store.create = broken
+        self.h.store.create_many = broken
         data = yield self.assertRefused(500, self.submit(), "internal error")
         self.assertNotIn("disk on fire", data["msg"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
@@ -159,7 +160,7 @@ class StoreUnavailableTests(APITestCase):
         def away(*args, **kwargs):
             return defer.fail(DatabaseUnavailable("the database at db:3306/transferd is unreachable (refused)"))
 
-        self.h.store.get = self.h.store.create = away
+        self.h.store.get = self.h.store.create_many = away
         response, body = yield self.h.request(method, path, **kwargs)
         self.assertEqual((response.code, response.headers.getRawHeaders("retry-after")), (503, ["5"]))
         self.assertEqual(json.loads(body), {"job_id": None, "error": True, "msg": "the job store is unavailable right"
@@ -345,7 +346,7 @@ class DeliveryThroughAPITests(APITestCase):
     def test_submitted_job_reaches_success(self):
         """With workers running, a submitted product is staged, delivered byte for byte and SUCCESS."""
         _, submitted = yield self.submit()
-        yield self.h.queue.idle()
+        yield settled(self.h.daemon)
         _, data = yield self.call("GET", "/transferStatus?job_id=" + submitted["job_id"])
         self.assertEqual(data["status"], jobs.SUCCESS, data)
         for column in ("time_submitted", "time_staging", "time_staged", "time_transferring", "time_success"):

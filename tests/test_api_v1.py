@@ -98,8 +98,10 @@ class SubmitTests(V1TestCase):
 
     @defer.inlineCallbacks
     def test_accepted_jobs_committed_and_published(self):
-        """When a batch is accepted, every job has its history row and, once the queue confirmed it, a long queue hold."""
+        """When a batch is accepted, every job has its history row; once the scheduler released it and the queue
+        confirmed it, a long queue hold."""
         answer = yield self.submit([self.item() for _ in range(20)])
+        self.assertEqual((yield defer.Deferred.fromCoroutine(self.h.daemon.scheduler.settle())), 20)
         yield self.h.pipeline.flush_holds()
         for result in answer["results"]:
             job = yield self.h.store.get(result["job_id"])

@@ -117,6 +117,17 @@ CASES = {
     ("log", "level"): ({}, "verbose"),
     ("fleet", "heartbeat"): ({}, "0"),
     ("fleet", "stale_after"): ({("fleet", "heartbeat"): "10"}, "15"),  # a missed beat is no death
+    ("scheduler", "interval"): ({}, "0"),
+    ("scheduler", "queued_ahead"): ({}, "none"),
+    ("scheduler", "groups"): ({}, "prod"),  # a group with no member
+    ("scheduler", "weights"): ({}, "-2 prod"),
+    ("scheduler", "default_weight"): ({}, "0"),
+    ("limits", "max_staging"): ({}, "0"),
+    ("limits", "max_transfers_per_host"): ({}, "lots"),
+    ("limits", "host_limits"): ({}, "dav.example.org"),  # no limit
+    ("limits", "max_transfers_per_submitter"): ({}, "-1"),
+    ("limits", "max_waiting_per_submitter"): ({}, "1.5"),
+    ("limits", "retry_after"): ({}, "soon"),
 }
 
 # The two the issue names, a password that must not be shown, and files that are there but unusable

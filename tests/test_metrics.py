@@ -15,6 +15,7 @@ from tests.daemon import free_port
 from tests.harness import Harness
 from tests.test_callback_stager import Recorder, serve
 from tests.test_http import stall
+from tests.support import settled
 from transferd import jobs, leases
 from transferd.http import HTTPClient
 from transferd.metrics import Metrics
@@ -100,7 +101,7 @@ class JobMetricsTests(MetricsTestCase):
         response, body = yield self.h.request("POST", "/api/v1/jobs", data=b'{"jobs": []}',
                                               headers={"Content-Type": "application/json"})
         self.assertEqual(response.code, 422, body)
-        yield self.h.queue.idle()
+        yield settled(self.h.daemon)
         for job_id in accepted:
             job = yield self.h.store.get(job_id)
             self.assertEqual(job.status, jobs.SUCCESS, job.detailed_status)
@@ -174,11 +175,11 @@ class IdleMetricsTests(MetricsTestCase):
 
     @defer.inlineCallbacks
     def test_reconciler_redrives_counted(self):
-        """Jobs the reconciler queues again count in transferd_reconciler_redriven_jobs_total."""
+        """Jobs the reconciler re-drives (here: gives back to the scheduler) count in
+        transferd_reconciler_redriven_jobs_total."""
         for _ in range(2):
             code, body = yield self.legacy_submit()
-            yield self.h.pipeline.flush_holds()
-            yield self.h.store.end_lease(body["job_id"], leases.IN_QUEUE)  # the hold is dropped: the job is free
+            yield self.h.store.hold_in_queue(jobs.SUBMITTED, [body["job_id"]], -1)  # a queue hold that has run out
         redriven = yield self.h.daemon.reconciler.run_once()
         self.assertEqual(redriven, 2)
         after = yield self.scrape()

@@ -1,7 +1,7 @@
 """The pipeline's rules: leases, re-staging, dead letters, the reconciler, cancellation.
 
 The daemon is built by transferd.wiring with scripted backends; time is a
-Clock, and queue.idle() says when the messages' work is done.
+Clock, and tests.support.settled says when the work is done.
 """
 
 import os
@@ -12,14 +12,14 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from transferd import jobs, leases
+from transferd import jobs, leases, scheduler
 from transferd.config import load_config
 from transferd.interfaces import IMover, IStager, ServiceAway, StoreUnavailable
 from transferd.jobs import StageResult, TransferResult
 from transferd.pipeline import authcode_matches
 from transferd.queue import STAGING_QUEUE, TRANSFER_QUEUE
 from transferd.wiring import build
-from tests.support import wait_for
+from tests.support import settled, wait_for
 
 
 @implementer(IStager)
@@ -112,8 +112,9 @@ class PipelineTestCase(unittest.TestCase):
         self.daemon = build(config, reactor, self.clock, stager=self.stager, mover=self.mover)
         self.store, self.queue = self.daemon.store, self.daemon.queue
         self.pipeline, self.reconciler = self.daemon.pipeline, self.daemon.reconciler
-        if not self.consume:
+        if not self.consume:  # the tests run the scheduler's passes themselves
             self.pipeline.disownServiceParent()
+            self.daemon.scheduler.disownServiceParent()
         self.daemon.startService()
         self.addCleanup(self.daemon.stopService)
         yield self.daemon.started
@@ -122,8 +123,17 @@ class PipelineTestCase(unittest.TestCase):
     def submitted(self):
         job = jobs.Job(job_id=jobs.new_job_id(), product_id="p", destination_path="file:///d")
         yield self.pipeline.submit(job)
-        yield self.pipeline.flush_holds()
+        yield self.scheduled()
         return job.job_id
+
+    @defer.inlineCallbacks
+    def scheduled(self):
+        """Run a scheduling pass of each step (the scheduler's timer runs on the test's clock) and confirm them."""
+        released = []
+        for step in scheduler.STEPS:
+            released.append((yield self.daemon.scheduler.run_pass(step)))
+        yield self.pipeline.flush_holds()
+        return released
 
     def status(self, job_id):
         return self.store.get(job_id).addCallback(lambda job: job.status)
@@ -175,9 +185,12 @@ class PipelineTests(PipelineTestCase):
 
     @defer.inlineCallbacks
     def test_reconciler_redrives_every_unheld_state(self):
-        """The reconciler re-publishes SUBMITTED and STAGING jobs to staging, STAGED and TRANSFERRING to transfer."""
+        """The reconciler re-publishes STAGING jobs to staging and TRANSFERRING ones to transfer, and gives
+        SUBMITTED and STAGED ones back to the scheduler, which publishes them again."""
         published = []
         self.queue.publish = lambda queue, job_id: published.append((queue, job_id)) or defer.succeed(None)
+        self.queue.publish_many = lambda queue, job_ids: defer.gatherResults([
+            self.queue.publish(queue, job_id) for job_id in job_ids])
         ids = {}
         for state in (jobs.SUBMITTED, jobs.STAGING, jobs.STAGED, jobs.TRANSFERRING):
             ids[state] = yield self.submitted()
@@ -186,9 +199,14 @@ class PipelineTests(PipelineTestCase):
             yield self.store.transition(job_id, jobs.SUBMITTED, jobs.STAGING)
             yield self.store.transition(job_id, jobs.STAGING, jobs.STAGED)
         yield self.store.transition(ids[jobs.TRANSFERRING], jobs.STAGED, jobs.TRANSFERRING)
+        yield self.store.hold_in_queue(jobs.STAGED, [ids[jobs.STAGED]], 60)  # as a pass leaves it
         published.clear()
-        self.clock.advance(61)  # the queue holds of submission expire
+        self.clock.advance(61)  # the queue holds expire
         self.assertEqual((yield self.reconciler.run_once()), 4)
+        self.assertEqual(sorted(published), sorted([
+            (STAGING_QUEUE, ids[jobs.STAGING]), (TRANSFER_QUEUE, ids[jobs.TRANSFERRING]),
+        ]))
+        self.assertEqual((yield self.scheduled()), [1, 1])
         self.assertEqual(sorted(published), sorted([
             (STAGING_QUEUE, ids[jobs.SUBMITTED]), (STAGING_QUEUE, ids[jobs.STAGING]),
             (TRANSFER_QUEUE, ids[jobs.STAGED]), (TRANSFER_QUEUE, ids[jobs.TRANSFERRING]),
@@ -197,12 +215,16 @@ class PipelineTests(PipelineTestCase):
 
     @defer.inlineCallbacks
     def test_failed_publish_leaves_job_for_reconciler(self):
-        """When the queue refuses a new job, the job stays committed and the next reconciler pass queues it."""
-        self.queue.publish = lambda queue, job_id: defer.fail(ConnectionError("broker down"))
+        """When the queue refuses a released job, the job stays committed; the next reconciler pass gives it back
+        to the scheduler, whose next pass queues it."""
+        self.queue.publish_many = lambda queue, job_ids: defer.fail(ConnectionError("broker down"))
         job_id = yield self.submitted()
         self.assertEqual((yield self.status(job_id)), jobs.SUBMITTED)
-        del self.queue.publish
+        del self.queue.publish_many
+        self.assertEqual((yield self.scheduled()), [0, 0])  # its hold has not run out yet
+        self.clock.advance(0.001)
         self.assertEqual((yield self.reconciler.run_once()), 1)
+        self.assertEqual((yield self.scheduled()), [1, 0])
 
     @defer.inlineCallbacks
     def test_dead_worker_lease_expires_and_job_is_redriven(self):
@@ -485,7 +507,7 @@ class WorkerTests(PipelineTestCase):
     def test_in_line_stager_and_mover_reach_success(self):
         """With workers consuming, a job runs SUBMITTED to SUCCESS, and the staged copy is freed."""
         job_id = yield self.submitted()
-        yield self.queue.idle()
+        yield settled(self.daemon)
         job = yield self.store.get(job_id)
         self.assertEqual(job.status, jobs.SUCCESS)
         self.assertEqual((job.stager_path, job.stage_attempts, job.lease_owner), ("/staged/p", 1, None))

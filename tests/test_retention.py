@@ -11,6 +11,7 @@ from tests import mysql_support
 from tests.contract_store import a_job
 from tests.stores import OnMariaDB, OnSQLite
 from tests.test_store_mysql import PROTOTYPE_SCHEMA
+from tests.support import settled
 from transferd import jobs
 from transferd.config import load_config, parse_database_url
 from transferd.retention import Housekeeping, Leftovers, Retention
@@ -332,7 +333,7 @@ class StagedCopyShownTests(unittest.TestCase):
         _, body = await harness.request("POST", "/submitTransfer",
                                         data={"product_id": "sample-001", "destination_path": harness.destination})
         job_id = json.loads(body)["job_id"]
-        await harness.queue.idle()
+        await settled(harness.daemon)
         _, body = await harness.request("GET", f"/transferStatus?job_id={job_id}")
         view = json.loads(body)
         self.assertEqual(view["status"], jobs.SUCCESS)

@@ -295,9 +295,14 @@ class SeveralPollersTests(TapeRestTestBase):
         one = yield self.rig(bulk_size=5, token_file=self.token_file)
         two = yield self.rig(bulk_size=5, token_file=self.token_file)
         products = self.products(30)
+        # Each daemon stages what it submitted: any daemon's scheduler releases the fleet's jobs, so one's is
+        # drained while two's jobs are released.
         ids_one = yield self.submit(one, products[:15])
+        yield wait_for(lambda: one.stager.accepted == 15)
+        one.daemon.scheduler.drain()
         ids_two = yield self.submit(two, products[15:])
-        yield wait_for(lambda: one.stager.accepted == 15 and two.stager.accepted == 15)
+        yield wait_for(lambda: two.stager.accepted == 15)
+        one.daemon.scheduler.undrain()
         self.clock.advance(0.2)  # nothing waits for the window: 15 is a multiple of bulk_size
         yield wait_for(lambda: self.all_requested(one, ids_one + ids_two))
         self.assertEqual(self.fake.calls["stage"], 6)

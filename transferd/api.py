@@ -18,6 +18,7 @@ from transferd.auth.access import Access, Forbidden, Unauthenticated
 from transferd.interfaces import IReconfigurable, StoreUnavailable
 from transferd.jobs import StagedFile, StageResult
 from transferd.pipeline import JobFinished, JobNotFound, authcode_matches
+from transferd.scheduler import TooManyWaiting
 from transferd.validation import BadRequest
 
 MAX_TEXT = 4096
@@ -225,7 +226,7 @@ class TransferAPI:
             job_id=jobs.new_job_id(), product_id=product_id, destination_path=destination,
             submitter=identity.name if identity is not None else None, notify_url=notify_url,
         )
-        await self.pipeline.submit(job)
+        await self.pipeline.submit(job, identity=identity)
         msg = f"transfer of {product_id} to {destination} accepted"
         self._audit(request, 202, msg, job.job_id)
         return _json(request, 202, {"job_id": job.job_id, "error": False, "msg": msg})
@@ -381,6 +382,13 @@ class TransferAPI:
         msg = f"the job store is unavailable right now; try again in {failure.value.retry_after} seconds"
         self._audit(request, 503, msg)
         return _error(request, 503, msg)
+
+    @app.handle_errors(TooManyWaiting)
+    def too_many_waiting(self, request, failure):
+        """[limits] max_waiting_per_submitter: the submitter has enough jobs waiting; nothing was created."""
+        request.setHeader("Retry-After", f"{failure.value.retry_after:.0f}")
+        self._audit(request, 429, str(failure.value))
+        return _error(request, 429, str(failure.value))
 
     @app.handle_errors(NotFound)
     def not_found(self, request, failure):

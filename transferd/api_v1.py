@@ -31,6 +31,7 @@ from transferd.audit import AuditLog
 from transferd.auth.access import Access, Unauthenticated
 from transferd.interfaces import IReconfigurable, StoreUnavailable
 from transferd.pipeline import JobFinished, JobNotFound
+from transferd.scheduler import TooManyWaiting
 from transferd.store.sql import SubmissionExists
 from transferd.validation import BadRequest
 
@@ -189,8 +190,9 @@ class APIv1:
 
     def __init__(self, store, pipeline, stager, mover, clock, destinations, access=None, audit=None,
                  max_body_bytes=65536, max_batch=10000, max_batch_bytes=16777216, metrics=None, notifications=None,
-                 fleet=None):
+                 fleet=None, scheduler=None):
         self.store = store
+        self.scheduler = scheduler  # transferd.scheduler.Scheduler: why a job free to release still waits
         self.fleet = fleet  # transferd.fleet.Fleet: /api/v1/daemons (None: no such endpoint)
         self.notifications = notifications  # transferd.events.Notifications: checks notify_url (None: refused)
         self.metrics = metrics  # transferd.metrics.Metrics: jobs accepted, jobs and requests refused
@@ -334,10 +336,12 @@ class APIv1:
                   "results": results}
         try:
             await self.pipeline.submit_many(
-                new_jobs, actor(identity),
+                new_jobs, actor(identity), identity=identity,
                 submission=jobs.Submission(submitter, submission_id, answer) if submission_id is not None else None)
         except SubmissionExists:  # the same batch, sent again while the first was being committed
             return self._repeated(request, await self.store.submission(submitter, submission_id))
+        except TooManyWaiting as error:  # nothing was created: the whole batch may come again later
+            raise Problem(429, str(error), headers={"Retry-After": f"{error.retry_after:.0f}"}) from None
         if self.metrics is not None:
             self.metrics.accepted("v1", len(new_jobs))
             for result in results:
@@ -603,6 +607,8 @@ class APIv1:
         lease_until = job.lease_until or 0
         worked = job.lease_owner not in (None, leases.IN_QUEUE) and lease_until > now
         waits = job.lease_owner is None and lease_until > now
+        if job.status in (jobs.SUBMITTED, jobs.STAGED) and job.lease_until is None and self.scheduler is not None:
+            return await self.scheduler.why_waiting(job)  # the scheduler has not released it: fair share or a limit
         if job.status == jobs.SUBMITTED and not worked:
             ahead = await self._ahead(jobs.SUBMITTED, "time_submitted", job.time_submitted)
             return _why("queued", f"queued for staging: {ahead} job(s) ahead"), ahead

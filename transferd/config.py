@@ -199,6 +199,66 @@ def _identity_lines(text):
     return identities
 
 
+def _limit(text):
+    """A whole number of at least 1, or "unlimited" (None)."""
+    text = text.strip()
+    if text.lower() == "unlimited":
+        return None
+    try:
+        return _positive_int(text)
+    except ValueError:
+        raise ValueError("must be a whole number of at least 1, or unlimited") from None
+
+
+GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+
+
+def _group_lines(text):
+    """Fair-share groups, one member per line: "<group> <identity or FQAN>" (as [auth] admins names them)."""
+    groups = []
+    for line in _lines(text):
+        name, _, member = line.partition(" ")
+        member = member.strip()
+        if not GROUP_NAME.match(name) or not member:
+            raise ValueError(f"{line!r} is not \"<group> <member>\": a group name (letters, digits, _ . -) then"
+                             " a DN, SUB=<sub>, ISS=<iss>, or an FQAN")
+        groups.append((name, _identity_lines(member)[0]))
+    return tuple(groups)
+
+
+def _weight_lines(text):
+    """Fair-share weights, one per line: "<weight> <share>", a share being a group or a submitter's identity."""
+    weights = {}
+    for line in _lines(text):
+        number, _, share = line.partition(" ")
+        share = share.strip()
+        try:
+            weight = float(number)
+        except ValueError:
+            weight = 0.0
+        if not weight > 0 or weight == float("inf") or not share:
+            raise ValueError(f"{line!r} is not \"<weight> <share>\": a number above 0, then a group name or a"
+                             " submitter's identity")
+        if share in weights:
+            raise ValueError(f"{share!r} has two weights")
+        weights[share] = weight
+    return tuple((weight, share) for share, weight in weights.items())
+
+
+def _host_limit_lines(text):
+    """Per destination host limits, one per line: "<host> <limit>"."""
+    limits = []
+    for line in _lines(text):
+        host, _, number = line.partition(" ")
+        try:
+            limit = _positive_int(number.strip())
+        except ValueError:
+            raise ValueError(f"{line!r} is not \"<host> <limit>\": a host name then a whole number of at least"
+                             " 1") from None
+        limits.append((host.lower(), limit))
+    return tuple(limits)
+
+
 def _word(text):
     """One word or nothing (a VO name): None when empty."""
     text = text.strip()
@@ -672,6 +732,21 @@ SCHEMA = {
         "heartbeat": (_positive_float, "5"),
         "stale_after": (_positive_float, "30"),
     },
+    "scheduler": {
+        "interval": (_positive_float, "1"),
+        "queued_ahead": (_positive_int, "64"),
+        "groups": (_group_lines, ""),
+        "weights": (_weight_lines, ""),
+        "default_weight": (_positive_float, "1"),
+    },
+    "limits": {
+        "max_staging": (_limit, "unlimited"),
+        "max_transfers_per_host": (_limit, "unlimited"),
+        "host_limits": (_host_limit_lines, ""),
+        "max_transfers_per_submitter": (_limit, "unlimited"),
+        "max_waiting_per_submitter": (_limit, "unlimited"),
+        "retry_after": (_positive_float, "60"),
+    },
 }
 
 # The keys a running daemon applies when it receives SIGHUP (transferd.wiring.Daemon.reload; the reference
@@ -686,6 +761,10 @@ RELOADABLE = frozenset({
     ("stager", "token_file"), ("stager", "cert"), ("stager", "key"),
     ("events", "subscribers"), ("events", "notify_secret_file"), ("events", "notify_states"), ("events", "timeout"),
     ("events", "retry_delay"), ("events", "max_retry_delay"), ("events", "max_attempts"),
+    ("scheduler", "groups"), ("scheduler", "weights"), ("scheduler", "default_weight"),
+    ("scheduler", "queued_ahead"),
+    *((("limits", key) for key in ("max_staging", "max_transfers_per_host", "host_limits",
+                                   "max_transfers_per_submitter", "max_waiting_per_submitter", "retry_after"))),
 })
 
 

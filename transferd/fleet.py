@@ -11,6 +11,15 @@ reconciler skip their cycles.  What it holds it finishes; once it holds no
 job (its workers' leases, transferd.leases.worker_owner) it can be stopped
 without leaving anything to re-drive.  A row silent for [fleet] stale_after
 is shown as stale; one silent for FORGET_AFTER is deleted.
+
+Heartbeats also divide the polling (FTS and Tape REST pollers): every job
+has a poll slot (crc32 of its id, of schema.POLL_SLOTS), and the live
+daemons (beating, not drained), sorted by daemon id, each poll an equal run
+of slots by their rank.  A daemon that starts takes its run within a beat;
+one that stops cleanly removes its row; one killed is stale after
+stale_after, and the others divide its slots among them on their next beat.
+Poll leases (poll_owner) still keep two daemons from polling one job at
+once while the ranks change.
 """
 
 import dataclasses
@@ -26,6 +35,7 @@ from twisted.logger import Logger
 
 from transferd import __version__, jobs, leases
 from transferd.interfaces import StoreUnavailable
+from transferd.store.schema import POLL_SLOTS
 
 FORGET_AFTER = 7 * 86400.0  # seconds without a beat after which a daemon's row is deleted
 
@@ -49,6 +59,24 @@ def this_process(clock):
                       jobs.utc_from_seconds(clock.seconds()))
 
 
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def poll_shares(rows, now, stale_after):
+    """{daemon_id: (rank, of, (first, end))} for the live daemons among rows (beating, not drained)."""
+    live = sorted(row.daemon_id for row in rows
+                  if not row.drain and row.time_beat is not None and now - row.time_beat.timestamp() <= stale_after)
+    return {daemon_id: (rank, len(live), (rank * POLL_SLOTS // len(live), (rank + 1) * POLL_SLOTS // len(live)))
+            for rank, daemon_id in enumerate(live)}
+
+
 def _iso(moment):
     return moment.isoformat().replace("+00:00", "Z") if moment is not None else None
 
@@ -62,7 +90,7 @@ class Fleet(TimerService):
 
     log = Logger()
 
-    def __init__(self, store, clock, info, heartbeat=5.0, stale_after=30.0, drainables=()):
+    def __init__(self, store, clock, info, heartbeat=5.0, stale_after=30.0, drainables=(), pollers=()):
         super().__init__(heartbeat, self.beat)
         self.clock = clock
         self.store = store
@@ -70,10 +98,13 @@ class Fleet(TimerService):
         self.heartbeat = heartbeat
         self.stale_after = stale_after
         self.drainables = list(drainables)
+        self.pollers = list(pollers)  # each polls the slots of this daemon's share (Poller.slots)
+        self.poll_share = None  # (rank, of, (first, end)) once a beat has read the fleet; None: polls every slot
         self.draining = False  # what this daemon does now
         self._requested = None  # a drain flag to write on the next beat (SIGUSR2 while the store was away)
         self._changes = 0  # drains asked here; a beat that read the flag before one of them does not follow it
         self._beating = None
+        self._neighbours_checked = False
 
     @property
     def daemon_id(self):
@@ -110,6 +141,40 @@ class Fleet(TimerService):
             return
         if changes == self._changes:  # otherwise the flag was read before a drain asked meanwhile
             self._follow(flag)
+        try:
+            rows = await self.store.fleet(self.clock.seconds() - FORGET_AFTER)
+            if not self._neighbours_checked:
+                rows = await self._forget_dead_neighbours(rows)
+                self._neighbours_checked = True
+        except Exception as error:
+            self.log.warn("could not read the fleet to share out the polling ({error}); keeping the share",
+                          error=error)
+            return
+        self._share_polling(poll_shares(rows, self.clock.seconds(), self.stale_after).get(self.daemon_id))
+
+    async def _forget_dead_neighbours(self, rows):
+        """At start: rows of daemons on this host whose process is gone (killed, then restarted as this one)
+        are removed, so their poll slots are shared out now rather than once they are stale."""
+        alive = []
+        for row in rows:
+            if row.host == self.info.host and row.daemon_id != self.daemon_id and not _process_exists(row.pid):
+                self.log.info("daemon {daemon_id} (pid {pid}) on this host is gone: sharing out its polling now",
+                              daemon_id=row.daemon_id, pid=row.pid)
+                await self.store.forget_daemon(row.daemon_id)
+            else:
+                alive.append(row)
+        return alive
+
+    def _share_polling(self, share):
+        """Poll the slots of share (None: not live, drained: the pollers skip their cycles anyway)."""
+        if share is None or share == self.poll_share:
+            return
+        self.poll_share = share
+        rank, of, (first, end) = share
+        for poller in self.pollers:
+            poller.slots = (first, end)
+        self.log.info("polling share now slots {first}-{last} of {slots} (rank {rank} of {of} live daemons)",
+                      first=first, last=end - 1, slots=POLL_SLOTS, rank=rank + 1, of=of)
 
     def _follow(self, flag):
         if flag == self.draining or not self.running:
@@ -161,14 +226,18 @@ class Fleet(TimerService):
             daemon_id = leases.daemon_of(owner)
             if daemon_id is not None:
                 by_daemon[daemon_id] = by_daemon.get(daemon_id, 0) + count
+        shares = poll_shares(rows, now, self.stale_after)
         return {
-            "daemons": [self.view(row, now, by_daemon.get(row.daemon_id, 0)) for row in rows],
+            "daemons": [self.view(row, now, by_daemon.get(row.daemon_id, 0), shares.get(row.daemon_id))
+                        for row in rows],
             "jobs": {state: counts.get(state, 0) for state in jobs.STATES},
             "stale_after": self.stale_after,
         }
 
-    def view(self, row, now, held):
-        """One daemon as the API shows it; state: running, draining (holds jobs still), drained, or stale."""
+    def view(self, row, now, held, share=None):
+        """One daemon as the API shows it; state: running, draining (holds jobs still), drained, or stale.
+
+        poll_share: its rank among the live daemons and the run of poll slots it polls (null when not live)."""
         stale = row.time_beat is None or now - row.time_beat.timestamp() > self.stale_after
         if stale:
             state = "stale"
@@ -180,6 +249,8 @@ class Fleet(TimerService):
             "daemon_id": row.daemon_id, "host": row.host, "pid": row.pid, "version": row.version,
             "time_started": _iso(row.time_started), "time_beat": _iso(row.time_beat), "drain": row.drain,
             "state": state, "jobs_held": held, "this": row.daemon_id == self.daemon_id,
+            "poll_share": ({"rank": share[0] + 1, "of": share[1], "slots": list(share[2])}
+                           if share is not None else None),
         }
 
     async def set_drain(self, name, drain):

@@ -62,12 +62,15 @@ class IJobStore(IService):
         which the store writes in the same transaction as the change.
         """
 
-    def create_many(jobs, hold=None, actor=None, submission=None):
+    def create_many(jobs, hold=None, actor=None, submission=None, max_waiting=None):
         """Insert new SUBMITTED jobs with their history rows in one transaction, all under hold.
 
         submission (a jobs.Submission): also store its answer, in the same
         transaction; when one with the same submitter and submission_id is
         stored already, fail with SubmissionExists and create nothing.
+        max_waiting (limit, retry_after): fail with
+        transferd.scheduler.TooManyWaiting, creating nothing, when a share
+        would have more than limit jobs waiting in SUBMITTED.
         """
 
     def submission(submitter, submission_id):
@@ -200,14 +203,35 @@ class IJobStore(IService):
     def forget_daemon(daemon_id):
         """Delete daemon_id's row (it stopped cleanly); fire with True/False."""
 
-    def take_for_polling(status, owner, seconds, limit, having=None):
+    def take_for_polling(status, owner, seconds, limit, having=None, slots=None):
         """Take up to limit jobs in status for one polling cycle, least recently polled first.
 
         A poller's lease is separate from the workers' lease: a job taken here
         is polled by owner only, until seconds from now, so several daemons
         polling at once each poll different jobs.  having names a column that
-        must be set (e.g. fts_jobid).  Fires with the Jobs taken.
+        must be set (e.g. fts_jobid); slots (first, end) the poll slots this
+        daemon polls (transferd.fleet).  Fires with the Jobs taken.
         """
+
+    def schedule(step, plan, fits, hold, daemon_id=None):
+        """One scheduling pass (transferd.scheduler) in one transaction, one pass at a time fleet-wide.
+
+        plan(Counts) -> ({share: jobs to release}, room per destination host
+        or None); fits(room, host) -> whether one more job to host fits (taking its
+        room).  Each
+        share's jobs are taken by priority, then age; those released are put
+        under hold.  Fires with their ids.
+        """
+
+    def scheduling_counts(step, hosts=False):
+        """The transferd.scheduler.Counts of step now (hosts: per destination host too)."""
+
+    def ahead_in_share(job):
+        """How many jobs free to release in job's state and share come before it."""
+
+    def release_to_scheduler(statuses, limit, include_queue_holds=False):
+        """Free jobs in statuses whose lease ran out (and, with include_queue_holds, those under a queue hold),
+        so that the scheduler releases them again; fire with how many."""
 
 
 class IJobQueue(IService):

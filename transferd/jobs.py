@@ -106,10 +106,11 @@ class TransferResult:
 
 # Columns the API never shows: the stager's callback code hash and the
 # workers' and pollers' lease bookkeeping.
-HIDDEN_FIELDS = frozenset({"stager_callback", "lease_owner", "lease_until", "poll_owner", "poll_until", "deliveries"})
+HIDDEN_FIELDS = frozenset({"stager_callback", "lease_owner", "lease_until", "poll_owner", "poll_until", "deliveries",
+                           "poll_slot"})
 # Columns /transferStatus (the prototype's contract) does not show; the v1 API does.
 V1_FIELDS = frozenset({"priority", "label", "metadata", "destination_host", "time_updated", "time_away",
-                       "time_copy_freed", "notify_url"})
+                       "time_copy_freed", "notify_url", "share"})
 
 DEFAULT_PRIORITY = 3  # 1 (lowest) to 5 (highest), as FTS has
 
@@ -151,6 +152,8 @@ class Job:
     time_away: Optional[datetime] = None  # since when the stager or transfer service it waits for is away
     time_copy_freed: Optional[datetime] = None  # when its staged copy was freed: stager_path is no longer shown
     notify_url: Optional[str] = None  # where its state changes are sent as webhooks (transferd.events)
+    share: Optional[str] = None  # whose fair share it counts against: its submitter or group (transferd.scheduler)
+    poll_slot: int = 0  # which daemon's pollers ask about it (transferd.fleet)
 
     @property
     def terminal(self) -> bool:

@@ -33,6 +33,7 @@ from zope.interface import implementer
 from transferd import jobs, leases
 from transferd.interfaces import IOutcomes, ServiceAway, StoreUnavailable
 from transferd.queue import STAGING_QUEUE, TRANSFER_QUEUE
+from transferd.scheduler import Policy
 
 # At most this many seconds between tries of a service that is away (the wait grows with the outage).
 AWAY_WAIT_CAP = 300.0
@@ -71,8 +72,9 @@ class Pipeline(Service):
     log = Logger()
 
     def __init__(self, store, queue, stager, mover, clock, prefetch=8, lease=30.0, requeue_after=300.0,
-                 max_deliveries=5, metrics=None, daemon_id=None):
+                 max_deliveries=5, metrics=None, daemon_id=None, policy=None):
         self.store = store
+        self.policy = policy if policy is not None else Policy()  # shares and limits (transferd.scheduler)
         self.metrics = metrics  # transferd.metrics.Metrics: leases renewed, dead letters
         self.queue = queue
         self.stager = stager
@@ -144,42 +146,54 @@ class Pipeline(Service):
 
     # -- submission -------------------------------------------------------
 
-    async def submit(self, job):
-        """Commit a new job, then publish it; a failed publish is left to the reconciler."""
-        await self.store.create(job, hold=leases.in_queue(self.lease), actor=job.submitter or "anonymous user")
-        self.log.info(
-            "job {job_id} SUBMITTED: {product_id} -> {destination}",
-            job_id=job.job_id, product_id=job.product_id, destination=job.destination_path,
-        )
-        await self.publish(STAGING_QUEUE, job.job_id, jobs.SUBMITTED)
+    async def submit(self, job, identity=None):
+        """Commit a new job; it waits in SUBMITTED for the scheduler to release it (transferd.scheduler)."""
+        await self.submit_many([job], job.submitter or "anonymous user", identity=identity)
 
-    async def submit_many(self, new_jobs, actor, submission=None):
-        """Commit new jobs in one transaction (with submission's answer, when given), then publish them in one batch.
+    async def submit_many(self, new_jobs, actor, submission=None, identity=None):
+        """Commit new jobs in one transaction (with submission's answer, when given).
 
+        Each counts against the share of identity (its submitter or group).
         Fails with the store's SubmissionExists, creating nothing, when that
-        submission is stored already.  A failed publish is left to the
-        reconciler, as in submit.
+        submission is stored already, and with TooManyWaiting when the share
+        would have more jobs waiting than [limits] max_waiting_per_submitter.
+        The jobs wait in SUBMITTED, free; the commit wakes the scheduler.
         """
-        await self.store.create_many(new_jobs, hold=leases.in_queue(self.lease), actor=actor, submission=submission)
-        if not new_jobs:
-            return
-        self.log.info(
-            "{count} job(s) SUBMITTED in one batch by {actor}, {first} to {last}",
-            count=len(new_jobs), actor=actor, first=new_jobs[0].job_id, last=new_jobs[-1].job_id,
-        )
-        job_ids = [job.job_id for job in new_jobs]
+        policy = self.policy
+        share = policy.share_of(identity)
+        new_jobs = [dataclasses.replace(job, share=share) for job in new_jobs]
+        limit = policy.limits.max_waiting_per_submitter
+        await self.store.create_many(new_jobs, actor=actor, submission=submission,
+                                     max_waiting=(limit, policy.limits.retry_after) if limit is not None else None)
+        if len(new_jobs) == 1:
+            job = new_jobs[0]
+            self.log.info("job {job_id} SUBMITTED: {product_id} -> {destination}",
+                          job_id=job.job_id, product_id=job.product_id, destination=job.destination_path)
+        elif new_jobs:
+            self.log.info(
+                "{count} job(s) SUBMITTED in one batch by {actor}, {first} to {last}",
+                count=len(new_jobs), actor=actor, first=new_jobs[0].job_id, last=new_jobs[-1].job_id,
+            )
+
+    async def publish_released(self, queue, status, job_ids):
+        """Publish the jobs a scheduling pass has just put under a queue hold of one lease, in one batch.
+
+        Once the queue has them their holds are extended to requeue_after
+        (batched, _extend_hold).  When publishing fails the holds are made to
+        run out at once: the reconciler gives the jobs back to the scheduler.
+        """
         try:
-            await self.queue.publish_many(STAGING_QUEUE, job_ids)
+            await self.queue.publish_many(queue, job_ids)
         except Exception as error:
-            self.log.warn("{count} job(s) not queued for staging ({error}); the reconciler will retry",
-                          count=len(job_ids), error=error)
+            self.log.warn("{count} job(s) not queued for {queue} ({error}); the reconciler will retry",
+                          count=len(job_ids), queue=queue, error=error)
             try:
-                await self.store.hold_in_queue(jobs.SUBMITTED, job_ids, 0)  # a hold that has run out: free at once
+                await self.store.hold_in_queue(status, job_ids, 0)  # a hold that has run out
             except Exception:
                 self.log.failure("could not drop the queue holds; they run out within one lease")
             return
         for job_id in job_ids:
-            self._extend_hold(jobs.SUBMITTED, job_id)
+            self._extend_hold(status, job_id)
 
     async def publish(self, queue, job_id, status):
         """Publish a job the caller has just put under a queue hold of one lease.
@@ -305,12 +319,9 @@ class Pipeline(Service):
                 "stager_status": result.msg or "staged",
                 "staged_files": json.dumps([f.to_dict() for f in result.files]) if result.files else None,
             }
-            done = await self.store.transition(
-                job.job_id, jobs.STAGING, jobs.STAGED, fields, hold=leases.in_queue(self.lease), actor=actor
-            )
-            if done:
-                await self.publish(TRANSFER_QUEUE, job.job_id, jobs.STAGED)
-            else:
+            # Free: it waits in STAGED for the scheduler to release it to the transfer queue.
+            done = await self.store.transition(job.job_id, jobs.STAGING, jobs.STAGED, fields, actor=actor)
+            if not done:
                 await self._free_copy(job)
             return done
         reason = result.msg or "no reason given"
@@ -688,17 +699,23 @@ class Reconciler:
             return 0
 
     async def _pass(self):
-        stuck = await self.store.jobs_to_redrive(jobs.ACTIVE, self.batch, include_queue_holds=self._queue_holds_void)
-        self._queue_holds_void = False
+        # Once, however the pass ends: holds it misses run out within requeue_after anyway.
+        void, self._queue_holds_void = self._queue_holds_void, False
+        # Jobs waiting for the scheduler whose lease ran out go back to it: it releases them again.
+        freed = await self.store.release_to_scheduler((jobs.SUBMITTED, jobs.STAGED), self.batch,
+                                                      include_queue_holds=void)
+        stuck = await self.store.jobs_to_redrive((jobs.STAGING, jobs.TRANSFERRING), self.batch,
+                                                 include_queue_holds=void)
         count = 0
         for job in stuck:
             # A queue hold, so later passes leave it alone while its message is on the way.
             if await self.store.take_lease(job.job_id, [job.status], leases.IN_QUEUE, self.pipeline.lease) is None:
                 continue
-            queue = STAGING_QUEUE if job.status in (jobs.SUBMITTED, jobs.STAGING) else TRANSFER_QUEUE
+            queue = STAGING_QUEUE if job.status == jobs.STAGING else TRANSFER_QUEUE
             if not await self.pipeline.publish(queue, job.job_id, job.status):
                 break  # the queue is away: the others would fail too; the next pass tries again
             count += 1
+        count += freed
         if count:
             self.log.info("reconciler re-drove {count} job(s)", count=count)
             if self.metrics is not None:

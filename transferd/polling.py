@@ -29,6 +29,7 @@ class Poller(TimerService):
         self.poll_interval = poll_interval
         self.polls = 0  # cycles ended, for tests and monitoring
         self.draining = False  # a drained daemon polls nothing (transferd.fleet): the others poll its jobs
+        self.slots = None  # (first, end): the poll slots of this daemon's share (transferd.fleet); None: all
         self._cycle = None
 
     async def cycle(self):

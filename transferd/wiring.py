@@ -31,6 +31,7 @@ from transferd.interfaces import IReconfigurable
 from transferd.metrics import Metrics, StatusCollector
 from transferd.pipeline import Pipeline, Reconciler
 from transferd.queue import open_queue
+from transferd.scheduler import Scheduler, policy_from_config
 from transferd.service import OrderedService
 from transferd.store import open_store
 from transferd.tls import CredentialError
@@ -147,12 +148,15 @@ def build(config, reactor, clock=None, stager=None, mover=None):
     pipeline = Pipeline(
         store, queue, stager, mover, clock, daemon_id=this.daemon_id,
         prefetch=config.queue.prefetch, lease=config.reconciler.lease, requeue_after=config.reconciler.requeue_after,
-        max_deliveries=config.queue.max_deliveries, metrics=metrics,
+        max_deliveries=config.queue.max_deliveries, metrics=metrics, policy=policy_from_config(config),
     )
+    # Fair share and limits: which waiting jobs go to the queues next (transferd.scheduler).
+    scheduler = Scheduler(store, pipeline, reactor, clock, interval=config.scheduler.interval, daemon_id=this.daemon_id)
     pollers = list(stager.pollers(pipeline)) + list(mover.pollers(pipeline))
     reconciler = Reconciler(store, pipeline, queue_durable=queue.durable, metrics=metrics)
     fleet = Fleet(store, clock, this, heartbeat=config.fleet.heartbeat, stale_after=config.fleet.stale_after,
-                  drainables=[pipeline, *pollers, reconciler])  # what a drained daemon stops taking work from
+                  drainables=[pipeline, *pollers, reconciler, scheduler],  # what a drained daemon stops taking work from
+                  pollers=pollers)  # they poll this daemon's share of the poll slots
     dispatcher = events.from_config(config, store, queue, reactor, clock, metrics=metrics)  # webhooks, AMQP events
     status = StatusCollector(store, queue, clock, max_age=config.metrics.job_counts_max_age)
     metrics.registry.register(status)
@@ -174,7 +178,7 @@ def build(config, reactor, clock=None, stager=None, mover=None):
         store, pipeline, stager, mover, clock, destinations=destinations, access=access, audit=audit,
         max_body_bytes=config.api.max_body_bytes, max_batch=config.api.max_batch,
         max_batch_bytes=config.api.max_batch_bytes, metrics=metrics, notifications=dispatcher.notifications,
-        fleet=fleet,
+        fleet=fleet, scheduler=scheduler,
     )
     dashboard = Dashboard(api_v1, clock)  # the pages at / (docs/dashboard.md): the v1 API's views and rules
     daemon = Daemon()
@@ -197,6 +201,7 @@ def build(config, reactor, clock=None, stager=None, mover=None):
     housekeeping = retention.from_config(config, store, clock, stager, mover)
 
     daemon.store, daemon.queue, daemon.stager, daemon.mover = store, queue, stager, mover
+    daemon.scheduler = scheduler
     daemon.pipeline, daemon.pollers, daemon.api, daemon.api_v1, daemon.audit = pipeline, pollers, api, api_v1, audit
     daemon.listener, daemon.reconciler, daemon.housekeeping = listener, reconciler, housekeeping
     daemon.metrics, daemon.status_collector, daemon.readiness = metrics, status, readiness
@@ -207,7 +212,7 @@ def build(config, reactor, clock=None, stager=None, mover=None):
     daemon.config = daemon.config_at_start = config
     # Start order; stopping goes backwards.  The stager and mover outlive the
     # queue, whose stop waits for the transfers in flight.
-    for child in (store, stager, mover, queue, dispatcher, pipeline, *pollers, tokens, audit, listener, metrics_listener,
+    for child in (store, stager, mover, queue, dispatcher, pipeline, scheduler, *pollers, tokens, audit, listener, metrics_listener,
                   reconcile_timer, housekeeping, fleet):
         if child is not None:
             child.setServiceParent(daemon)

@@ -56,7 +56,8 @@ class FTSPoller(Poller):
     async def cycle(self):
         # Taken for just under one interval, so the next cycle (here or elsewhere) can take them again.
         taken = await self.store.take_for_polling(
-            jobs.TRANSFERRING, self.owner, self.poll_interval * 0.9, self.poll_limit, having="fts_jobid")
+            jobs.TRANSFERRING, self.owner, self.poll_interval * 0.9, self.poll_limit, having="fts_jobid",
+            slots=self.slots)
         summary = {"jobs": len(taken), "requests": 0, "reported": 0}
         for chunk in self.chunks(taken):
             summary["requests"] += 1

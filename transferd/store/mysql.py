@@ -227,7 +227,7 @@ def _ensure_jobs_table(cursor):
 def _create_indexes(cursor, table, version):
     for index in table.indexes:
         if index.since == version and not _has_index(cursor, table.name, index.name):
-            cursor.execute(table.create_index(index))
+            cursor.execute(table.create_index(index, version))
 
 
 def _retype(cursor, table, column):

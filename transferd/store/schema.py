@@ -8,6 +8,7 @@ prototype database is upgraded.
 """
 
 import dataclasses
+import zlib
 
 from transferd import jobs
 
@@ -59,6 +60,13 @@ class Index:
     columns: tuple
     since: int = 1
     redefined: int = None  # the version that gave the index its columns (it is dropped and made again)
+    before: tuple = None  # its columns before `redefined`, when they differ from the columns other than ordering
+
+    def columns_at(self, version):
+        """The index's columns as of schema version."""
+        if self.before is not None and version < self.redefined:
+            return self.before
+        return self.columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +116,10 @@ class Table:
     def unique_key(self):
         return f"UNIQUE KEY {self.name}_key ({', '.join(self.key)})"
 
-    def create_index(self, index):
-        return f"CREATE INDEX {index.name} ON {self.name} ({', '.join(index.columns)})"
+    def create_index(self, index, version=None):
+        """CREATE INDEX with the index's columns as of version (None: the latest)."""
+        columns = index.columns_at(version) if version is not None else index.columns
+        return f"CREATE INDEX {index.name} ON {self.name} ({', '.join(columns)})"
 
     def after(self, name, version):
         """The column before name as of version (MySQL's ADD COLUMN ... AFTER keeps the described order)."""
@@ -152,6 +162,10 @@ JOBS = Table(
         Column("time_away", "time", since=3),  # since when the service the job waits for is away; transitions clear it
         Column("time_copy_freed", "time", since=3),  # when the ended job's staged copy was freed (stager_path is then gone)
         Column("notify_url", "text", since=5),  # where the submitter wants its webhooks (transferd.events)
+        # Version 7: scheduling (transferd.scheduler).  share: whose fair share the job counts against (its
+        # submitter, or the group [scheduler] groups puts it in); poll_slot: which daemon's pollers ask about it.
+        Column("share", "identity", since=7),
+        Column("poll_slot", "count", since=7, required=True, default="0"),  # crc32(job_id) % POLL_SLOTS
     ),
     key=("job_id",),
     # Listing indexes end with the listing order (time_submitted, job_id), so a page comes off one of them in
@@ -161,7 +175,8 @@ JOBS = Table(
     row_key=RowKey("seq", since=4),
     indexes=(
         Index("jobs_status_lease", ("status", "lease_until")),
-        Index("jobs_status_poll", ("status", "poll_until"), since=2),
+        Index("jobs_status_poll", ("status", "poll_until", "poll_slot"), since=2, redefined=7,
+              before=("status", "poll_until")),
         Index("jobs_submitted", ("time_submitted", "job_id"), since=3),
         Index("jobs_status_submitted", ("status", "time_submitted", "job_id"), since=3, redefined=4),
         Index("jobs_submitter_submitted", ("submitter", "time_submitted", "job_id"), since=3, redefined=4),
@@ -171,6 +186,10 @@ JOBS = Table(
         Index("jobs_destination_host", ("destination_host", "time_submitted", "job_id"), since=3, redefined=4),
         Index("jobs_status_updated", ("status", "time_updated"), since=3),
         Index("jobs_updated", ("time_updated",), since=3),
+        # The scheduler's: the jobs free to release (lease_until IS NULL) per share, best first; and, on the
+        # same index, the jobs each share has released or running.
+        Index("jobs_scheduling", ("status", "lease_until", "share", "priority DESC", "time_submitted", "job_id"),
+              since=7),
     ),
 )
 
@@ -265,10 +284,24 @@ DAEMONS = Table(
     since=6,
 )
 
+# Version 7: one row per scheduling step ("staging", "transfer").  A pass updates its step's row first, so
+# the passes of every daemon sharing the database run one at a time (transferd.scheduler).
+SCHEDULER = Table(
+    "scheduler",
+    columns=(
+        Column("step", "short", required=True),
+        Column("daemon_id", "id"),  # who ran the last pass
+        Column("time_pass", "time"),
+        Column("released", "count", required=True, default="0"),  # jobs the last pass released
+    ),
+    key=("step",),
+    since=7,
+)
+
 SCHEMA_VERSION = Table("schema_version", columns=(Column("version", "count", required=True),))
 
 # Every table transferd keeps, in the order they are created.
-TABLES = (JOBS, JOB_EVENTS, SUBMISSIONS, OUTBOX, EVENT_DELIVERIES, DAEMONS)
+TABLES = (JOBS, JOB_EVENTS, SUBMISSIONS, OUTBOX, EVENT_DELIVERIES, DAEMONS, SCHEDULER)
 
 # The prototype's columns (legacy/prototype_schema.sql): a jobs table without
 # all of them is not one transferd may alter.
@@ -332,8 +365,35 @@ def backfill_version_3(cursor, placeholder):
                            [(destination_host(path), job_id) for job_id, path in rows])
 
 
+POLL_SLOTS = 1024  # the polling work is cut into this many slots, shared out among live daemons (transferd.fleet)
+SCHEDULING_STEPS = ("staging", "transfer")
+
+
+def poll_slot(job_id):
+    """The poll slot of a job: stable, and spread evenly over job ids."""
+    return zlib.crc32(job_id.encode("utf-8")) % POLL_SLOTS
+
+
+def backfill_version_7(cursor, placeholder):
+    """Version 7: the scheduler's rows; each job's share (its submitter) and poll slot."""
+    for step in SCHEDULING_STEPS:
+        cursor.execute(f"SELECT COUNT(*) FROM scheduler WHERE step = {placeholder}", (step,))
+        if not cursor.fetchone()[0]:
+            cursor.execute(f"INSERT INTO scheduler (step, released) VALUES ({placeholder}, 0)", (step,))
+    cursor.execute("UPDATE jobs SET share = COALESCE(submitter, 'anonymous') WHERE share IS NULL")
+    last = ""
+    while True:  # every row, in key order, a thousand at a time (poll_slot 0 is a real slot too)
+        cursor.execute(f"SELECT job_id FROM jobs WHERE job_id > {placeholder} ORDER BY job_id LIMIT 1000", (last,))
+        ids = [row[0] for row in cursor.fetchall()]
+        if not ids:
+            return
+        cursor.executemany(f"UPDATE jobs SET poll_slot = {placeholder} WHERE job_id = {placeholder}",
+                           [(poll_slot(job_id), job_id) for job_id in ids])
+        last = ids[-1]
+
+
 # Steps that move data, by schema version, run after the version's DDL: callable(cursor, placeholder).
-BACKFILLS = {3: [backfill_version_3]}
+BACKFILLS = {3: [backfill_version_3], 7: [backfill_version_7]}
 
 
 def sqlite_migrations():
@@ -345,7 +405,7 @@ def sqlite_migrations():
         steps += [table.create("sqlite", version) for table in created]
         steps += [f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.definition('sqlite')}"
                   for table, column in added]
-        steps += [table.create_index(index) for table, index in indexed]
+        steps += [table.create_index(index, version) for table, index in indexed]
         for table, index in redefined(version):
             steps += [f"DROP INDEX IF EXISTS {index.name}", table.create_index(index)]
         steps += [lambda cursor, fill=fill: fill(cursor, "?") for fill in BACKFILLS.get(version, ())]

@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from transferd import jobs, leases
 from transferd.interfaces import IJobStore, StoreUnavailable
+from transferd.scheduler import ANONYMOUS, Counts
 from transferd.store import schema
 
 SELECT_JOB = "SELECT " + ", ".join(jobs.COLUMNS) + " FROM jobs"
@@ -25,12 +26,13 @@ EVENT_COLUMNS = tuple(column.name for column in schema.JOB_EVENTS.columns)
 # in the Job's field order).
 TIME_AT = tuple(at for at, name in enumerate(jobs.COLUMNS) if name in TIME_COLUMNS)
 COUNT_AT = tuple((jobs.COLUMNS.index(name), default) for name, default in
-                 (("stage_attempts", 0), ("deliveries", 0), ("priority", jobs.DEFAULT_PRIORITY)))
+                 (("stage_attempts", 0), ("deliveries", 0), ("priority", jobs.DEFAULT_PRIORITY),
+                                           ("poll_slot", 0)))
 SECONDS_AT = tuple(jobs.COLUMNS.index(name) for name in ("lease_until", "poll_until"))
 # What create_many inserts for each new job, in this order.
 NEW_JOB_COLUMNS = ("job_id", "product_id", "destination_path", "destination_host", "submitter", "priority", "label",
                    "metadata", "status", "stage_attempts", "time_submitted", "time_updated", "lease_owner",
-                   "lease_until", "notify_url")
+                   "lease_until", "notify_url", "share", "poll_slot")
 INSERT_EVENT = ("INSERT INTO job_events (job_id, time, kind, old_status, new_status, actor, reason)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)")
 # A state change is also an event to send (transferd.events): its outbox row, in the same transaction.
@@ -195,14 +197,18 @@ class SQLJobStore(Service):
     def create(self, job, hold=None, actor=None):
         return self.create_many([job], hold, actor)
 
-    def create_many(self, new_jobs, hold=None, actor=None, submission=None):
+    def create_many(self, new_jobs, hold=None, actor=None, submission=None, max_waiting=None):
+        """max_waiting: (limit, retry_after): refuse (TooManyWaiting) jobs that would leave a share with more
+        than limit jobs in SUBMITTED.  Counted in the insert's transaction; submissions of one share running
+        at the same moment on several connections may each pass it."""
         now = self._now()
         moment = self._time_to_db(jobs.utc_from_seconds(now))
         lease = self._lease_fields(hold, now)
         rows = [
             (job.job_id, job.product_id, job.destination_path, schema.destination_host(job.destination_path),
              job.submitter, job.priority, job.label, job.metadata, jobs.SUBMITTED, 0, moment, moment,
-             lease["lease_owner"], lease["lease_until"], job.notify_url)
+             lease["lease_owner"], lease["lease_until"], job.notify_url, job.share or job.submitter or ANONYMOUS,
+             schema.poll_slot(job.job_id))
             for job in new_jobs
         ]
         insert_jobs = self._sql(
@@ -211,6 +217,8 @@ class SQLJobStore(Service):
         events = [(job.job_id, moment, "state", None, jobs.SUBMITTED, actor, None) for job in new_jobs]
 
         def interaction(cursor):
+            if max_waiting is not None:
+                self._check_waiting(cursor, rows, *max_waiting)
             if submission is not None:
                 self._insert_submission(cursor, submission, moment)
             if rows:
@@ -225,6 +233,20 @@ class SQLJobStore(Service):
                         f" WHERE job_id IN ({', '.join('?' for _ in chunk)})"), chunk)
 
         return self._run(interaction, idempotent=False).addCallback(self._events_committed, bool(rows))
+
+    def _check_waiting(self, cursor, rows, limit, retry_after):
+        from transferd.scheduler import TooManyWaiting
+
+        adding = {}
+        for row in rows:
+            share = row[NEW_JOB_COLUMNS.index("share")]
+            adding[share] = adding.get(share, 0) + 1
+        for share, count in sorted(adding.items()):
+            cursor.execute(self._sql("SELECT COUNT(*) FROM jobs WHERE status = ? AND lease_until IS NULL AND share = ?"),
+                           (jobs.SUBMITTED, share))
+            waiting = int(cursor.fetchone()[0])
+            if waiting + count > limit:
+                raise TooManyWaiting(share, waiting, limit, retry_after)
 
     def _insert_submission(self, cursor, submission, moment):
         """The submission's row goes first: a second one with its key waits for the first's commit, then fails."""
@@ -565,7 +587,9 @@ class SQLJobStore(Service):
         return self._run(interaction)
 
     def record_stager_request(self, job_id, request_id):
-        return self.update(job_id, jobs.STAGING, {"stager_request": request_id})
+        # The jobs of one staging request share its poll slot: one daemon polls the request (transferd.fleet).
+        return self.update(job_id, jobs.STAGING, {"stager_request": request_id,
+                                                  "poll_slot": schema.poll_slot(request_id)})
 
     def record_transfer_id(self, job_id, status, fts_jobid):
         return self.update(job_id, status, {"fts_jobid": fts_jobid})
@@ -636,9 +660,12 @@ class SQLJobStore(Service):
 
         return self._run(interaction)
 
-    def take_for_polling(self, status, owner, seconds, limit, having=None):
+    def take_for_polling(self, status, owner, seconds, limit, having=None, slots=None):
+        """slots: (first, end): only jobs whose poll_slot is in [first, end) (this daemon's share, transferd.fleet)."""
         now = self._now()
         condition = f" AND {having} IS NOT NULL" if having else ""
+        if slots is not None:
+            condition += f" AND poll_slot >= {int(slots[0])} AND poll_slot < {int(slots[1])}"
         if having is not None and having not in jobs.COLUMNS:
             raise ValueError(f"unknown job field {having!r}")
         select = self._sql(
@@ -667,6 +694,115 @@ class SQLJobStore(Service):
             return [self._job_from_row(row) for row in cursor.fetchall()]
 
         return self._run(interaction, idempotent=False)
+
+    # -- scheduling (transferd.scheduler) ---------------------------------------
+
+    def schedule(self, step, plan, fits, hold, daemon_id=None):
+        """One scheduling pass of step in one transaction; fire with the ids of the jobs it released.
+
+        The scheduler row of the step is updated first: passes on every
+        connection (every daemon) run one at a time.  plan(Counts) says how
+        many jobs each share gets and the room per destination host (or
+        None); fits(room, host) whether one more to host fits (taking its room).  The jobs
+        released are put under hold (a queue hold).
+        """
+        now = self._now()
+        moment = self._time_to_db(jobs.utc_from_seconds(now))
+        lease = self._lease_fields(hold, now)
+        best = self._sql("SELECT job_id, destination_host FROM jobs WHERE status = ? AND lease_until IS NULL AND"
+                         " share = ? ORDER BY priority DESC, time_submitted, job_id LIMIT ?")
+        release = ("UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE status = ? AND lease_until IS NULL"
+                   " AND job_id IN ({marks})")
+
+        def interaction(cursor):
+            cursor.execute(self._sql("UPDATE scheduler SET daemon_id = ?, time_pass = ? WHERE step = ?"),
+                           (daemon_id, moment, step.name))
+            counts = self._scheduling_counts(cursor, step, hosts=True)
+            if not counts.waiting:
+                return []
+            slots, room = plan(counts)
+            chosen = []
+            for share, wanted in sorted(slots.items()):
+                # A few more than wanted where hosts are limited: some may go to a host with no room.
+                cursor.execute(best, (step.waiting, share, wanted if room is None else wanted * 4 + 16))
+                taken = 0
+                for job_id, host in cursor.fetchall():
+                    if taken == wanted:
+                        break
+                    if room is not None and not fits(room, host):
+                        continue
+                    chosen.append(job_id)
+                    taken += 1
+            for start in range(0, len(chosen), 500):
+                chunk = chosen[start:start + 500]
+                cursor.execute(self._sql(release.format(marks=", ".join("?" for _ in chunk))),
+                               (lease["lease_owner"], lease["lease_until"], step.waiting, *chunk))
+            cursor.execute(self._sql("UPDATE scheduler SET released = ? WHERE step = ?"), (len(chosen), step.name))
+            return chosen
+
+        return self._run(interaction, idempotent=False)
+
+    def scheduling_counts(self, step, hosts=False):
+        """The Counts a pass of step would see now (hosts: per destination host too)."""
+        return self._run(self._scheduling_counts, step, hosts)
+
+    def _scheduling_counts(self, cursor, step, hosts=False):
+        # All on index jobs_scheduling (status, lease_until, share, ...): no row is read.
+        def by_share(query, params):
+            cursor.execute(self._sql(query), params)
+            return {share: int(count) for share, count in cursor.fetchall()}
+
+        waiting = by_share("SELECT share, COUNT(*) FROM jobs WHERE status = ? AND lease_until IS NULL"
+                           " GROUP BY share", (step.waiting,))
+        released = by_share("SELECT share, COUNT(*) FROM jobs WHERE status = ? AND lease_until IS NOT NULL"
+                            " GROUP BY share", (step.waiting,))
+        marks = ", ".join("?" for _ in step.running)
+        running = by_share(f"SELECT share, COUNT(*) FROM jobs WHERE status IN ({marks}) GROUP BY share", step.running)
+        per_host = {}
+        if hosts and step.name == "transfer":
+            cursor.execute(self._sql(f"SELECT destination_host, COUNT(*) FROM jobs WHERE status IN ({marks})"
+                                     " OR (status = ? AND lease_until IS NOT NULL) GROUP BY destination_host"),
+                           (*step.running, step.waiting))
+            per_host = {host: int(count) for host, count in cursor.fetchall()}
+        return Counts(waiting, released, running, per_host)
+
+    def ahead_in_share(self, job):
+        """How many jobs free to release in job's state and share come before it (priority, then age)."""
+        query = self._sql("SELECT COUNT(*) FROM jobs WHERE status = ? AND lease_until IS NULL AND share = ?"
+                          " AND (priority > ? OR (priority = ? AND (time_submitted < ? OR (time_submitted = ?"
+                          " AND job_id < ?))))")
+        moment = self._time_to_db(job.time_submitted) if job.time_submitted else ""
+
+        def interaction(cursor):
+            cursor.execute(query, (job.status, job.share or ANONYMOUS, job.priority, job.priority, moment, moment,
+                                   job.job_id))
+            return int(cursor.fetchone()[0])
+
+        return self._run(interaction)
+
+    def release_to_scheduler(self, statuses, limit, include_queue_holds=False):
+        """Free the jobs in statuses whose lease ran out (a lost message, a dead worker, a wait that is over),
+        and with include_queue_holds those under a queue hold too (a queue that died with the daemon):
+        the scheduler releases them again.  Fire with how many."""
+        statuses = list(statuses)
+        marks = ", ".join("?" for _ in statuses)
+        expired = "(lease_until < ? OR lease_owner = ?)"
+        select = self._sql(f"SELECT job_id FROM jobs WHERE status IN ({marks}) AND {expired} LIMIT ?"
+                           + self.skip_locked)
+        queue_owner = leases.IN_QUEUE if include_queue_holds else "\x00"  # "\x00": an owner nobody has
+
+        def interaction(cursor):
+            now = self._now()
+            cursor.execute(select, (*statuses, now, queue_owner, limit))
+            ids = [row[0] for row in cursor.fetchall()]
+            if not ids:
+                return 0
+            cursor.execute(self._sql(f"UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE job_id IN"
+                                     f" ({', '.join('?' for _ in ids)}) AND status IN ({marks}) AND {expired}"),
+                           (*ids, *statuses, now, queue_owner))
+            return cursor.rowcount
+
+        return self._run(interaction, idempotent=True)
 
     # -- the fleet (transferd.fleet) ------------------------------------------
 

@@ -63,7 +63,8 @@ class TapeRestPoller(Poller):
 
     async def cycle(self):
         taken = await self.store.take_for_polling(jobs.STAGING, self.owner, self.poll_interval * POLL_HOLD,
-                                                  self.poll_limit, having="stager_request")
+                                                  self.poll_limit, having="stager_request",
+                                                  slots=self.slots)
         requests = collections.defaultdict(list)
         for job in taken:
             requests[job.stager_request].append(job)
