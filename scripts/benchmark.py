@@ -62,12 +62,14 @@ RSS_GOAL_MIB = 200  # daemon RSS with RSS jobs TRANSFERRING
 # measured `rounds` times, alternating, and the median round is reported.
 # e2e: jobs submitted per end-to-end run, one run per prefetch; rss: jobs TRANSFERRING.
 FULL = dict(rounds=3, submit={1: 400, 16: 2000, 64: 3000}, probe={1: 500, 16: 2000, 64: 3000}, status=2000,
-            e2e=2000, prefetch=(8, 32), rss=10_000, batches=200, list=1000)
+            e2e=2000, prefetch=(8, 32), rss=10_000, batches=200, list=1000, fleet=2000)
 QUICK = dict(rounds=1, submit={1: 100, 16: 400, 64: 640}, probe={1: 100, 16: 400, 64: 640}, status=400,
-             e2e=300, prefetch=(32,), rss=3000, batches=40, list=200)
-SECTIONS = ("backends", "e2e", "rss", "v1", "events")
+             e2e=300, prefetch=(32,), rss=3000, batches=40, list=200, fleet=300)
+SECTIONS = ("backends", "e2e", "rss", "v1", "events", "fleet")
 EVENTS_GOAL = 0.90  # jobs/s with events on, as a share of jobs/s with events off
 EVENTS_PREFETCH = 32
+FLEET_SIZES = (1, 2, 3)  # daemons on this machine, sharing the database and the broker
+FLEET_PREFETCH = 32
 
 
 # -- the backends -------------------------------------------------------------
@@ -778,8 +780,12 @@ class Watch:
             self.connection.close()
 
 
-def wait_for_jobs(watch, daemon, done, what, timeout, stall=60, interval=0.1):
-    """Poll the jobs table until done(counts by status); fail on ERROR jobs, a dead daemon or a stall."""
+def wait_for_jobs(watch, daemons, done, what, timeout, stall=60, interval=0.1):
+    """Poll the jobs table until done(counts by status); fail on ERROR jobs, a dead daemon or a stall.
+
+    daemons: the daemon, or a list of them (a fleet: any of them dying fails the wait).
+    """
+    daemons = list(daemons) if isinstance(daemons, (list, tuple)) else [daemons]
     start = changed = time.monotonic()
     last = None
     while True:
@@ -789,14 +795,16 @@ def wait_for_jobs(watch, daemon, done, what, timeout, stall=60, interval=0.1):
         if counts.get("ERROR"):
             reason = watch.query("SELECT detailed_status FROM jobs WHERE status = 'ERROR' LIMIT 1")[0][0]
             raise RuntimeError(f"{counts['ERROR']} job(s) ended in ERROR, for example: {reason}")
-        if daemon.process.poll() is not None:
-            raise RuntimeError(f"transferd exited with {daemon.process.returncode}:\n{daemon.log_tail()}")
+        for daemon in daemons:
+            if daemon.process.poll() is not None:
+                raise RuntimeError(f"transferd exited with {daemon.process.returncode}:\n{daemon.log_tail()}")
         now = time.monotonic()
         if counts != last:
             last, changed = counts, now
         if now - changed > stall or now - start > timeout:
             raise RuntimeError(f"gave up waiting for {what} after {now - start:.0f}s"
-                               f" (no change for {now - changed:.0f}s); jobs by status: {counts}\n{daemon.log_tail()}")
+                               f" (no change for {now - changed:.0f}s); jobs by status: {counts}\n"
+                               + "\n".join(daemon.log_tail() for daemon in daemons))
         time.sleep(interval)
 
 
@@ -1033,6 +1041,101 @@ mode  round  jobs  jobs/s  daemon CPU ms/job  CPU% dmn   db   mq | webhooks  las
     print(f"\nMean jobs/s: off {off:.1f}, on {on:.1f}: on/off = {on / off:.3f} ({(1 - on / off):+.1%} fewer jobs/s;"
           f" goal at most {1 - EVENTS_GOAL:.0%}). AMQP messages in the bound queue: {amqp_messages}"
           f" (expected {sum(5 * (r.count + r.warm) for r in results if r.mode == 'on')}).", flush=True)
+
+
+# -- the fleet: end to end with 1, 2 and 3 daemons sharing the database and the broker ----------------
+
+
+def fleet_run(args, work, root, size):
+    """End to end as section 4, with `size` daemons on one fresh database and queue prefix and one fake FTS.
+
+    The clients spread their submissions over the daemons (as haproxy in front of them would); jobs/s is
+    from the first measured submission to the last SUCCESS, counted in MySQL.
+    """
+    count = work["fleet"]
+    with contextlib.ExitStack() as stack:
+        workdir = os.path.join(root, f"fleet-{size}")
+        backends = Backends(args.mysql_url, args.amqp_url)
+        stack.callback(backends.close)
+        fake = FakeFTS(workdir, 0)
+        stack.callback(fake.stop)
+        fake.start()
+        daemons = []
+        for number in range(size):
+            daemon = Daemon(os.path.join(workdir, f"daemon-{number + 1}"), backends, args.pool_max,
+                            prefetch=FLEET_PREFETCH, stager_delay=0, fts=(fake, E2E_FTS), reconciler={})
+            stack.callback(daemon.stop)
+            daemons.append(daemon)
+        stack.callback(step, f"stopping {size} daemon(s) and the fake FTS, dropping database {backends.database}")
+        for daemon in daemons:
+            daemon.start()
+        step(f"fleet of {size}: transferd pids {', '.join(str(d.process.pid) for d in daemons)}"
+             f" (database {backends.database}, queue prefix {backends.prefix}), fake FTS pid {fake.process.pid}")
+        watch = Watch(backends)
+        stack.callback(watch.close)
+        meter = CPUMeter(daemons[0].process.pid, fakefts=fake.process.pid,
+                         **{f"daemon{number + 1}": d.process.pid for number, d in enumerate(daemons) if number})
+        clients = [E2E_CLIENTS // size + (number < E2E_CLIENTS % size) for number in range(size)]
+        # Warm-up: a few jobs through every daemon (connections, the FTS client's whoami), not measured.
+        for daemon, share in zip(daemons, clients):
+            drive(daemon.port, fts_requests(daemon, share, "warm"), share, {202})
+        wait_for_jobs(watch, daemons, lambda c: c.get("SUCCESS", 0) >= E2E_CLIENTS, "the warm-up jobs", 60)
+        time.sleep(1)
+        requests = [fts_requests(daemon, count // size + (number < count % size), "copy")
+                    for number, daemon in enumerate(daemons)]
+        fts_before = fake.requests()
+        step(f"fleet of {size}: {count} jobs at {E2E_CLIENTS} clients, spread over the daemons")
+        before, start = meter.sample(), time.time()
+        submitters = [Background(daemon.port, mine, share, {202})
+                      for daemon, mine, share in zip(daemons, requests, clients)]
+        wait_for_jobs(watch, daemons, lambda c: c.get("SUCCESS", 0) >= E2E_CLIENTS + count, f"{count} jobs to succeed",
+                      timeout=120 + count / 5)
+        cpu, wall = CPUMeter.seconds(before, meter.sample())
+        submit_wall = max(submitter.join()[0] for submitter in submitters)
+        fts_after = fake.requests()
+        rows = watch.query("SELECT MAX(time_success), COUNT(*) FROM jobs WHERE status = 'SUCCESS'"
+                           " AND time_submitted >= %s", (_utc(start),))
+        end, succeeded = _epoch(rows[0][0]), rows[0][1]
+        if succeeded != count:
+            raise RuntimeError(f"{succeeded} measured jobs succeeded, not {count}")
+        daemon_cpu = sum(seconds for name, seconds in cpu.items() if name.startswith("daemon"))
+        percent = {name: 100 * seconds / wall for name, seconds in cpu.items()}
+        return types.SimpleNamespace(
+            size=size, count=count, rate=count / (end - start), submit_rate=count / submit_wall, elapsed=end - start,
+            daemon_ms=1000 * daemon_cpu / count,
+            daemon_percent=[percent["daemon"]] + [percent[f"daemon{n}"] for n in range(2, size + 1)],
+            cpu_percent=percent,
+            fts={key: fts_after.get(key, 0) - fts_before.get(key, 0) for key in ("POST /jobs", "GET /jobs/{ids}")},
+        )
+
+
+def fleet_benchmark(args, work, root):
+    """Section 9: end to end with 1, 2 and 3 daemons on this machine, each size on a fresh database."""
+    results = []
+    for size in FLEET_SIZES:
+        result = fleet_run(args, work, root, size)
+        step(f"fleet of {size}: {result.rate:.1f} jobs/s")
+        results.append(result)
+    report_fleet(results)
+
+
+def report_fleet(results):
+    _heading("9. Fleet: end to end with 1, 2 and 3 daemons on this machine, sharing the database and the broker")
+    print(f"""\
+   as section 4 at prefetch {FLEET_PREFETCH}, each size on a fresh database and queue prefix with one fake FTS;
+   {E2E_CLIENTS} clients spread their submissions over the daemons (as haproxy in front of them would)
+   CPU% dmns = each daemon's share of one core; the machine has {os.cpu_count()} cores
+daemons  jobs submit/s  jobs/s  x 1 daemon | SUCCESS s | daemons CPU ms/job  CPU% dmns        fts   db   mq  gen |\
+ FTS POST/job  GET/job""")
+    one = results[0].rate
+    for r in results:
+        daemons = "/".join(f"{p:.0f}" for p in r.daemon_percent)
+        print(f"{r.size:7d} {r.count:5d} {r.submit_rate:8.0f} {r.rate:7.1f} {r.rate / one:11.2f} | {r.elapsed:9.1f} |"
+              f" {r.daemon_ms:18.2f}  {daemons:>14s} {_cpu(r.cpu_percent, ('fakefts', 'mariadb', 'rabbitmq', 'loadgen'))} |"
+              f" {r.fts['POST /jobs'] / r.count:12.2f} {r.fts['GET /jobs/{ids}'] / r.count:8.3f}")
+    best = max(results, key=lambda r: r.rate)
+    print(f"\nBest: {best.rate:.1f} jobs/s with {best.size} daemon(s), {best.rate / one:.2f} times one daemon's"
+          f" {one:.1f} jobs/s.", flush=True)
 
 
 def daemon_memory(args, work, root):
@@ -1480,10 +1583,11 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
     parser.add_argument("--only", action="append", choices=SECTIONS,
                         help="run only this part (repeatable): backends (sections 1-3), e2e (4), rss (5), v1 (6-7),"
-                             " events (8)")
+                             " events (8), fleet (9)")
     parser.add_argument("--prefetch", type=int, action="append",
                         help="end to end with this [queue] prefetch (repeatable; default 8 and 32, --quick 32)")
     parser.add_argument("--e2e-jobs", type=int, help="jobs per end-to-end run (default 2000, --quick 300)")
+    parser.add_argument("--fleet-jobs", type=int, help="jobs per fleet run (default 2000, --quick 300)")
     parser.add_argument("--rss-jobs", type=int, help="jobs TRANSFERRING for the memory figure (default 10000)")
     parser.add_argument("--pool-max", type=int, help="give the daemon this MySQL pool_max (default: its own default)")
     parser.add_argument("--mysql-url", default=MYSQL_URL, help=f"the MySQL server, without a database ({MYSQL_URL})".replace("%", "%%"))
@@ -1549,6 +1653,8 @@ def main(argv=None):
         work["e2e"] = args.e2e_jobs
     if args.rss_jobs:
         work["rss"] = args.rss_jobs
+    if args.fleet_jobs:
+        work["fleet"] = args.fleet_jobs
     sections = args.only or SECTIONS
     CPUMeter.server_ports = {"mariadb": urlsplit(args.mysql_url).port or 3306,
                              "rabbitmq": urlsplit(args.amqp_url).port or 5672}
@@ -1568,6 +1674,8 @@ def main(argv=None):
             v1_benchmark(args, work, root)
         if "events" in sections:
             events_benchmark(args, work, root)
+        if "fleet" in sections:
+            fleet_benchmark(args, work, root)
         print(f"\nThe whole run took {time.monotonic() - started:.0f} s.", flush=True)
         return 0
     except KeyboardInterrupt:

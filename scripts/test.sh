@@ -7,8 +7,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # swig and libssl-dev build M2Crypto, needed by the official FTS3 client (PyPI fts3) the tests run;
 # the openssl command checks the tests' certificate hashes and DNs against OpenSSL's own;
 # tmux gives transferctl watch a real terminal to draw in (tests/test_cli_terminal.py);
-# chromium is the browser Playwright drives in tests/test_dashboard_browser.py (never a downloaded one).
-apt_install build-essential pkg-config libmariadb-dev python3-dev curl swig libssl-dev openssl tmux chromium chromium-driver
+# chromium is the browser Playwright drives in tests/test_dashboard_browser.py (never a downloaded one);
+# haproxy is the load balancer in front of several daemons in tests/test_scaleout.py (conf/haproxy.cfg).
+apt_install build-essential pkg-config libmariadb-dev python3-dev curl swig libssl-dev openssl tmux chromium chromium-driver haproxy
 ensure_venv "[mysql,test]"
 ensure_mariadb
 ensure_rabbitmq
