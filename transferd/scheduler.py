@@ -319,7 +319,7 @@ class Scheduler(Service):
                                                       f" are in progress"), ahead
             cap = limits.max_transfers_per_submitter
             if cap is not None and held >= cap:
-                return _why("limit_share", f"waiting for a transfer slot: {share} may have at most {cap} transfers"
+                return _why("limit_submitter", f"waiting for a transfer slot: {share} may have at most {cap} transfers"
                                            f" at once ([limits] max_transfers_per_submitter), and has {held}"), ahead
         what = "staging" if step is STAGING else "transfer"
         return _why("fair_share", f"queued for {what}: {ahead} job(s) of {share} ahead of it; {share} (weight"

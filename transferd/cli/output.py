@@ -129,14 +129,23 @@ def tally(views):
     return f"{len(views)} job{'s' if len(views) != 1 else ''}: {counts(views)}"
 
 
-DAEMONS_HEADER = f"{'HOST':24}  {'PID':>7}  {'VERSION':8}  {'STATE':8}  {'HELD':>5}  {'LAST BEAT':20}  DAEMON"
+DAEMONS_HEADER = (f"{'HOST':24}  {'PID':>7}  {'VERSION':8}  {'STATE':8}  {'HELD':>5}  {'POLLS':14}  "
+                  f"{'LAST BEAT':20}  DAEMON")
+
+
+def poll_share(share):
+    """ "1/3 0-340": its rank of the live daemons and the poll slots it polls (last inclusive); "-" for none."""
+    if not share:
+        return "-"
+    first, end = share["slots"]
+    return f"{share['rank']}/{share['of']} {first}-{end - 1}"
 
 
 def daemon_row(daemon):
     """`admin status`: one daemon a line; * marks the one that answered."""
     return (f"{daemon['host']:24}  {daemon['pid']:>7}  {daemon.get('version') or '-':8}  {daemon['state']:8}  "
-            f"{daemon['jobs_held']:>5}  {short_time(daemon.get('time_beat')):20}  {daemon['daemon_id']}"
-            f"{' *' if daemon.get('this') else ''}")
+            f"{daemon['jobs_held']:>5}  {poll_share(daemon.get('poll_share')):14}  "
+            f"{short_time(daemon.get('time_beat')):20}  {daemon['daemon_id']}{' *' if daemon.get('this') else ''}")
 
 
 def job_counts(counts):
