@@ -10,6 +10,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from tests.harness import Harness
+from tests.support import wait_for
 from transferd import jobs, leases
 from transferd.api_v1 import MAX_METADATA_BYTES, STREAM_PAGE
 
@@ -20,11 +21,12 @@ class V1TestCase(unittest.TestCase):
     """A harness on the embedded set-up (workers idle), with JSON helpers."""
 
     settings = {}
+    consume = False
 
     @defer.inlineCallbacks
     def setUp(self):
         self.h = Harness(self.mktemp(), self.settings)
-        yield self.h.start(consume=False)
+        yield self.h.start(consume=self.consume)
         self.addCleanup(self.h.close)
         self.addCleanup(self.h.pipeline.flush_holds)  # the pipeline is not running: its stop would do this
 
@@ -298,3 +300,47 @@ class RoutingTests(V1TestCase):
         self.assertEqual((code, content_type, document["openapi"]), (200, "application/json", "3.1.0"))
         with open(os.path.join(os.path.dirname(jobs.__file__), "openapi_v1.json")) as handle:
             self.assertEqual(document, json.load(handle))
+
+
+class LimitTests(V1TestCase):
+    """[limits] as a client sees them: 429 beyond the waiting cap, and waiting_for naming the limit."""
+
+    settings = {("limits", "max_waiting_per_submitter"): "2", ("limits", "retry_after"): "45"}
+
+    @defer.inlineCallbacks
+    def test_waiting_cap_refuses_the_whole_batch_with_retry_after(self):
+        """A batch that would leave more than 2 jobs waiting is refused whole (429, Retry-After), creating nothing;
+        /submitTransfer answers 429 in its own JSON; a batch within the cap is accepted."""
+        code, body, content_type = yield self.call("POST", "/api/v1/jobs", {"jobs": [self.item() for _ in range(3)]})
+        self.assertProblem((code, body, content_type), 429, "anonymous has 0 job(s) waiting to be staged and may have"
+                                                           " at most 2")
+        self.assertEqual((yield self.all_jobs()), [])
+        yield self.submit([self.item(), self.item()])
+        response, content = yield self.h.request("POST", "/submitTransfer", data={
+            "product_id": "sample-001", "destination_path": self.h.destination})
+        self.assertEqual((response.code, response.headers.getRawHeaders("retry-after")), (429, ["45"]))
+        answer = json.loads(content)
+        self.assertEqual((answer["error"], answer["job_id"]), (True, None))
+        self.assertIn("too many jobs waiting", answer["msg"])
+        response, _ = yield self.h.request("POST", "/api/v1/jobs", data=json.dumps({"jobs": [self.item()]}).encode(),
+                                           headers=JSON)
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["45"])
+        self.assertEqual(len((yield self.all_jobs())), 2)
+
+
+class WaitingForLimitTests(V1TestCase):
+    consume = True
+    settings = {("limits", "max_staging"): "1", ("stager", "delay"): "3600"}
+
+    @defer.inlineCallbacks
+    def test_a_job_held_back_says_which_limit(self):
+        """With one staging request at a time and the first job staging, the second says it waits for a slot."""
+        yield self.submit([self.item(), self.item()])  # one batch: which of the two goes first is the database's
+        staging = jobs.JobFilter(statuses=(jobs.STAGING,))
+        yield wait_for(lambda: self.h.store.list_jobs(staging, 10).addCallback(len))
+        (second,) = yield self.h.store.list_jobs(jobs.JobFilter(statuses=(jobs.SUBMITTED,)), 10)
+        code, view, _ = yield self.call("GET", f"/api/v1/jobs/{second.job_id}")
+        self.assertEqual((code, view["status"], view["share"]), (200, jobs.SUBMITTED, "anonymous"))
+        self.assertEqual(view["waiting_for"]["reason"], "limit_staging", view["waiting_for"])
+        self.assertIn("at most 1 staging requests at once ([limits] max_staging), and 1 are in progress",
+                      view["waiting_for"]["message"])

@@ -58,20 +58,31 @@ class ExplainTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_queued_jobs_count_those_ahead(self):
-        """A SUBMITTED job waits "queued for staging" behind older SUBMITTED jobs and those of its own batch; STAGED likewise."""
+        """A job the scheduler has not released waits for its fair share, behind the jobs of its share before it
+        (priority, then age); once released, "queued" behind the released jobs in its state and its batch's."""
         first = yield self.new()
         self.clock.advance(1)
-        yield self.new()
+        second = yield self.new()
         self.clock.advance(1)
         third = yield self.new()
-        self.assertEqual((yield self.waiting(third)), {"reason": "queued", "message": "queued for staging: 2 job(s) ahead"})
+        waiting = yield self.waiting(third)
+        self.assertEqual(waiting["reason"], "fair_share")
+        self.assertTrue(waiting["message"].startswith("queued for staging: 2 job(s) of anonymous ahead of it;"
+                                                      " anonymous (weight 1) has 0 job(s) in staging now"), waiting)
         batch_mate = yield self.new()  # submitted at the same instant, as a batch's jobs are
+        ahead = set()
         for job_id in (third, batch_mate):
-            self.assertEqual((yield self.waiting(job_id))["message"], "queued for staging: 3 job(s) ahead")
+            ahead.add((yield self.waiting(job_id))["message"].split(" job(s)")[0])
+        self.assertEqual(ahead, {"queued for staging: 2", "queued for staging: 3"})  # by job id within the instant
+        yield self.store.hold_in_queue(jobs.SUBMITTED, [first, second, third, batch_mate], 300)  # released
+        self.assertEqual((yield self.waiting(third)), {"reason": "queued", "message": "queued for staging: 3 job(s) ahead"})
         self.assertEqual((yield self.waiting(first)), {"reason": "queued", "message": "queued for staging: 0 job(s) ahead"})
         yield self.move(first, jobs.STAGING, jobs.STAGED, hold=leases.in_queue(30))
         yield self.move(third, jobs.STAGING, jobs.STAGED)
-        self.assertEqual((yield self.waiting(third)), {"reason": "queued", "message": "queued for transfer: 1 job(s) ahead"})
+        waiting = yield self.waiting(third)
+        self.assertEqual(waiting["reason"], "fair_share")
+        self.assertTrue(waiting["message"].startswith("queued for transfer: 0 job(s) of anonymous ahead of it;"
+                                                      " anonymous (weight 1) has 1 job(s) in transfer now"), waiting)
         self.assertEqual((yield self.waiting(batch_mate))["message"], "queued for staging: 1 job(s) ahead")
 
     @defer.inlineCallbacks

@@ -179,8 +179,6 @@ class FairnessTests(unittest.TestCase):
         yield wait_for(lambda: self.stager.starts.count("B") == 10, timeout=30)
         passes = [shares for shares in releasing if shares]
         self.assertIn("B", passes[0] + passes[1], f"B not released by the first two passes that released: {passes[:4]}")
-        released = [share for shares in passes for share in shares]
-        self.assertLessEqual(released.index("B"), 1, released[:12])  # one A at most: a pass that counted before B
         # B holds its half of the slots, never more while A waits (ties go to A, by name).
         self.assertEqual(self.stager.most_of["B"], SLOTS // 2)
         self.assertLessEqual(self.stager.most, SLOTS)

@@ -61,6 +61,18 @@ class ReloadTests(unittest.TestCase):
         self.assertEqual(self.lines, ["configuration reloaded: [api] max_batch, [api] max_body_bytes, [auth] admins,"
                                       " [transfer] denied_hosts"])
 
+    def test_shares_and_limits_apply_to_the_next_pass(self):
+        """[scheduler] groups and weights and [limits] reach the policy that submissions and passes read."""
+        self.assertTrue(self.daemon.reload(self.config(scheduler__groups="production /meerkat/Role=production",
+                                                       scheduler__weights="3 production",
+                                                       limits__max_staging="20",
+                                                       limits__host_limits="dav.example.org 2")))
+        policy = self.daemon.pipeline.policy
+        self.assertIs(self.daemon.scheduler.policy, policy)
+        self.assertEqual((policy.groups, policy.weight("production"), policy.limits.max_staging,
+                          policy.limits.host_limit("dav.example.org"), policy.limits.host_limit("other.org")),
+                         ((("production", "/meerkat/Role=production"),), 3.0, 20, 2, None))
+
     def test_a_refusal_changes_nothing(self):
         """When one part refuses, those that took the new settings get the running ones back, and one line says why."""
         before = self.settings()
