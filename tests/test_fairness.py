@@ -19,7 +19,7 @@ from transferd.auth.access import Identity
 from transferd.config import load_config
 from transferd.interfaces import IMover, IStager
 from transferd.jobs import StageResult, TransferResult
-from transferd.scheduler import TRANSFER
+from transferd.scheduler import STAGING, TRANSFER
 from transferd.wiring import build
 
 SLOTS = 8
@@ -40,7 +40,6 @@ class SlowStager(Service):
         self.starts = []  # the share of each job, in the order staging started
         self.held = {}  # share -> jobs staging now
         self.most = 0  # the most staging at once
-        self.most_of = {}  # share -> the most it had staging at once
         self.slot_seconds = {}  # share -> seconds x slots held, since measuring began
         self.measuring = False
         self._last = None
@@ -64,7 +63,6 @@ class SlowStager(Service):
         self.starts.append(job.share)
         self.held[job.share] = self.held.get(job.share, 0) + 1
         self.most = max(self.most, sum(self.held.values()))
-        self.most_of[job.share] = max(self.most_of.get(job.share, 0), self.held[job.share])
         done = defer.Deferred()
 
         def finish():
@@ -150,8 +148,10 @@ class FairnessTests(unittest.TestCase):
             yield self.daemon.pipeline.submit_many(batch, share, identity=identity)
 
     def watch_releases(self):
-        """A list that gets, for each staging pass from now on, the shares of the jobs it released."""
+        """A list that gets, for each staging pass from now on, the shares of the jobs it released; and in
+        self.held, what each share held (released + staging) as the database counted right after each pass."""
         releasing, schedule = [], self.daemon.store.schedule
+        self.held = []
 
         def watched(step, *args, **kwargs):
             d = schedule(step, *args, **kwargs)
@@ -162,10 +162,14 @@ class FairnessTests(unittest.TestCase):
         self.daemon.store.schedule = watched
         return releasing
 
+    @defer.inlineCallbacks
     def _shares_of(self, ids, releasing):
-        d = defer.gatherResults([self.daemon.store.get(job_id) for job_id in ids])
-        d.addCallback(lambda found: releasing.append([job.share for job in found]))
-        return d.addCallback(lambda _: ids)
+        found = yield defer.gatherResults([self.daemon.store.get(job_id) for job_id in ids])
+        releasing.append([job.share for job in found])
+        counts = yield self.daemon.store.scheduling_counts(STAGING)
+        self.held.append({share: counts.released.get(share, 0) + counts.running.get(share, 0)
+                          for share in set(counts.released) | set(counts.running)})
+        return ids
 
     @defer.inlineCallbacks
     def test_ten_jobs_after_ten_thousand_start_within_two_passes(self):
@@ -179,21 +183,21 @@ class FairnessTests(unittest.TestCase):
         yield wait_for(lambda: self.stager.starts.count("B") == 10, timeout=30)
         passes = [shares for shares in releasing if shares]
         self.assertIn("B", passes[0] + passes[1], f"B not released by the first two passes that released: {passes[:4]}")
-        # B holds its half of the slots, never more while A waits (ties go to A, by name).
-        self.assertEqual(self.stager.most_of["B"], SLOTS // 2)
+        # B comes to hold its half of the slots, never more while A waits (ties go to A, by name).
+        self.assertEqual(max(held.get("B", 0) for held in self.held), SLOTS // 2, self.held)
         self.assertLessEqual(self.stager.most, SLOTS)
 
     @defer.inlineCallbacks
     def test_each_share_holds_the_slots_its_weight_says(self):
-        """A (weight 1) queues 10,000, then B (weight 3) 600: from B's submission until its last job is
+        """A (weight 1) queues 10,000, then B (weight 3) 600: from B's jobs' commit until its last job is
         released, B holds 3/4 of the staging slots and A 1/4, each within 10% of that; never more than
         max_staging at once."""
         yield self.start(weights="3 B")
         yield self.submit("A", 10_000)
         yield wait_for(lambda: sum(self.stager.held.values()) == SLOTS)
         releasing = self.watch_releases()
-        self.stager.measure(True)
         yield self.submit("B", 600)
+        self.stager.measure(True)  # from the moment B's jobs are in the database
         yield wait_for(lambda: sum(shares.count("B") for shares in releasing) == 600, timeout=60, interval=0.005)
         self.stager.measure(False)
         total = sum(self.stager.slot_seconds.values())

@@ -196,6 +196,7 @@ class Scheduler(Service):
         self.draining = False  # a drained daemon releases nothing (transferd.fleet); the others do
         self.passes = 0  # passes run, for tests and monitoring
         self._wanted = False  # a wake-up came while a pass ran: run another
+        self._store_away = False  # the last pass found the store away (logged once)
         self._running = None
         self._soon = None
         self._timer = task.LoopingCall(self.wake)
@@ -255,15 +256,19 @@ class Scheduler(Service):
             self._wanted = False
             for step in STEPS:
                 try:
-                    released = await self.run_pass(step)
+                    await self.run_pass(step)
                 except StoreUnavailable as error:
-                    self.log.warn("scheduling pass not run ({error}); the next one will try again", error=error)
+                    if not self._store_away:  # once per outage: the passes go on every interval meanwhile
+                        self.log.warn("scheduling passes not run while the job store is away ({error});"
+                                      " trying every {interval:g}s", error=error, interval=self.interval)
+                    self._store_away = True
                     return
                 except Exception:
                     self.log.failure("scheduling pass failed; the next one will try again")
                     return
-                if released >= self.policy.queued_ahead:  # there may be more room by now
-                    self._wanted = True
+                if self._store_away:
+                    self._store_away = False
+                    self.log.info("scheduling passes run again: the job store is back")
 
     async def settle(self):
         """Wait for the pass in progress, then run passes until none releases a job; fire with how many were
