@@ -6,6 +6,10 @@ same work done directly on MySQL and RabbitMQ (the raw floor), prints a table
 of figures and removes everything it made.  docs/benchmarks.md explains the
 figures.  The machine is small and shared, so compare the ratios printed by
 one run rather than absolute rates across runs.
+
+Section 10 (fair share, `--only fairness`) runs the daemon in this process
+instead (wiring.build, with a slow stager of its own), on the same servers,
+to see what the scheduler releases pass by pass.
 """
 
 import argparse
@@ -65,7 +69,7 @@ FULL = dict(rounds=3, submit={1: 400, 16: 2000, 64: 3000}, probe={1: 500, 16: 20
             e2e=2000, prefetch=(8, 32), rss=10_000, batches=200, list=1000, fleet=2000)
 QUICK = dict(rounds=1, submit={1: 100, 16: 400, 64: 640}, probe={1: 100, 16: 400, 64: 640}, status=400,
              e2e=300, prefetch=(32,), rss=3000, batches=40, list=200, fleet=300)
-SECTIONS = ("backends", "e2e", "rss", "v1", "events", "fleet")
+SECTIONS = ("backends", "e2e", "rss", "v1", "events", "fleet", "fairness")
 EVENTS_GOAL = 0.90  # jobs/s with events on, as a share of jobs/s with events off
 EVENTS_PREFETCH = 32
 FLEET_SIZES = (1, 2, 3)  # daemons on this machine, sharing the database and the broker
@@ -1575,6 +1579,394 @@ VmRSS over the last 10 s: {_mib(min(m.samples)):.1f} to {_mib(max(m.samples)):.1
  {m.polling_cpu:.0f}% of a core.""", flush=True)
 
 
+# -- fair share: the scheduler on MariaDB and RabbitMQ, with the daemon in this process --------------------
+
+FAIR_SLOTS = 20  # [limits] max_staging
+FAIR_STAGING_SECONDS = 0.1  # each staging, in the benchmark's stager
+FAIR_PREFETCH = 32  # [queue] prefetch: above FAIR_SLOTS, so that the workers can keep every slot busy
+FAIR_BATCH = 100  # jobs per Pipeline.submit_many, as a POST /api/v1/jobs of section 6
+FAIR_QUEUED = 10_000  # A's jobs, queued first
+FAIR_LATE = 10  # B's jobs in run 1, once A holds every slot
+FAIR_WEIGHTED = 2_000  # B's jobs in run 2
+FAIR_WEIGHTS = {"A": 1, "B": 3}  # run 2's [scheduler] weights
+FAIR_STEADY = 5.0  # seconds run 1 goes on after B's stagings end, timing passes with nearly FAIR_QUEUED waiting
+FAIR_PASSES_GOAL = 2  # B's first job released by one of the first two releasing staging passes after it submits
+FAIR_SHARE_GOAL = 0.10  # each share's slot share within 10% of its weight's
+
+
+def _fair_services():
+    """The stager and the mover of the fairness runs (made here: Twisted is imported only for this section)."""
+    from twisted.application.service import Service
+    from twisted.internet import defer
+    from zope.interface import implementer
+
+    from transferd.interfaces import IMover, IStager
+    from transferd.jobs import StageResult, TransferResult
+
+    @implementer(IStager)
+    class SlowStager(Service):
+        """Stages each job in FAIR_STAGING_SECONDS; keeps when each share took and gave back a slot."""
+
+        timeout = 3600.0
+        max_attempts = 3
+        give_up_after = 86400.0
+        batch_size = 1
+
+        def __init__(self, reactor):
+            self.reactor = reactor
+            self.history = []  # (time, share, +1 or -1): a staging started or ended
+            self.starts = []  # (time, share, job_id), in the order staging started
+            self.held = {}  # share -> jobs staging now
+            self.most = 0  # the most staging at once
+            self.most_of = {}  # share -> the most it had staging at once
+            self.ended = {}  # share -> its stagings ended
+
+        def _change(self, share, change):
+            self.history.append((self.reactor.seconds(), share, change))
+            self.held[share] = self.held.get(share, 0) + change
+            if change < 0:
+                self.ended[share] = self.ended.get(share, 0) + 1
+
+        def check(self, product_id):
+            return defer.succeed(None)
+
+        def stage(self, job, authcode):
+            self.starts.append((self.reactor.seconds(), job.share, job.job_id))
+            self._change(job.share, +1)
+            self.most = max(self.most, sum(self.held.values()))
+            self.most_of[job.share] = max(self.most_of.get(job.share, 0), self.held[job.share])
+            done = defer.Deferred()
+
+            def finish():
+                self._change(job.share, -1)
+                if not done.called:  # (abandoned when the daemon stopped)
+                    done.callback(StageResult(success=True, staged_to="host", path=f"/staged/{job.job_id}"))
+
+            self.reactor.callLater(FAIR_STAGING_SECONDS, finish)
+            return done
+
+        def cancel(self, job):
+            return defer.succeed(None)
+
+        def free_copy(self, job):
+            return defer.succeed(None)
+
+        def pollers(self, outcomes):
+            return []
+
+    @implementer(IMover)
+    class InstantMover(Service):
+        """Every transfer succeeds at once: the transfer step only clears the way."""
+
+        schemes = frozenset({"file"})
+        asynchronous = False
+        timeout = None
+        give_up_after = 3600.0
+
+        def transfer(self, job):
+            return defer.succeed(TransferResult(success=True, msg="done"))
+
+        def cancel(self, job):
+            return defer.succeed(None)
+
+        def pollers(self, outcomes):
+            return []
+
+    return SlowStager, InstantMover
+
+
+class PassClock:
+    """Wraps store.schedule: each pass's step, start and end (reactor seconds) and the ids it released."""
+
+    def __init__(self, store, reactor):
+        self.passes = []
+        self.watched = frozenset()  # job ids whose releases to staging are counted as they happen (cheap to wait for)
+        self.watched_released = 0
+        schedule = store.schedule
+
+        def timed(step, *args, **kwargs):
+            start = reactor.seconds()
+
+            def ended(ids):
+                self.passes.append(types.SimpleNamespace(step=step.name, start=start, end=reactor.seconds(),
+                                                         ids=list(ids)))
+                if step.name == "staging":
+                    self.watched_released += sum(1 for job_id in ids if job_id in self.watched)
+                return ids
+
+            return schedule(step, *args, **kwargs).addCallback(ended)
+
+        store.schedule = timed
+
+    def releasing(self, since):
+        """The staging passes that released jobs and ended after since, in order."""
+        return [p for p in self.passes if p.step == "staging" and p.ids and p.end >= since]
+
+
+def slot_shares(history, start, end):
+    """(share -> its part of the staging slot-seconds held between start and end, slot-seconds in all)."""
+    held, seconds, previous = {}, {}, None
+    for moment, share, change in history + [(end, None, 0)]:
+        if previous is not None:
+            span = min(moment, end) - max(previous, start)
+            if span > 0:
+                for name, count in held.items():
+                    seconds[name] = seconds.get(name, 0.0) + count * span
+        if moment >= end:
+            break
+        previous = moment
+        if share is not None:
+            held[share] = held.get(share, 0) + change
+    total = sum(seconds.values())
+    return {name: value / total for name, value in seconds.items()} if total else {}, total
+
+
+def most_held(history, start, end):
+    """share -> the most slots it held at once between start and end (history: (time, share, +1 or -1))."""
+    held, most = {}, {}
+    for moment, share, change in history:
+        if moment > end:
+            break
+        if moment >= start:
+            for name, count in held.items():  # what it held when the window opened
+                most.setdefault(name, count)
+        held[share] = held.get(share, 0) + change
+        if moment >= start:
+            most[share] = max(most.get(share, 0), held[share])
+    return most
+
+
+async def _until(reactor, check, what, timeout, interval=0.005):
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while not check():
+        if reactor.seconds() > deadline:
+            raise RuntimeError(f"waited {timeout:.0f} s for {what}")
+        await deferLater(reactor, interval, lambda: None)
+
+
+async def _fair_submit(daemon, reactor, share, ids):
+    """Jobs of share with these ids, in batches of FAIR_BATCH; fire with when the first batch was committed."""
+    from transferd import jobs
+    from transferd.auth.access import Identity
+
+    identity, first = Identity(share, "token"), None
+    for start in range(0, len(ids), FAIR_BATCH):
+        batch = [jobs.Job(job_id=job_id, product_id=PRODUCT, destination_path="file:///fair/" + share,
+                          submitter=share) for job_id in ids[start:start + FAIR_BATCH]]
+        await daemon.pipeline.submit_many(batch, share, identity=identity)
+        first = first if first is not None else reactor.seconds()
+    return first
+
+
+async def fair_run(args, root, reactor, made, label, late, weights=None):
+    """A queues FAIR_QUEUED jobs; once A holds every staging slot (and has turned them over a few times), B
+    submits `late`; waits until B's jobs have all been released (run 1: and staged).  On a fresh database and
+    queue prefix, which it removes (made: gets the Backends, for a reactor stopped by a signal meanwhile)."""
+    from transferd.config import load_config
+    from transferd.jobs import new_job_id
+    from transferd.wiring import build
+
+    backends = Backends(args.mysql_url, args.amqp_url)
+    made.append(backends)
+    try:
+        workdir = os.path.join(root, f"fairness-{label}")
+        os.makedirs(workdir)
+        settings = {
+            ("api", "endpoint"): "tcp:0:interface=127.0.0.1", ("api", "access_log"): "false",
+            ("database", "url"): backends.database_url(args.pool_max),
+            ("queue", "url"): backends.queue_url(), ("queue", "prefetch"): str(FAIR_PREFETCH),
+            ("stager", "archive_root"): workdir, ("stager", "staging_root"): workdir,
+            ("events", "amqp"): "false",  # no exchange to leave behind; the outbox rows are still written
+            ("limits", "max_staging"): str(FAIR_SLOTS),
+        }
+        if weights:
+            settings[("scheduler", "weights")] = "\n".join(f"{w} {share}" for share, w in weights.items() if w != 1)
+        config = load_config(None, settings)
+        SlowStager, InstantMover = _fair_services()
+        stager = SlowStager(reactor)
+        daemon = build(config, reactor, stager=stager, mover=InstantMover())
+        clock = PassClock(daemon.store, reactor)
+        daemon.startService()
+        try:
+            await daemon.started
+            step(f"fairness {label}: in-process daemon on database {backends.database}, queue prefix {backends.prefix};"
+                 f" A submits {FAIR_QUEUED}")
+            began = reactor.seconds()
+            await _fair_submit(daemon, reactor, "A", [new_job_id() for _ in range(FAIR_QUEUED)])
+            a_submitted = reactor.seconds()
+            await _until(reactor, lambda: (sum(stager.held.values()) == FAIR_SLOTS
+                                           and len(stager.starts) >= 3 * FAIR_SLOTS), "A to hold every staging slot", 60)
+            step(f"fairness {label}: A holds {FAIR_SLOTS} slots ({len(stager.starts)} stagings so far);"
+                 f" B submits {late}")
+            mine = clock.watched = frozenset(new_job_id() for _ in range(late))
+            before = reactor.seconds()
+            committed = await _fair_submit(daemon, reactor, "B", sorted(mine))
+            await _until(reactor, lambda: clock.watched_released >= late, f"B's {late} jobs to be released",
+                         60 + late / 50)
+            passes = clock.releasing(before)
+            b_counts = [sum(1 for job_id in p.ids if job_id in mine) for p in passes]
+            first_pass = next(n for n, count in enumerate(b_counts, 1) if count)
+            all_pass = next(n for n in range(1, len(b_counts) + 1) if sum(b_counts[:n]) == late)
+            last_release = passes[all_pass - 1].end
+            staged_until = None
+            if weights is None:  # run 1: B's staging ends too; then more passes, for their cost
+                await _until(reactor, lambda: stager.ended.get("B", 0) == late, "B's stagings to end", 30)
+                staged_until = max(moment for moment, share, change in stager.history if share == "B" and change < 0)
+                step(f"fairness {label}: B's jobs staged; {FAIR_STEADY:g} s more of A alone, timing the passes")
+                await _until(reactor, lambda: reactor.seconds() >= staged_until + FAIR_STEADY, "the passes", 60,
+                             interval=0.1)
+            ended = reactor.seconds()
+            counts = await daemon.store.count_by_status()
+        finally:
+            await daemon.stopService()
+    finally:
+        backends.close()
+    b_starts = [moment for moment, share, _ in stager.starts if share == "B"]
+    shares, slot_seconds = slot_shares(stager.history, committed, last_release)
+    # B's slots as the passes count them (released or staging), just after each pass from B's submission.
+    b_ends = sorted(moment for moment, share, change in stager.history if share == "B" and change < 0)
+    b_scheduled = max(sum(b_counts[:n]) - sum(1 for moment in b_ends if moment <= p.end)
+                      for n, p in enumerate(passes, 1))
+    return types.SimpleNamespace(
+        label=label, late=late, weights=weights or {"A": 1, "B": 1}, a_submit=a_submitted - began,
+        first_pass=first_pass, all_pass=all_pass, passes_after=passes, b_counts=b_counts,
+        first_start=b_starts[0] - committed, all_released=last_release - committed,
+        staged_until=None if staged_until is None else staged_until - committed,
+        most_b=stager.most_of.get("B", 0), most=stager.most, b_scheduled=b_scheduled,
+        most_in_window=most_held(stager.history, committed, last_release),
+        shares=shares, window=last_release - committed, slot_seconds=slot_seconds,
+        shares_staged=slot_shares(stager.history, committed, staged_until)[0] if staged_until else None,
+        all_passes=[p for p in clock.passes if began <= p.start <= ended], elapsed=ended - began,
+        a_submitted=a_submitted,
+        waiting_left=counts.get("SUBMITTED", 0),
+    )
+
+
+def fairness_benchmark(args, root):
+    """Section 10: fair share on MariaDB and RabbitMQ, the daemon in this process (wiring.build) with a slow
+    stager: B's 10 jobs behind A's 10,000 (run 1, which also times the passes), then weights 1:3 (run 2).
+
+    Runs the Twisted reactor in this process, once: run it last (main() does)."""
+    from twisted.internet import defer, reactor
+    from twisted.logger import LogLevel, globalLogBeginner, textFileLogObserver
+    from twisted.python.failure import Failure
+
+    logfile = open(os.path.join(root, "fairness.log"), "w")
+    complaints = []  # warnings and errors the daemon logged: reported, as they may say a figure is wrong
+
+    def complain(event):
+        if event.get("log_level") is not None and event["log_level"] >= LogLevel.warn:
+            complaints.append(event)
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(logfile), complain], redirectStandardIO=False)
+    outcome, made = {}, []
+
+    async def runs():
+        one = await fair_run(args, root, reactor, made, "run 1", FAIR_LATE)
+        two = await fair_run(args, root, reactor, made, "run 2", FAIR_WEIGHTED, weights=FAIR_WEIGHTS)
+        return one, two
+
+    def finished(result):
+        outcome["result"] = result
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(runs()).addBoth(finished))
+    reactor.run()  # its SIGINT and SIGTERM handlers stop it: then there is no outcome
+    logfile.close()
+    if "result" not in outcome:  # the run in progress never reached its clean-up
+        step("interrupted: dropping the fairness runs' databases and queues")
+        for backends in made:
+            backends.close()
+        raise KeyboardInterrupt
+    result = outcome["result"]
+    if isinstance(result, Failure):
+        result.raiseException()
+    report_fairness(*result, complaints)
+
+
+def _percentile(values, p):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def report_fairness(one, two, complaints):
+    _heading(f"10. Fair share: {FAIR_LATE} jobs of B behind {FAIR_QUEUED} of A, then weights"
+             f" {FAIR_WEIGHTS['A']}:{FAIR_WEIGHTS['B']} (goals: B's jobs start within {FAIR_PASSES_GOAL} scheduling"
+             f" rounds; each share within {FAIR_SHARE_GOAL:.0%} of its weight)")
+    print(f"""\
+   the daemon in this process (wiring.build) on a fresh MariaDB database and RabbitMQ queue prefix per run, a stager
+   staging each job in {FAIR_STAGING_SECONDS} s, a mover succeeding at once; [limits] max_staging = {FAIR_SLOTS},\
+ [queue] prefetch = {FAIR_PREFETCH},
+   [scheduler] defaults (queued_ahead 64, interval 1 s); A submits {FAIR_QUEUED} jobs ({FAIR_BATCH} per submit_many,\
+ {one.a_submit:.1f} s in run 1),
+   and once A holds every slot B submits; pass = a staging pass that released jobs, counted from B's submission;
+   s = seconds from the commit of B's (first) batch; slot shares integrate the slots each share held over time""")
+    print(f"""
+run 1: B submits {one.late} jobs (weights 1:1)
+first B released in pass  all B released by pass  first B staging s  all B released s  all B staged s |\
+ B most staging  as the passes count  all at once
+{one.first_pass:24d} {one.all_pass:23d} {one.first_start:18.3f} {one.all_released:16.3f} {one.staged_until:14.3f} |\
+ {one.most_b:14d} {one.b_scheduled:19d} {one.most:11d}
+B's of the jobs each releasing pass released, from B's submission:\
+ {' '.join(f"{n}/{len(p.ids)}" for n, p in zip(one.b_counts[:one.all_pass], one.passes_after))}
+slot shares at the stager while B had jobs waiting (to its last release, {one.window:.3f} s):\
+ A {one.shares.get('A', 0):.3f}  B {one.shares.get('B', 0):.3f}
+                  while B had jobs waiting or staging (to its last staging's end, {one.staged_until:.3f} s):\
+ A {one.shares_staged.get('A', 0):.3f}  B {one.shares_staged.get('B', 0):.3f}""")
+    total_weight = sum(two.weights.values())
+    print(f"""
+run 2: B submits {two.late} jobs; weights A {two.weights['A']}, B {two.weights['B']}; from B's first commit to its last\
+ release, {two.window:.1f} s (B's first job released in pass {two.first_pass}, staging after {two.first_start:.3f} s)
+share  weight   jobs  slot share  target  deviation  most slots  mean slots""")
+    deviations = {}
+    for share in ("A", "B"):
+        target = two.weights[share] / total_weight
+        got = two.shares.get(share, 0.0)
+        deviations[share] = (got - target) / target
+        print(f"{share:5s} {two.weights[share]:6g} {FAIR_QUEUED if share == 'A' else two.late:6d} {got:11.3f}"
+              f" {target:7.3f} {deviations[share]:+10.1%} {two.most_in_window.get(share, 0):11d}"
+              f" {got * two.slot_seconds / two.window:11.1f}")
+    busy = two.slot_seconds / two.window
+    rate = busy / FAIR_STAGING_SECONDS
+    print(f"all   {'':6s} {'':6s} {1:11.3f} {1:7.3f} {'':10s} {two.most:11d} {busy:11.1f}"
+          f"   (of max_staging {FAIR_SLOTS})")
+    print(f"{rate:.0f} stagings/s; if the passes keep all {FAIR_SLOTS} slots taken, a slot waits"
+          f" {(FAIR_SLOTS - busy) / rate:.3f} s between a staging's end and the next one's start"
+          f" (released, queued, leased: counted, not at the stager)")
+    print(f"""
+pass cost in run 1 ({one.elapsed:.1f} s: A's submission, then B's, then {FAIR_STEADY:g} s of A alone; {FAIR_QUEUED}\
+ jobs queued, {one.waiting_left} still SUBMITTED at the end): store.schedule, from the call to its result
+step      when              passes  releasing  mean ms  p99 ms  max ms  jobs/releasing pass""")
+    phases = (("A submitting", lambda p: p.start < one.a_submitted), ("after", lambda p: p.start >= one.a_submitted),
+              ("all", lambda p: True))
+    for name in ("staging", "transfer"):
+        for when, belongs in phases:
+            mine = [p for p in one.all_passes if p.step == name and belongs(p)]
+            if not mine:
+                continue
+            times = [1000 * (p.end - p.start) for p in mine]
+            releasing = [p for p in mine if p.ids]
+            per = sum(len(p.ids) for p in releasing) / len(releasing) if releasing else 0
+            print(f"{name:8s}  {when:16s} {len(mine):6d} {len(releasing):10d} {statistics.mean(times):8.1f}"
+                  f" {_percentile(times, 99):7.1f} {max(times):7.1f} {per:20.1f}")
+    rounds = max(one.first_pass, two.first_pass)
+    print(f"\nB's jobs start within {FAIR_PASSES_GOAL} scheduling rounds:"
+          f" {'met' if rounds <= FAIR_PASSES_GOAL else 'NOT met'}"
+          f" (B's first job released by releasing pass {one.first_pass} in run 1, {two.first_pass} in run 2).")
+    worst = max(abs(d) for d in deviations.values())
+    print(f"Each active submitter's share within {FAIR_SHARE_GOAL:.0%} of its weight:"
+          f" {'met' if worst <= FAIR_SHARE_GOAL else 'NOT met'}"
+          f" (A {deviations['A']:+.1%}, B {deviations['B']:+.1%} of their targets).")
+    if complaints:
+        from twisted.logger import formatEvent
+        print(f"The daemon logged {len(complaints)} warning(s) or error(s); the first: {formatEvent(complaints[0])}",
+              flush=True)
+    else:
+        print("The daemon logged no warning or error.", flush=True)
+
+
 # -- main -------------------------------------------------------------------------------
 
 
@@ -1583,7 +1975,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
     parser.add_argument("--only", action="append", choices=SECTIONS,
                         help="run only this part (repeatable): backends (sections 1-3), e2e (4), rss (5), v1 (6-7),"
-                             " events (8), fleet (9)")
+                             " events (8), fleet (9), fairness (10)")
     parser.add_argument("--prefetch", type=int, action="append",
                         help="end to end with this [queue] prefetch (repeatable; default 8 and 32, --quick 32)")
     parser.add_argument("--e2e-jobs", type=int, help="jobs per end-to-end run (default 2000, --quick 300)")
@@ -1676,6 +2068,8 @@ def main(argv=None):
             events_benchmark(args, work, root)
         if "fleet" in sections:
             fleet_benchmark(args, work, root)
+        if "fairness" in sections:
+            fairness_benchmark(args, root)
         print(f"\nThe whole run took {time.monotonic() - started:.0f} s.", flush=True)
         return 0
     except KeyboardInterrupt:
