@@ -42,6 +42,9 @@ from transferd.interfaces import IReconfigurable, StoreUnavailable
 from transferd.queue import STAGING_QUEUE, TRANSFER_QUEUE
 
 ANONYMOUS = "anonymous"  # the share of jobs submitted without an identity (no authentication configured)
+# Seconds between the end of a pass and the next one a wake-up starts: the jobs that arrive or move meanwhile
+# share one pass (a few statements) instead of each causing their own.
+PASS_GAP = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +198,8 @@ class Scheduler(Service):
         self.daemon_id = daemon_id
         self.draining = False  # a drained daemon releases nothing (transferd.fleet); the others do
         self.passes = 0  # passes run, for tests and monitoring
-        self._wanted = False  # a wake-up came while a pass ran: run another
+        self._wanted = False  # a wake-up came while a round ran: run another, PASS_GAP after it
+        self._last_pass = 0.0  # when the last round ended (reactor time)
         self._store_away = False  # the last pass found the store away (logged once)
         self._running = None
         self._soon = None
@@ -235,13 +239,14 @@ class Scheduler(Service):
     # -- passes ---------------------------------------------------------------------------
 
     def wake(self):
-        """Run a pass soon: the wake-ups of one turn of the reactor, or during a pass, share one."""
+        """Run a pass soon: the wake-ups of PASS_GAP after the last pass, or during a pass, share one."""
         if not self.running or self.draining:
             return
         if self._running is not None:
             self._wanted = True
         elif self._soon is None or not self._soon.active():
-            self._soon = self.reactor.callLater(0, self._start)
+            delay = max(0.0, self._last_pass + PASS_GAP - self.reactor.seconds())
+            self._soon = self.reactor.callLater(delay, self._start)
 
     def _start(self):
         self._running = defer.Deferred.fromCoroutine(self._passes())
@@ -249,11 +254,14 @@ class Scheduler(Service):
 
     def _ended(self, _):
         self._running = None
+        self._last_pass = self.reactor.seconds()
+        if self._wanted:  # woken during the last round: once the gap has passed
+            self._wanted = False
+            self.wake()
 
     async def _passes(self):
-        self._wanted = True
-        while self._wanted and self.running and not self.draining:
-            self._wanted = False
+        """One round: a pass of each step."""
+        if self.running and not self.draining:
             for step in STEPS:
                 try:
                     await self.run_pass(step)

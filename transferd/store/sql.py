@@ -713,9 +713,14 @@ class SQLJobStore(Service):
                          " share = ? ORDER BY priority DESC, time_submitted, job_id LIMIT ?")
         release = ("UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE status = ? AND lease_until IS NULL"
                    " AND job_id IN ({marks})")
+        anything = self._sql("SELECT 1 FROM jobs WHERE status = ? AND lease_until IS NULL LIMIT 1")
 
         def interaction(cursor):
-            cursor.execute(self._sql("UPDATE scheduler SET daemon_id = ?, time_pass = ? WHERE step = ?"),
+            # Nothing waiting (most passes of a quiet step): one read, no lock taken.
+            cursor.execute(anything, (step.waiting,))
+            if cursor.fetchone() is None:
+                return []
+            cursor.execute(self._sql("UPDATE scheduler SET daemon_id = ?, time_pass = ?, released = 0 WHERE step = ?"),
                            (daemon_id, moment, step.name))
             counts = self._scheduling_counts(cursor, step, hosts=True)
             if not counts.waiting:
@@ -737,7 +742,8 @@ class SQLJobStore(Service):
                 chunk = chosen[start:start + 500]
                 cursor.execute(self._sql(release.format(marks=", ".join("?" for _ in chunk))),
                                (lease["lease_owner"], lease["lease_until"], step.waiting, *chunk))
-            cursor.execute(self._sql("UPDATE scheduler SET released = ? WHERE step = ?"), (len(chosen), step.name))
+            if chosen:
+                cursor.execute(self._sql("UPDATE scheduler SET released = ? WHERE step = ?"), (len(chosen), step.name))
             return chosen
 
         return self._run(interaction, idempotent=False)
