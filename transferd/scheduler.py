@@ -23,8 +23,9 @@ run one at a time:
 A share is a submitter, or the group [scheduler] groups puts a submitter in
 (by identity, or by VOMS FQAN as [auth] admins does); its weight comes from
 [scheduler] weights.  Passes run when jobs arrive or leave a step (every
-commit that writes an event wakes the scheduler) and every [scheduler]
-interval, for what other daemons changed.
+commit that writes an event wakes the scheduler; at most a round of passes
+every PASS_GAP) and every [scheduler] interval, for what other daemons
+changed.
 """
 
 import dataclasses
