@@ -163,6 +163,7 @@ class Backends:
             channel = connection.channel()
             for name in self.queues + [self.floor_queue]:
                 channel.queue_delete(name)
+            channel.exchange_delete(f"{self.prefix}.events")  # the daemons' event exchange ([events] exchange)
             connection.close()
 
 
