@@ -25,7 +25,7 @@ class SchedulingContract:
     def run_pass(self, step, policy):
         return self.store.schedule(step, lambda counts: scheduler.plan(step, policy, counts),
                                    lambda room, host: scheduler.room_for(room, host, policy.limits),
-                                   leases.in_queue(30), "daemon-1")
+                                   leases.in_queue(30), "daemon-1", hosts=scheduler.counts_hosts(step, policy.limits))
 
     @defer.inlineCallbacks
     def create(self, *new_jobs):

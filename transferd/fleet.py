@@ -69,10 +69,14 @@ def _process_exists(pid):
     return True
 
 
+def is_stale(row, now, stale_after):
+    """A daemon with no beat for longer than stale_after (or none yet)."""
+    return row.time_beat is None or now - row.time_beat.timestamp() > stale_after
+
+
 def poll_shares(rows, now, stale_after):
     """{daemon_id: (rank, of, (first, end))} for the live daemons among rows (beating, not drained)."""
-    live = sorted(row.daemon_id for row in rows
-                  if not row.drain and row.time_beat is not None and now - row.time_beat.timestamp() <= stale_after)
+    live = sorted(row.daemon_id for row in rows if not row.drain and not is_stale(row, now, stale_after))
     return {daemon_id: (rank, len(live), (rank * POLL_SLOTS // len(live), (rank + 1) * POLL_SLOTS // len(live)))
             for rank, daemon_id in enumerate(live)}
 
@@ -238,8 +242,7 @@ class Fleet(TimerService):
         """One daemon as the API shows it; state: running, draining (holds jobs still), drained, or stale.
 
         poll_share: its rank among the live daemons and the run of poll slots it polls (null when not live)."""
-        stale = row.time_beat is None or now - row.time_beat.timestamp() > self.stale_after
-        if stale:
+        if is_stale(row, now, self.stale_after):
             state = "stale"
         elif row.drain:
             state = "draining" if held else "drained"

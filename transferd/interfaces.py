@@ -213,14 +213,14 @@ class IJobStore(IService):
         daemon polls (transferd.fleet).  Fires with the Jobs taken.
         """
 
-    def schedule(step, plan, fits, hold, daemon_id=None):
+    def schedule(step, plan, fits, hold, daemon_id=None, hosts=False):
         """One scheduling pass (transferd.scheduler) in one transaction, one pass at a time fleet-wide.
 
         plan(Counts) -> ({share: jobs to release}, room per destination host
         or None); fits(room, host) -> whether one more job to host fits (taking its
-        room).  Each
-        share's jobs are taken by priority, then age; those released are put
-        under hold.  Fires with their ids.
+        room); hosts: count per destination host too.  Each share's jobs are
+        taken by priority, then age; those released are put under hold.  Fires
+        with their ids.
         """
 
     def scheduling_counts(step, hosts=False):

@@ -169,6 +169,11 @@ def plan(step, policy, counts):
     return allocate(max(0, free), counts, policy.weight, cap), room
 
 
+def counts_hosts(step, limits):
+    """Whether a pass of step counts per destination host: the transfer step, with a host limit set."""
+    return step is TRANSFER and limits.hosts_limited
+
+
 def room_for(room, host, limits):
     """Whether one more job to host fits (room: from plan); if it does, it takes its room."""
     if room is None:
@@ -299,7 +304,7 @@ class Scheduler(Service):
         released = await self.store.schedule(
             step, lambda counts: plan(step, policy, counts),
             lambda room, host: room_for(room, host, policy.limits),
-            leases.in_queue(self.pipeline.lease), self.daemon_id)
+            leases.in_queue(self.pipeline.lease), self.daemon_id, hosts=counts_hosts(step, policy.limits))
         self.passes += 1
         if released:
             await self.pipeline.publish_released(step.queue, step.waiting, released)
@@ -313,7 +318,7 @@ class Scheduler(Service):
         if step is None or job.lease_until is not None:
             return None
         policy, limits = self.policy, self.policy.limits
-        counts = await self.store.scheduling_counts(step, hosts=step is TRANSFER and limits.hosts_limited)
+        counts = await self.store.scheduling_counts(step, hosts=counts_hosts(step, limits))
         share = job.share or ANONYMOUS
         ahead = await self.store.ahead_in_share(job)
         held = counts.released.get(share, 0) + counts.running.get(share, 0)

@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from transferd import jobs, leases
 from transferd.interfaces import IJobStore, StoreUnavailable
-from transferd.scheduler import ANONYMOUS, Counts
+from transferd.scheduler import ANONYMOUS, Counts, TooManyWaiting
 from transferd.store import schema
 
 SELECT_JOB = "SELECT " + ", ".join(jobs.COLUMNS) + " FROM jobs"
@@ -26,8 +26,7 @@ EVENT_COLUMNS = tuple(column.name for column in schema.JOB_EVENTS.columns)
 # in the Job's field order).
 TIME_AT = tuple(at for at, name in enumerate(jobs.COLUMNS) if name in TIME_COLUMNS)
 COUNT_AT = tuple((jobs.COLUMNS.index(name), default) for name, default in
-                 (("stage_attempts", 0), ("deliveries", 0), ("priority", jobs.DEFAULT_PRIORITY),
-                                           ("poll_slot", 0)))
+                 (("stage_attempts", 0), ("deliveries", 0), ("priority", jobs.DEFAULT_PRIORITY), ("poll_slot", 0)))
 SECONDS_AT = tuple(jobs.COLUMNS.index(name) for name in ("lease_until", "poll_until"))
 # What create_many inserts for each new job, in this order.
 NEW_JOB_COLUMNS = ("job_id", "product_id", "destination_path", "destination_host", "submitter", "priority", "label",
@@ -39,6 +38,7 @@ INSERT_EVENT = ("INSERT INTO job_events (job_id, time, kind, old_status, new_sta
 INSERT_OUTBOX = "INSERT INTO outbox (event_id, job_id, state, fanned_out, time_created) VALUES (?, ?, ?, 0, ?)"
 # A lease that anyone may take (parameters: now, the queue-hold owner); see transferd.leases.
 FREE_OR_IN_QUEUE = "(lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
+NO_OWNER = "\x00"  # a lease owner nobody has: in place of leases.IN_QUEUE, queue holds count as held
 
 
 class SchemaTooNew(RuntimeError):
@@ -235,8 +235,6 @@ class SQLJobStore(Service):
         return self._run(interaction, idempotent=False).addCallback(self._events_committed, bool(rows))
 
     def _check_waiting(self, cursor, rows, limit, retry_after):
-        from transferd.scheduler import TooManyWaiting
-
         adding = {}
         for row in rows:
             share = row[NEW_JOB_COLUMNS.index("share")]
@@ -651,8 +649,7 @@ class SQLJobStore(Service):
         query = self._sql(
             SELECT_JOB + f" WHERE status IN ({marks}) AND {FREE_OR_IN_QUEUE} ORDER BY time_submitted LIMIT ?"
         )
-        # A lease owner nobody has matches no row: queue holds then count as held.
-        queue_owner = leases.IN_QUEUE if include_queue_holds else "\x00"
+        queue_owner = leases.IN_QUEUE if include_queue_holds else NO_OWNER
 
         def interaction(cursor):
             cursor.execute(query, statuses + [self._now(), queue_owner, limit])
@@ -697,14 +694,15 @@ class SQLJobStore(Service):
 
     # -- scheduling (transferd.scheduler) ---------------------------------------
 
-    def schedule(self, step, plan, fits, hold, daemon_id=None):
+    def schedule(self, step, plan, fits, hold, daemon_id=None, hosts=False):
         """One scheduling pass of step in one transaction; fire with the ids of the jobs it released.
 
         The scheduler row of the step is updated first: passes on every
         connection (every daemon) run one at a time.  plan(Counts) says how
         many jobs each share gets and the room per destination host (or
-        None); fits(room, host) whether one more to host fits (taking its room).  The jobs
-        released are put under hold (a queue hold).
+        None); fits(room, host) whether one more to host fits (taking its
+        room).  hosts: count per destination host too (a host limit is set).
+        The jobs released are put under hold (a queue hold).
         """
         now = self._now()
         moment = self._time_to_db(jobs.utc_from_seconds(now))
@@ -722,7 +720,7 @@ class SQLJobStore(Service):
                 return []
             cursor.execute(self._sql("UPDATE scheduler SET daemon_id = ?, time_pass = ?, released = 0 WHERE step = ?"),
                            (daemon_id, moment, step.name))
-            counts = self._scheduling_counts(cursor, step, hosts=True)
+            counts = self._scheduling_counts(cursor, step, hosts)
             if not counts.waiting:
                 return []
             slots, room = plan(counts)
@@ -765,7 +763,7 @@ class SQLJobStore(Service):
         marks = ", ".join("?" for _ in step.running)
         running = by_share(f"SELECT share, COUNT(*) FROM jobs WHERE status IN ({marks}) GROUP BY share", step.running)
         per_host = {}
-        if hosts and step.name == "transfer":
+        if hosts:
             cursor.execute(self._sql(f"SELECT destination_host, COUNT(*) FROM jobs WHERE status IN ({marks})"
                                      " OR (status = ? AND lease_until IS NOT NULL) GROUP BY destination_host"),
                            (*step.running, step.waiting))
@@ -795,7 +793,7 @@ class SQLJobStore(Service):
         expired = "(lease_until < ? OR lease_owner = ?)"
         select = self._sql(f"SELECT job_id FROM jobs WHERE status IN ({marks}) AND {expired} LIMIT ?"
                            + self.skip_locked)
-        queue_owner = leases.IN_QUEUE if include_queue_holds else "\x00"  # "\x00": an owner nobody has
+        queue_owner = leases.IN_QUEUE if include_queue_holds else NO_OWNER
 
         def interaction(cursor):
             now = self._now()
