@@ -8,6 +8,7 @@ import os
 import socket
 from datetime import datetime, timezone
 
+import MySQLdb
 from twisted.internet import defer, reactor, task, threads
 from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
@@ -19,7 +20,7 @@ from transferd import jobs
 from transferd.config import parse_database_url
 from transferd.store import open_store
 from transferd.store.mysql import DatabaseUnavailable, MySQLJobStore
-from transferd.store.sql import SchemaTooNew
+from transferd.store.sql import SchemaTooNew, SubmissionExists
 
 CURRENT = len(MySQLJobStore.migrations)  # the newest schema version
 
@@ -416,3 +417,103 @@ class LostConnectionTests(StoreFixture, unittest.TestCase):
             self.assertEqual(len(tries), expected)
             tries.clear()
 
+
+
+class GroupCommitTests(StoreFixture, unittest.TestCase):
+    """A job's short operations, asked for while the database is busy, share transactions, each still on its own."""
+
+    async def setUp(self):
+        self.fresh_url()
+        self.store = self.open()
+        await self.store.migrate()
+        self.jobs = [a_job() for _ in range(30)]
+        await self.store.create_many(self.jobs)
+        self.store.group.in_flight = 1  # one transaction at a time: the others gather behind it
+
+    def busy(self, seconds=0.3):
+        """An operation that keeps the group's one transaction running for a while."""
+        return self.store._run(lambda cursor: cursor.execute("SELECT SLEEP(%s)", (seconds,)), together=True)
+
+    def counted(self):
+        return self.store.group.transactions, self.store.group.operations
+
+    async def test_operations_asked_for_together_share_one_transaction(self):
+        """30 transitions asked for while a transaction runs go in one more; each commits, with its history row."""
+        transactions, operations = self.counted()
+        busy = self.busy()
+        moved = [self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING) for job in self.jobs]
+        await busy
+        self.assertEqual(await defer.gatherResults(moved), [True] * 30)
+        self.assertEqual(self.counted(), (transactions + 2, operations + 31))
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM jobs WHERE status = 'STAGING'"), ((30,),))
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM job_events WHERE new_status = 'STAGING'"), ((30,),))
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM outbox WHERE state = 'STAGING'"), ((30,),))
+
+    async def test_a_failing_operation_is_undone_alone(self):
+        """An operation that fails after writing (or a duplicate submission) is undone; the others in its transaction commit."""
+        first, second, third = self.jobs[:3]
+        await self.store.create_many([a_job()], submission=jobs.Submission("CN=Ann", "s-1", {"job_ids": []}))
+
+        def half_done(cursor):
+            cursor.execute("UPDATE jobs SET label = 'half-done' WHERE job_id = %s", (second.job_id,))
+            raise ValueError("changed its mind")
+
+        busy = self.busy()
+        before = self.counted()
+        moved = self.store.transition(first.job_id, jobs.SUBMITTED, jobs.STAGING)
+        failed = self.store._run(half_done, idempotent=False, together=True)
+        again = self.store.create_many([a_job()], submission=jobs.Submission("CN=Ann", "s-1", {"job_ids": []}))
+        labelled = self.store.update(third.job_id, jobs.SUBMITTED, {"label": "kept"})
+        await busy
+        self.assertTrue(await moved)
+        await self.assertFailure(failed, ValueError)
+        await self.assertFailure(again, SubmissionExists)
+        self.assertTrue(await labelled)
+        self.assertEqual(self.counted()[0], before[0] + 1)  # all four in one transaction
+        self.assertEqual(self.sql("SELECT label FROM jobs WHERE job_id IN (%s, %s) ORDER BY label",
+                                  (second.job_id, third.job_id)), ((None,), ("kept",)))
+        self.assertEqual((await self.store.get(first.job_id)).status, jobs.STAGING)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM jobs"), ((31,),))  # the duplicate submission added none
+
+    async def test_a_deadlock_runs_every_operation_in_the_transaction_again(self):
+        """When the server rolls a shared transaction back, each operation in it runs again, and takes effect once."""
+        tries = []
+
+        def deadlocked_once(cursor):
+            cursor.execute("UPDATE jobs SET label = 'victim' WHERE job_id = %s", (self.jobs[0].job_id,))
+            tries.append(1)
+            if len(tries) == 1:
+                raise MySQLdb.OperationalError(1213, "Deadlock found when trying to get lock")
+            return len(tries)
+
+        busy = self.busy()
+        victim = self.store._run(deadlocked_once, idempotent=False, together=True)
+        moved = [self.store.transition(job.job_id, jobs.SUBMITTED, jobs.STAGING) for job in self.jobs[1:]]
+        await busy
+        self.assertEqual(await victim, 2)
+        self.assertEqual(await defer.gatherResults(moved), [True] * 29)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM job_events WHERE new_status = 'STAGING'"), ((29,),))
+        self.assertEqual(self.sql("SELECT label FROM jobs WHERE job_id = %s", (self.jobs[0].job_id,)), (("victim",),))
+
+    async def test_a_lost_connection_fails_only_what_is_unsafe_to_repeat(self):
+        """A connection KILLed mid-transaction: a read in it runs again; a transition in it fails with DatabaseUnavailable."""
+        victims = []
+
+        def sleeper(cursor):
+            cursor.execute("SELECT CONNECTION_ID()")
+            victims.append(cursor.fetchone()[0])
+            cursor.execute("SELECT SLEEP(%s)", (5 if len(victims) == 1 else 0,))
+
+        busy = self.busy(0.2)
+        moved = self.store.transition(self.jobs[0].job_id, jobs.SUBMITTED, jobs.STAGING)
+        read = self.store.get(self.jobs[1].job_id)
+        slept = self.store._run(sleeper, together=True)
+        await busy
+        await wait_for(lambda: victims)
+        mysql_support.kill_connections(victims[:1])
+        error = await self.assertFailure(moved, DatabaseUnavailable)
+        self.assertIn("not safe to repeat", str(error))
+        self.assertEqual((await read).job_id, self.jobs[1].job_id)
+        await slept
+        self.assertEqual((await self.store.get(self.jobs[0].job_id)).status, jobs.SUBMITTED)  # rolled back
+        self.assertTrue(await self.store.transition(self.jobs[0].job_id, jobs.SUBMITTED, jobs.STAGING))

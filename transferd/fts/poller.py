@@ -16,6 +16,7 @@ transfer_timeout.
 import json
 import uuid
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from transferd import jobs
@@ -69,15 +70,21 @@ class FTSPoller(Poller):
             except FTSError as error:
                 self.log.warn("FTS would not report on {n} job(s): {error}", n=len(chunk), error=error)
                 continue
-            for job in chunk:
-                try:
-                    summary["reported"] += bool(await self._settle(job, answers))
-                except Exception:
-                    self.log.failure("job {job_id}: could not settle its FTS job {fts_jobid}",
-                                     job_id=job.job_id, fts_jobid=job.fts_jobid)
+            # Settled together: the store commits their outcomes in shared transactions.
+            settled = await defer.gatherResults([defer.Deferred.fromCoroutine(self._settle_safely(job, answers))
+                                                 for job in chunk], consumeErrors=True)
+            summary["reported"] += sum(settled)
         if summary["reported"]:
             self.log.info("FTS poll: {reported} of {jobs} job(s) ended", **summary)
         return summary
+
+    async def _settle_safely(self, job, answers):
+        try:
+            return bool(await self._settle(job, answers))
+        except Exception:
+            self.log.failure("job {job_id}: could not settle its FTS job {fts_jobid}",
+                             job_id=job.job_id, fts_jobid=job.fts_jobid)
+            return False
 
     async def _settle(self, job, answers):
         """Report job if FTS has finished with it (or lost it, or it is overdue); True when reported."""

@@ -19,6 +19,7 @@ from MySQLdb.constants import CLIENT
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from transferd.store import schema
 from transferd.store.sql import DatabaseUnavailable, SQLJobStore
@@ -129,6 +130,88 @@ class _Connection(adbapi.Connection):
             self._connection.rollback()
         except MySQLdb.Error:
             self.discard()
+
+
+def _execute(conn, statement):
+    with contextlib.closing(conn.cursor()) as cursor:
+        cursor.execute(statement)
+
+
+class _GroupCommit:
+    """Runs the store operations asked for while the database is busy together, in one transaction.
+
+    An operation runs at once when fewer than in_flight transactions of ours
+    are running; otherwise it waits, and the operations that gathered
+    meanwhile (at most `most`) go in the next transaction: one pool-thread
+    hop and one commit for all of them, so each costs less as the load grows.
+    Each runs under a savepoint of its own, so one that fails (a duplicate
+    submission, a bad value) is undone alone and only its caller sees the
+    error.  A failure of the transaction itself (a lost connection, a
+    deadlock, the commit) reaches every caller in it, and each retries (or
+    not) by its own rule in MySQLJobStore._attempts: nothing of it took
+    effect, or, when the connection was lost, nobody knows whether it did.
+    """
+
+    def __init__(self, pool, interact, in_flight=4, most=100):
+        self.pool = pool
+        self.interact = interact  # MySQLJobStore._interact: one operation on a connection
+        self.in_flight = in_flight
+        self.most = most
+        self._running = 0
+        self._waiting = []  # (interaction, args, ping_after, Deferred)
+        self.transactions = 0  # committed or not, for tests and benchmarks
+        self.operations = 0
+
+    def run(self, interaction, args, ping_after):
+        """Fires with interaction(cursor, *args), run in a transaction shared with the others waiting."""
+        done = defer.Deferred()
+        self._waiting.append((interaction, args, ping_after, done))
+        self._start()
+        return done
+
+    def _start(self):
+        while self._waiting and self._running < self.in_flight:
+            batch, self._waiting = self._waiting[:self.most], self._waiting[self.most:]
+            self._running += 1
+            self.transactions += 1
+            self.operations += len(batch)
+            if len(batch) == 1:
+                interaction, args, ping_after, _ = batch[0]
+                ran = self.pool.runWithConnection(self.interact, interaction, args, ping_after)
+                ran.addCallback(lambda result: [(True, result)])
+            else:
+                ran = self.pool.runWithConnection(self._together, batch)
+            ran.addBoth(self._ended, batch)
+
+    def _together(self, conn, batch):
+        """In a pool thread: each operation under its savepoint; [(True, result) or (False, Failure)]."""
+        pings = [ping_after for _, _, ping_after, _ in batch if ping_after is not None]
+        if pings:
+            conn.verify(min(pings))
+        outcomes = []
+        for interaction, args, _, _ in batch:
+            _execute(conn, "SAVEPOINT operation")
+            try:
+                outcomes.append((True, self.interact(conn, interaction, args, None)))
+            except MySQLdb.Error as error:
+                if _is_lost(error) or _rolled_back(error):
+                    raise  # the whole transaction is gone: every operation in it fails
+                outcomes.append((False, Failure()))
+                _execute(conn, "ROLLBACK TO SAVEPOINT operation")
+            except Exception:
+                outcomes.append((False, Failure()))
+                _execute(conn, "ROLLBACK TO SAVEPOINT operation")
+        return outcomes
+
+    def _ended(self, outcomes, batch):
+        self._running -= 1
+        for index, (*_, done) in enumerate(batch):
+            if isinstance(outcomes, Failure):
+                done.errback(outcomes)
+            else:
+                succeeded, value = outcomes[index]
+                done.callback(value) if succeeded else done.errback(value)
+        self._start()
 
 
 class _Pool(adbapi.ConnectionPool):
@@ -327,6 +410,7 @@ class MySQLJobStore(SQLJobStore):
         self.start_wait = start_wait
         self.random = random
         self._down_since = None  # clock time the database was found unreachable; None while it is up
+        self.group = _GroupCommit(pool, self._interact)
 
     @classmethod
     def from_url(cls, url, reactor, clock, start_wait=0.0, metrics=None):
@@ -356,7 +440,7 @@ class MySQLJobStore(SQLJobStore):
             moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
         return moment
 
-    def _run(self, interaction, *args, idempotent=True):
+    def _run(self, interaction, *args, idempotent=True, together=False):
         """Run interaction(cursor, *args) in one transaction, surviving lost connections and deadlocks.
 
         When the connection is lost before anything was sent (connecting, or
@@ -366,18 +450,24 @@ class MySQLJobStore(SQLJobStore):
         connection.  A non-idempotent one that lost its connection mid-way
         fails with DatabaseUnavailable: it may or may not have committed.
         A transaction the server rolled back (deadlock, lock wait timeout)
-        is run again, whatever the operation: it had no effect.
+        is run again, whatever the operation: it had no effect.  The short
+        operations of a job's way (together) share transactions (_GroupCommit);
+        the others (passes, listings, migrations) each have one of their own,
+        so a long one holds up no job.
         """
-        return defer.Deferred.fromCoroutine(self._attempts(interaction, args, idempotent))
+        return defer.Deferred.fromCoroutine(self._attempts(interaction, args, idempotent, together))
 
-    async def _attempts(self, interaction, args, idempotent):
+    async def _attempts(self, interaction, args, idempotent, together):
         delays = [] if self._down_since is not None else list(self.retry_delays)
         rollbacks = 0
         # Seconds of idleness after which the connection is pinged first (None: never).
         ping_after = None if idempotent else self.ping_idle_after
         while True:
             try:
-                result = await self.pool.runWithConnection(self._interact, interaction, args, ping_after)
+                if together:
+                    result = await self.group.run(interaction, args, ping_after)
+                else:
+                    result = await self.pool.runWithConnection(self._interact, interaction, args, ping_after)
             except _Unsent as unsent:
                 error = unsent.error
                 if not _is_lost(error):

@@ -110,8 +110,12 @@ class SQLJobStore(Service):
     def _sql(self, query):
         return query.replace("?", self.placeholder) if self.placeholder != "?" else query
 
-    def _run(self, interaction, *args, idempotent=True):
-        """Run interaction(cursor, *args) in one transaction."""
+    def _run(self, interaction, *args, idempotent=True, together=False):
+        """Run interaction(cursor, *args) in one transaction.
+
+        together: a short operation on a job's way, which a store may run in a
+        transaction shared with others (transferd.store.mysql._GroupCommit).
+        """
         return self.pool.runInteraction(interaction, *args)
 
     def _now(self):
@@ -232,7 +236,7 @@ class SQLJobStore(Service):
                         " SELECT event_id, job_id, new_status, 0, time FROM job_events"
                         f" WHERE job_id IN ({', '.join('?' for _ in chunk)})"), chunk)
 
-        return self._run(interaction, idempotent=False).addCallback(self._events_committed, bool(rows))
+        return self._run(interaction, idempotent=False, together=True).addCallback(self._events_committed, bool(rows))
 
     def _check_waiting(self, cursor, rows, limit, retry_after):
         adding = {}
@@ -266,13 +270,13 @@ class SQLJobStore(Service):
             row = cursor.fetchone()
             return json.loads(row[0]) if row else None
 
-        return self._run(interaction)
+        return self._run(interaction, together=True)
 
     def get(self, job_id):
         def interaction(cursor):
             return self._select_job(cursor, job_id)
 
-        return self._run(interaction)
+        return self._run(interaction, together=True)
 
     def list_jobs(self, job_filter, limit, after=None):
         query, params = self.list_query(job_filter, limit, after)
@@ -506,7 +510,7 @@ class SQLJobStore(Service):
             cursor.execute(query, (self._time_to_db(jobs.utc_from_seconds(self._now())), job_id, *ended))
             return cursor.rowcount > 0
 
-        return self._run(interaction)
+        return self._run(interaction, together=True)
 
     def transition(self, job_id, old, new, fields=None, hold=None, actor=None):
         fields = dict(fields or {})
@@ -548,7 +552,7 @@ class SQLJobStore(Service):
                 self._events_committed(None)
             return changed
 
-        return self._run(interaction, idempotent=False).addCallback(logged)
+        return self._run(interaction, idempotent=False, together=True).addCallback(logged)
 
     def update(self, job_id, status, fields, note=None):
         """note: (actor, reason) of an attempt, recorded in the job's history with the change."""
@@ -565,7 +569,7 @@ class SQLJobStore(Service):
                 self._record_event(cursor, job_id, now, "attempt", status, status, *note)
             return True
 
-        return self._run(interaction, idempotent=note is None)
+        return self._run(interaction, idempotent=note is None, together=True)
 
     def note(self, job_id, status, actor, reason):
         """Record an attempt in the history of a job still in status (nothing else changes); fire True/False."""
@@ -605,7 +609,7 @@ class SQLJobStore(Service):
             cursor.execute(query, (owner, now + seconds, counted, job_id, *statuses, now, leases.IN_QUEUE))
             return self._select_job(cursor, job_id) if cursor.rowcount > 0 else None
 
-        return self._run(interaction, idempotent=False)
+        return self._run(interaction, idempotent=False, together=True)
 
     def hold_in_queue(self, status, job_ids, seconds):
         job_ids = list(job_ids)
@@ -914,4 +918,4 @@ class SQLJobStore(Service):
             cursor.execute(query, tuple(params))
             return cursor.rowcount if counted else cursor.rowcount > 0
 
-        return self._run(interaction, idempotent=idempotent)
+        return self._run(interaction, idempotent=idempotent, together=True)
