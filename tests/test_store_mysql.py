@@ -517,3 +517,82 @@ class GroupCommitTests(StoreFixture, unittest.TestCase):
         await slept
         self.assertEqual((await self.store.get(self.jobs[0].job_id)).status, jobs.SUBMITTED)  # rolled back
         self.assertTrue(await self.store.transition(self.jobs[0].job_id, jobs.SUBMITTED, jobs.STAGING))
+
+
+class _RecordingCursor:
+    """A cursor that keeps each statement it runs, with its parameters."""
+
+    def __init__(self, cursor, statements):
+        self._cursor, self._statements = cursor, statements
+
+    def execute(self, query, params=None):
+        self._statements.append((query, params))
+        return self._cursor.execute(query, params)
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
+
+
+def _tables_read(plan):
+    """The table entries of an ANALYZE FORMAT=JSON plan."""
+    if isinstance(plan, dict):
+        found = [plan["table"]] if isinstance(plan.get("table"), dict) else []
+        return found + [table for value in plan.values() for table in _tables_read(value)]
+    if isinstance(plan, list):
+        return [table for value in plan for table in _tables_read(value)]
+    return []
+
+
+class PeriodicQueryTests(StoreFixture, unittest.TestCase):
+    """The reconciler's queries read only the rows of the work they find, however many jobs wait or run."""
+
+    async def setUp(self):
+        self.fresh_url()
+        self.store = self.open(clock=reactor)
+        await self.store.migrate()
+        self.statements = []
+        interact = self.store._interact
+
+        def recording(conn, interaction, args, ping_after):
+            return interact(conn, lambda cursor, *rest: interaction(_RecordingCursor(cursor, self.statements), *rest),
+                            args, ping_after)
+
+        self.store._interact = recording
+        self.store.group.interact = recording
+        # Many jobs nobody needs to re-drive: free ones waiting for the scheduler, and ones waiting on a service.
+        for status, count, lease in (("SUBMITTED", 3000, "NULL"), ("STAGED", 1000, "NULL"),
+                                     ("STAGING", 1500, "UNIX_TIMESTAMP() + 86400"),
+                                     ("TRANSFERRING", 1500, "UNIX_TIMESTAMP() + 86400"),
+                                     ("SUBMITTED", 5, "1"), ("STAGING", 3, "1")):
+            self.sql(f"INSERT INTO jobs (job_id, product_id, destination_path, status, time_submitted, time_updated,"
+                     f" lease_until, poll_slot, share) SELECT MD5(CONCAT(seq, '{status}', {count}, RAND())), 'p',"
+                     f" 'gsiftp://h/x', '{status}', UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), {lease}, seq % 1024, 's'"
+                     f" FROM seq_1_to_{count}")
+        self.sql("ANALYZE TABLE jobs")
+
+    def rows_read(self):
+        """The most rows any SELECT recorded since the last call reads, by ANALYZE of the same statement."""
+        selects = [(query, params) for query, params in self.statements if query.lstrip().upper().startswith("SELECT")]
+        del self.statements[:]
+        self.assertTrue(selects)
+        most = 0
+        for query, params in selects:
+            connection = mysql_support.admin_connection(self.database)
+            try:
+                cursor = connection.cursor()
+                cursor.execute("ANALYZE FORMAT=JSON " + query, params)
+                plan = json.loads(cursor.fetchone()[0].replace("\\0", ""))
+            finally:
+                connection.close()
+            most = max([most] + [float(table.get("r_rows", 0)) for table in _tables_read(plan)])
+        return most
+
+    async def test_expired_leases_are_found_by_a_range(self):
+        """Releasing expired SUBMITTED/STAGED jobs reads the 5 expired rows, not the 4,000 free ones."""
+        self.assertEqual(await self.store.release_to_scheduler((jobs.SUBMITTED, jobs.STAGED), 1000), 5)
+        self.assertLessEqual(self.rows_read(), 5)
+
+    async def test_jobs_to_redrive_are_found_by_a_range(self):
+        """Finding STAGING/TRANSFERRING jobs to re-drive reads the 3 free or expired rows, not the 3,000 waiting."""
+        self.assertEqual(len(await self.store.jobs_to_redrive((jobs.STAGING, jobs.TRANSFERRING), 1000)), 3)
+        self.assertLessEqual(self.rows_read(), 3)

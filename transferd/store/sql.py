@@ -38,7 +38,6 @@ INSERT_EVENT = ("INSERT INTO job_events (job_id, time, kind, old_status, new_sta
 INSERT_OUTBOX = "INSERT INTO outbox (event_id, job_id, state, fanned_out, time_created) VALUES (?, ?, ?, 0, ?)"
 # A lease that anyone may take (parameters: now, the queue-hold owner); see transferd.leases.
 FREE_OR_IN_QUEUE = "(lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
-NO_OWNER = "\x00"  # a lease owner nobody has: in place of leases.IN_QUEUE, queue holds count as held
 
 
 class SchemaTooNew(RuntimeError):
@@ -650,13 +649,14 @@ class SQLJobStore(Service):
     def jobs_to_redrive(self, statuses, limit, include_queue_holds=False):
         statuses = list(statuses)
         marks = ", ".join("?" for _ in statuses)
-        query = self._sql(
-            SELECT_JOB + f" WHERE status IN ({marks}) AND {FREE_OR_IN_QUEUE} ORDER BY time_submitted LIMIT ?"
-        )
-        queue_owner = leases.IN_QUEUE if include_queue_holds else NO_OWNER
+        # A range of the index (status, lease_until): only the free and the expired rows are read.
+        due, queue_holds = "(lease_until IS NULL OR lease_until < ?)", []
+        if include_queue_holds:  # once, at the start of a daemon whose queue died with it: read them all
+            due, queue_holds = FREE_OR_IN_QUEUE, [leases.IN_QUEUE]
+        query = self._sql(SELECT_JOB + f" WHERE status IN ({marks}) AND {due} ORDER BY time_submitted LIMIT ?")
 
         def interaction(cursor):
-            cursor.execute(query, statuses + [self._now(), queue_owner, limit])
+            cursor.execute(query, statuses + [self._now()] + queue_holds + [limit])
             return [self._job_from_row(row) for row in cursor.fetchall()]
 
         return self._run(interaction)
@@ -794,20 +794,23 @@ class SQLJobStore(Service):
         the scheduler releases them again.  Fire with how many."""
         statuses = list(statuses)
         marks = ", ".join("?" for _ in statuses)
-        expired = "(lease_until < ? OR lease_owner = ?)"
+        # A range of the index (status, lease_until): only the expired rows are read (and locked).
+        expired = "lease_until < ?"
+        if include_queue_holds:  # once, at the start of a daemon whose queue died with it: read them all
+            expired = "(lease_until < ? OR lease_owner = ?)"
         select = self._sql(f"SELECT job_id FROM jobs WHERE status IN ({marks}) AND {expired} LIMIT ?"
                            + self.skip_locked)
-        queue_owner = leases.IN_QUEUE if include_queue_holds else NO_OWNER
 
         def interaction(cursor):
             now = self._now()
-            cursor.execute(select, (*statuses, now, queue_owner, limit))
+            condition = (now, leases.IN_QUEUE) if include_queue_holds else (now,)
+            cursor.execute(select, (*statuses, *condition, limit))
             ids = [row[0] for row in cursor.fetchall()]
             if not ids:
                 return 0
             cursor.execute(self._sql(f"UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE job_id IN"
                                      f" ({', '.join('?' for _ in ids)}) AND status IN ({marks}) AND {expired}"),
-                           (*ids, *statuses, now, queue_owner))
+                           (*ids, *statuses, *condition))
             return cursor.rowcount
 
         return self._run(interaction, idempotent=True)
