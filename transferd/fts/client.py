@@ -157,6 +157,7 @@ class TokenFile(WatchedFile):
     def __init__(self, path):
         super().__init__(path)
         self._rejected = None  # (token, why)
+        self._expiry = (None, None)  # (token, its exp): decoded once per token, not per request
 
     def text(self):
         try:
@@ -172,7 +173,9 @@ class TokenFile(WatchedFile):
         token = self.text()
         if self._rejected is not None and self._rejected[0] == token:
             raise FTSCredentialsError(self._rejected[1])
-        expiry = token_expiry(token)
+        if self._expiry[0] != token:
+            self._expiry = (token, token_expiry(token))
+        expiry = self._expiry[1]
         if expiry is not None and expiry <= now:
             raise FTSCredentialsError(
                 f"the FTS token in {self.path} expired at {_utc_text(expiry)}; jobs wait until it is renewed")

@@ -214,7 +214,8 @@ class FTSMover(Service):
                 "job {job_id}: FTS named its job {returned}, not {predicted} as predicted; check [fts] vo",
                 job_id=job.job_id, returned=returned, predicted=fts_jobid)
             await self.store.record_transfer_id(job.job_id, job.status, returned)
-        self.log.info("job {job_id}: submitted to FTS as {fts_jobid}, {files} file(s)",
+        # Debug: the operator's line is the job's STAGED -> TRANSFERRING; the FTS job id is in its status.
+        self.log.debug("job {job_id}: submitted to FTS as {fts_jobid}, {files} file(s)",
                       job_id=job.job_id, fts_jobid=returned, files=len(body["files"]))
         return None
 

@@ -108,7 +108,8 @@ class LocalStager(Service):
 
     def _staged(self, result, job):
         if result.success:
-            self.log.info("job {job_id}: staged {product_id} to {path}: {msg}",
+            # Debug: the operator's line is the job's STAGING -> STAGED; the path is in its status.
+            self.log.debug("job {job_id}: staged {product_id} to {path}: {msg}",
                           job_id=job.job_id, product_id=job.product_id, path=result.path, msg=result.msg)
         return result
 
