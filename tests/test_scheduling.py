@@ -1,11 +1,14 @@
 """Fair share and limits (transferd.scheduler): the water-filling, and the store's part on SQLite and MariaDB."""
 
+import types
+
+from twisted.internet import task
 from twisted.trial import unittest
 
 from tests.contract_scheduling import SchedulingContract
 from tests.stores import OnMariaDB, OnSQLite
 from transferd.auth.access import Identity
-from transferd.scheduler import Counts, Policy, allocate
+from transferd.scheduler import PASS_GAP, STEPS, Counts, Policy, Scheduler, allocate
 
 
 class AllocateTests(unittest.TestCase):
@@ -50,3 +53,47 @@ class SQLiteSchedulingTests(OnSQLite, SchedulingContract, unittest.TestCase):
 
 class MariaDBSchedulingTests(OnMariaDB, SchedulingContract, unittest.TestCase):
     pass
+
+
+class _SlowStore:
+    """A store whose scheduling passes each take `took` seconds of clock time, releasing nothing."""
+
+    def __init__(self, clock, took):
+        self.clock, self.took, self.starts = clock, took, []
+
+    def listen_for_events(self, listener):
+        pass
+
+    def schedule(self, step, *args, **kwargs):
+        self.starts.append(self.clock.seconds())
+        return task.deferLater(self.clock, self.took, lambda: [])
+
+
+class PassGapTests(unittest.TestCase):
+    """Wake-ups share rounds of passes: PASS_GAP apart, or as far apart as a round takes when that is longer."""
+
+    def rounds(self, took):
+        clock = task.Clock()
+        store = _SlowStore(clock, took)
+        pipeline = types.SimpleNamespace(policy=Policy(), lease=30.0)
+        scheduler = Scheduler(store, pipeline, clock, clock, interval=1000.0)
+        scheduler.startService()
+        self.addCleanup(scheduler.stopService)
+        for _ in range(200):  # woken every 5 ms, as commits under load do
+            scheduler.wake()
+            clock.advance(0.005)
+        return [store.starts[i] for i in range(0, len(store.starts), len(STEPS))]  # when each round began
+
+    def test_quick_rounds_come_pass_gap_apart(self):
+        starts = self.rounds(took=0.001)
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        self.assertGreater(len(starts), 20)
+        # From one start to the next: the round (its passes end on the clock's next 5 ms steps), then PASS_GAP.
+        self.assertGreaterEqual(min(gaps), PASS_GAP)
+        self.assertLessEqual(max(gaps), PASS_GAP + 0.02)
+
+    def test_slow_rounds_leave_at_least_their_own_time_free(self):
+        starts = self.rounds(took=0.05)  # a round (two passes) takes 0.1 s
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        self.assertGreater(len(starts), 3)
+        self.assertGreaterEqual(min(gaps), 2 * 0.1 - 0.0001)  # the round, then as long again

@@ -24,8 +24,8 @@ A share is a submitter, or the group [scheduler] groups puts a submitter in
 (by identity, or by VOMS FQAN as [auth] admins does); its weight comes from
 [scheduler] weights.  Passes run when jobs arrive or leave a step (every
 commit that writes an event wakes the scheduler; at most a round of passes
-every PASS_GAP) and every [scheduler] interval, for what other daemons
-changed.
+every PASS_GAP, or every time the last round took when that is longer) and
+every [scheduler] interval, for what other daemons changed.
 """
 
 import dataclasses
@@ -206,6 +206,7 @@ class Scheduler(Service):
         self.passes = 0  # passes run, for tests and monitoring
         self._wanted = False  # a wake-up came while a round ran: run another, PASS_GAP after it
         self._last_pass = 0.0  # when the last round ended (reactor time)
+        self._round_took = 0.0  # seconds the last round took: the gap before the next is at least that
         self._store_away = False  # the last pass found the store away (logged once)
         self._running = None
         self._soon = None
@@ -251,16 +252,21 @@ class Scheduler(Service):
         if self._running is not None:
             self._wanted = True
         elif self._soon is None or not self._soon.active():
-            delay = max(0.0, self._last_pass + PASS_GAP - self.reactor.seconds())
+            # Rounds that take long (many jobs to count) come as far apart as they take: at most half
+            # of the time goes to passes, however busy the daemon.
+            gap = max(PASS_GAP, self._round_took)
+            delay = max(0.0, self._last_pass + gap - self.reactor.seconds())
             self._soon = self.reactor.callLater(delay, self._start)
 
     def _start(self):
+        started = self.reactor.seconds()
         self._running = defer.Deferred.fromCoroutine(self._passes())
-        self._running.addBoth(self._ended)
+        self._running.addBoth(self._ended, started)
 
-    def _ended(self, _):
+    def _ended(self, _, started):
         self._running = None
         self._last_pass = self.reactor.seconds()
+        self._round_took = self._last_pass - started
         if self._wanted:  # woken during the last round: once the gap has passed
             self._wanted = False
             self.wake()
