@@ -65,11 +65,17 @@ RSS_GOAL_MIB = 200  # daemon RSS with RSS jobs TRANSFERRING
 # How much work each measurement does.  Submissions and their floor are
 # measured `rounds` times, alternating, and the median round is reported.
 # e2e: jobs submitted per end-to-end run, one run per prefetch; rss: jobs TRANSFERRING.
+# scale_finished, scale_active: the jobs table of section 11; scale_rss: jobs TRANSFERRING for its memory figure.
 FULL = dict(rounds=3, submit={1: 400, 16: 2000, 64: 3000}, probe={1: 500, 16: 2000, 64: 3000}, status=2000,
-            e2e=2000, prefetch=(8, 32), rss=10_000, batches=200, list=1000, fleet=2000)
+            e2e=2000, prefetch=(8, 32), rss=10_000, batches=200, list=1000, fleet=2000,
+            scale_finished=1_000_000, scale_active=100_000, scale_rss=100_000)
 QUICK = dict(rounds=1, submit={1: 100, 16: 400, 64: 640}, probe={1: 100, 16: 400, 64: 640}, status=400,
-             e2e=300, prefetch=(32,), rss=3000, batches=40, list=200, fleet=300)
+             e2e=300, prefetch=(32,), rss=3000, batches=40, list=200, fleet=300,
+             scale_finished=100_000, scale_active=10_000, scale_rss=10_000)
+# A run without --only runs these; scale (section 11) and soak (12) run only when named: the soak alone takes
+# half an hour, and the scale section fills the shared server with a million rows.
 SECTIONS = ("backends", "e2e", "rss", "v1", "events", "fleet", "fairness")
+NAMED_ONLY = ("scale", "soak")
 EVENTS_GOAL = 0.90  # jobs/s with events on, as a share of jobs/s with events off
 EVENTS_PREFETCH = 32
 FLEET_SIZES = (1, 2, 3)  # daemons on this machine, sharing the database and the broker
@@ -79,12 +85,12 @@ FLEET_PREFETCH = 32
 # -- the backends -------------------------------------------------------------
 
 
-def mysql_connect(server_url, database=""):
-    """A plain mysqlclient connection, in a session set up as the daemon sets up its own."""
+def mysql_connect(server_url, database="", **options):
+    """A plain mysqlclient connection, in a session set up as the daemon sets up its own (options: e.g. client_flag)."""
     parts = urlsplit(server_url)
     connection = MySQLdb.connect(
         host=parts.hostname or "127.0.0.1", port=parts.port or 3306, user=unquote(parts.username or "root"),
-        password=unquote(parts.password or ""), database=database, charset="utf8mb4", autocommit=False,
+        password=unquote(parts.password or ""), database=database, charset="utf8mb4", autocommit=False, **options,
     )
     cursor = connection.cursor()
     cursor.execute("SET time_zone = '+00:00'")
@@ -1968,20 +1974,772 @@ step      when              passes  releasing  mean ms  p99 ms  max ms  jobs/rel
         print("The daemon logged no warning or error.", flush=True)
 
 
+# -- flat costs at a million jobs (section 11) --------------------------------------------------
+
+SCALE_FLAT_GOAL = 0.10  # full-table figures within 10% of the empty table's
+SCALE_PASS_GOAL_S = 1.0  # each periodic pass, with the big table
+SCALE_LEVELS = (16, 64)  # clients submitting
+SCALE_STATUS_CLIENTS = 16
+SCALE_SUBMITTERS = 100  # the filled jobs' submitters, each its own share
+# The active jobs' states, oldest first (the older a job, the further along it is).
+SCALE_MIX = (("TRANSFERRING", 0.30), ("STAGED", 0.10), ("STAGING", 0.20), ("SUBMITTED", 0.40))
+# [fts] poll_interval stays at its default, 30 s, as in production.  [limits] max_transfers_per_submitter = 1:
+# every filled submitter holds transfers already, so the transfer passes count but release no STAGED job (the
+# mover would otherwise turn them into TRANSFERRING during the measurement, which the empty table cannot).
+SCALE_FTS = {"bulk_size": 100}
+SCALE_LIMITS = {"max_transfers_per_submitter": 1}
+SCALE_RSS_FTS = RSS_FTS  # poll_interval 1 s: the memory figure's jobs are polled as fast as the poller goes
+# What a poll of a running job leaves in fts_details (FTSPoller._record_progress): the fake's answer for an
+# ACTIVE one-file job.  Filled rows carry it, so the poller finds no progress to write, as in a steady state.
+SCALE_FTS_DETAILS = '{"job_state": "ACTIVE", "files": [{"file_state": "ACTIVE"}]}'
+FILL_CHUNK = 100_000  # rows per transaction when filling
+FILLED_EVENTS = 1_000_000_000  # the filled outbox rows' event ids start above this
+HANDLER_READS = ("Handler_read_first", "Handler_read_key", "Handler_read_last", "Handler_read_next",
+                 "Handler_read_prev", "Handler_read_rnd", "Handler_read_rnd_next")
+
+
+def fts_submit_jobs(fake, count, clients=16):
+    """Submit count one-file jobs straight to the fake FTS (POST /jobs, the daemon's token); return their FTS ids.
+
+    For jobs filled in SQL as TRANSFERRING: the fake knows them and keeps them ACTIVE (its long duration), so the
+    poller asks about real FTS jobs instead of getting 404s (which it would report as "lost by FTS").
+    """
+    body = json.dumps({"files": [{"sources": ["gsiftp://stager.example.org/staging/bench/file"],
+                                  "destinations": ["gsiftp://se.example.org/data/bench/file"]}]}).encode()
+    request = (f"POST /jobs HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {FTS_TOKEN}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    ids = []
+
+    async def client(share):
+        reader, writer = await asyncio.open_connection("127.0.0.1", fake.port)
+        try:
+            for _ in range(share):
+                writer.write(request)
+                status, answer = await _read_response(reader)
+                if status != 200:
+                    raise RuntimeError(f"the fake FTS answered {status}: {answer[:300]!r}")
+                ids.append(json.loads(answer)["job_id"])
+        finally:
+            writer.close()
+
+    async def run():
+        await asyncio.gather(*(client(count // clients + (n < count % clients)) for n in range(clients)))
+
+    asyncio.run(run())
+    return ids
+
+
+# The columns of section 11's generated jobs, from seq (the row's number) and h (random hex); job_id from
+# GENERATED (random, uuid4-like).  Finished jobs first (SCALE_FINISHED_COLUMNS), then the active ones.
+_SCALE_COMMON = {
+    "product_id": "CONCAT('product-', seq)",
+    "destination_path": "CONCAT('davs://se', seq % 20, '.example.org/data/product-', seq)",
+    "destination_host": "CONCAT('se', seq % 20, '.example.org')",
+    "submitter": f"CONCAT('/DC=org/DC=example/CN=User ', seq % {SCALE_SUBMITTERS})",
+    "share": f"CONCAT('/DC=org/DC=example/CN=User ', seq % {SCALE_SUBMITTERS})",
+    "label": "CONCAT('run-', seq DIV 1000)",
+    "stage_attempts": "1",
+    "poll_slot": "CRC32(job_id) % 1024",  # schema.poll_slot: zlib.crc32 is MariaDB's CRC32
+}
+SCALE_FINISHED_COLUMNS = {
+    **_SCALE_COMMON,
+    "status": "CASE WHEN seq % 100 = 0 THEN 'ERROR' WHEN seq % 100 = 1 THEN 'CANCELLED' ELSE 'SUCCESS' END",
+    "detailed_status": "'generated'",
+    # One job every 2 s, back from the oldest active job: 1,000,000 jobs span 23 days, under [retention] keep.
+    "time_submitted": "@oldest - INTERVAL (seq * 2) SECOND",
+    "time_updated": "@oldest - INTERVAL (seq * 2) SECOND + INTERVAL 60 SECOND",
+    "time_success": "CASE WHEN seq % 100 > 1 THEN @oldest - INTERVAL (seq * 2) SECOND + INTERVAL 60 SECOND END",
+    "time_error": "CASE WHEN seq % 100 = 0 THEN @oldest - INTERVAL (seq * 2) SECOND + INTERVAL 60 SECOND END",
+    "time_cancelled": "CASE WHEN seq % 100 = 1 THEN @oldest - INTERVAL (seq * 2) SECOND + INTERVAL 60 SECOND END",
+}
+
+
+def _scale_active_columns(bounds):
+    """The active jobs' columns; bounds: {status: last seq}, the states in SCALE_MIX's order (seq 1: the oldest job).
+
+    The leases as the daemon leaves them: TRANSFERRING waits for FTS (no owner, until time_transferring +
+    [fts] transfer_timeout) and is polled (poll_until within the next poll interval, as a poller that keeps up
+    leaves it); STAGING waits for the stager (no owner, until 2 h after time_staging: not within the run);
+    STAGED and SUBMITTED are free, for the scheduler (it releases them under a queue hold).
+    """
+    transferring = bounds.get("TRANSFERRING", 0)
+    staged = bounds.get("STAGED", transferring)
+    staging = bounds.get("STAGING", staged)
+    status = "CASE " + " ".join(f"WHEN seq <= {last} THEN '{name}'" for name, last in bounds.items()) + " END"
+    age = "(@active - seq)"  # seconds before now: seq 1 is the oldest
+    recent = "(seq % 3600)"  # when the job entered its current state: within the last hour
+    return {
+        **_SCALE_COMMON,
+        "status": status,
+        "detailed_status": "NULL",
+        "time_submitted": f"@start - INTERVAL {age} SECOND - INTERVAL 3600 SECOND",
+        "time_updated": f"@start - INTERVAL {recent} SECOND",
+        "time_staging": f"CASE WHEN seq <= {staging} THEN @start - INTERVAL {recent} SECOND - INTERVAL 600 SECOND END",
+        "time_staged": f"CASE WHEN seq <= {staged} THEN @start - INTERVAL {recent} SECOND - INTERVAL 60 SECOND END",
+        "time_transferring": f"CASE WHEN seq <= {transferring} THEN @start - INTERVAL {recent} SECOND END",
+        "stager_path": f"CASE WHEN seq <= {staged} THEN CONCAT('/srv/staging/', job_id) END",
+        "stager_hostname": f"CASE WHEN seq <= {staging} THEN 'stager.example.org' END",
+        "fts_jobid": "fts.fts_jobid",
+        "fts_details": f"CASE WHEN fts.fts_jobid IS NOT NULL THEN '{SCALE_FTS_DETAILS}' END",
+        "lease_until": (f"CASE WHEN seq <= {transferring} THEN @now + 86400 - {recent}"
+                        f" WHEN seq > {staged} AND seq <= {staging} THEN @now + 7200 - 600 - {recent} END"),
+        "poll_owner": f"CASE WHEN seq <= {transferring} THEN 'fts-poller-filled' END",
+        "poll_until": f"CASE WHEN seq <= {transferring} THEN @now - 3 + seq % 30 END",
+    }
+
+
+def fill_scale(backends, finished, active, fts_ids, mix=SCALE_MIX, events=True):
+    """Add `finished` ended jobs and `active` active ones (states by mix) inside MariaDB (the seq engine).
+
+    No daemon may run on the table meanwhile: with the indexes dropped, the reconciler's SELECT ... FOR UPDATE
+    SKIP LOCKED scans the whole table, and meeting a large uncommitted insert it makes a lock struct for every
+    row that insert holds; on 2026-12-03, with 1,000,000 rows in one transaction, that filled the 128 MiB buffer
+    pool and MariaDB aborted ("Over 95 percent of the buffer pool is occupied by lock heaps").  Hence also the
+    transactions of FILL_CHUNK rows.
+
+    The TRANSFERRING jobs take the FTS ids fts_ids (as many as there are).  With events, every job also gets an
+    outbox row (fanned out) and a delivered AMQP event_deliveries row, as a table the dispatcher has kept up
+    with.  The jobs table's secondary indexes are built afterwards.  Returns (seconds, {status: count}).
+    """
+    from transferd.store import schema
+
+    start = time.monotonic()
+    bounds, last = {}, 0
+    for name, share in mix:
+        last = active if name == mix[-1][0] else last + round(active * share)
+        bounds[name] = last
+    if len(fts_ids) != bounds.get("TRANSFERRING", 0):
+        raise ValueError(f"{len(fts_ids)} FTS ids for {bounds.get('TRANSFERRING', 0)} TRANSFERRING jobs")
+    job_id = GENERATED["job_id"]
+    connection = backends.connect()
+    try:
+        cursor = connection.cursor()
+        cursor.execute("CREATE TABLE bench_fts (n INT PRIMARY KEY, fts_jobid VARCHAR(64))")
+        rows = list(enumerate(fts_ids, 1))
+        for first in range(0, len(rows), BATCH):
+            cursor.executemany("INSERT INTO bench_fts (n, fts_jobid) VALUES (%s, %s)", rows[first:first + BATCH])
+        indexes = list(schema.JOBS.indexes)
+        cursor.execute("ALTER TABLE jobs " + ", ".join(f"DROP INDEX {index.name}" for index in indexes))
+        cursor.execute("SET @now = %s", (time.time(),))
+        cursor.execute("SET @start = FROM_UNIXTIME(@now), @active = %s", (active + 1,))
+        cursor.execute("SET @oldest = @start - INTERVAL (@active + 3600) SECOND")
+        for count, columns, join in (
+                (finished, SCALE_FINISHED_COLUMNS, ""),
+                (active, _scale_active_columns(bounds), " LEFT JOIN bench_fts AS fts ON fts.n = seq")):
+            names = ["job_id", *columns]
+            for first in range(1, count + 1, FILL_CHUNK):  # transactions of FILL_CHUNK rows (see fill_scale)
+                cursor.execute(
+                    f"INSERT INTO jobs ({', '.join(names)}) SELECT job_id, {', '.join(columns.values())}"
+                    f" FROM (SELECT seq, {job_id} AS job_id FROM (SELECT seq, MD5(CONCAT(seq, '-', RAND())) AS h"
+                    f" FROM seq_{first}_to_{min(count, first + FILL_CHUNK - 1)}) AS random_hex) AS generated{join}")
+                connection.commit()
+        cursor.execute("DROP TABLE bench_fts")
+        cursor.execute("ALTER TABLE jobs " + ", ".join(
+            f"ADD INDEX {index.name} ({', '.join(index.columns)})" for index in indexes))
+        if events:  # event ids above the daemon's own (its job_events rows), for the jobs without an outbox row
+            cursor.execute("SELECT MAX(seq) FROM jobs")
+            for first in range(0, cursor.fetchone()[0] or 0, FILL_CHUNK):
+                ends = (FILLED_EVENTS + first, FILLED_EVENTS + first + FILL_CHUNK)
+                cursor.execute("INSERT INTO outbox (event_id, job_id, state, fanned_out, time_created)"
+                               " SELECT %s + seq, job_id, status, 1, time_updated FROM jobs WHERE seq > %s AND seq <= %s"
+                               " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = jobs.job_id)",
+                               (FILLED_EVENTS, first, first + FILL_CHUNK))
+                cursor.execute("INSERT INTO event_deliveries (event_id, job_id, target, status, attempts,"
+                               " next_attempt, time_done) SELECT event_id, job_id, 'amqp', 'delivered', 1,"
+                               " COALESCE(UNIX_TIMESTAMP(time_created), @now), time_created FROM outbox"
+                               " WHERE event_id > %s AND event_id <= %s", ends)
+                connection.commit()
+        for table in ("jobs", "outbox", "event_deliveries"):
+            cursor.execute(f"ANALYZE TABLE {table}")
+            cursor.fetchall()
+        cursor.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        counts = dict(cursor.fetchall())
+    finally:
+        connection.close()
+    return time.monotonic() - start, counts
+
+
+class StatementProbe:
+    """Runs store operations synchronously on a connection of our own, timing each statement and counting the
+    rows it read; rolls every operation back, so the daemon's jobs stay as they were.
+
+    The operations are the store's own methods (transferd.store.mysql.MySQLJobStore, which the daemon runs):
+    the exact statements and parameters, built by the same code.  Rows read are the session's Handler_read_*
+    counters (index entries and rows the storage engine handed up), read before and after each statement:
+    they count only this connection's work, whatever else the shared server runs.
+    """
+
+    def __init__(self, backends):
+        from MySQLdb.constants import CLIENT
+        from transferd.store.mysql import MySQLJobStore
+
+        # FOUND_ROWS: rowcount is rows matched, as the daemon's pool has it.
+        self.connection = mysql_connect(backends.mysql_url, backends.database, client_flag=CLIENT.FOUND_ROWS)
+        self.store = MySQLJobStore(None, None, types.SimpleNamespace(seconds=time.time))
+        self.store._run = lambda interaction, *args, idempotent=True: interaction(_RecordingCursor(self), *args)
+        self.statements = []
+
+    def reads(self):
+        cursor = self.connection.cursor()
+        cursor.execute("SHOW SESSION STATUS WHERE Variable_name IN (" + ", ".join("%s" for _ in HANDLER_READS) + ")",
+                       HANDLER_READS)
+        return sum(int(value) for _, value in cursor.fetchall())
+
+    def run(self, operation):
+        """operation(store) -> its result (the store answers at once); returns (result, statements, seconds)."""
+        self.statements = []
+        started = time.perf_counter()
+        try:
+            result = operation(self.store)
+        finally:
+            self.connection.rollback()
+        return result, self.statements, sum(statement["seconds"] for statement in self.statements), \
+            time.perf_counter() - started
+
+    def explain(self, query, params):
+        """EXPLAIN rows of a statement (MariaDB explains UPDATE and DELETE too), as dicts."""
+        cursor = self.connection.cursor()
+        try:
+            cursor.execute("EXPLAIN " + query, params)
+            names = [column[0] for column in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+        finally:
+            self.connection.rollback()
+
+    def close(self):
+        with contextlib.suppress(MySQLdb.Error):
+            self.connection.close()
+
+
+class _RecordingCursor:
+    """The cursor an operation's interaction gets: executes on the probe's connection, recording each statement."""
+
+    def __init__(self, probe):
+        self.probe = probe
+        self.cursor = probe.connection.cursor()
+        self.rowcount, self.lastrowid, self.rows = -1, None, []
+
+    def _timed(self, method, query, params):
+        before = self.probe.reads()
+        started = time.perf_counter()
+        method(query, params)
+        rows = list(self.cursor.fetchall()) if self.cursor.description else None
+        seconds = time.perf_counter() - started
+        read = self.probe.reads() - before
+        self.rowcount, self.lastrowid, self.rows = self.cursor.rowcount, self.cursor.lastrowid, rows or []
+        self.probe.statements.append(dict(query=query, params=params, seconds=seconds, read=read,
+                                          rows=len(rows) if rows is not None else max(self.cursor.rowcount, 0),
+                                          select=rows is not None))
+
+    def execute(self, query, params=None):
+        self._timed(self.cursor.execute, query, params)
+
+    def executemany(self, query, params):
+        self._timed(self.cursor.executemany, query, params)
+
+    def fetchall(self):
+        rows, self.rows = self.rows, []
+        return rows
+
+    def fetchone(self):
+        return self.rows.pop(0) if self.rows else None
+
+
+def periodic_operations():
+    """(what, how often, operation(store)) of every query the daemon runs on a timer, with its settings here."""
+    from transferd import jobs, leases
+    from transferd.fleet import FORGET_AFTER, this_process
+    from transferd.retention import BATCH as PURGE_BATCH, LOOKBACK, PAGE
+    from transferd.scheduler import STAGING, TRANSFER, Limits, Policy, plan, room_for
+    from transferd.store.outbox import Outbox
+    from transferd.store.schema import POLL_SLOTS
+
+    now = time.time()
+    policy = Policy(limits=Limits(max_transfers_per_submitter=SCALE_LIMITS["max_transfers_per_submitter"]))
+    info = this_process(types.SimpleNamespace(seconds=time.time))
+
+    def scheduling_pass(step):
+        return lambda store: store.schedule(step, lambda counts: plan(step, policy, counts),
+                                            lambda room, host: room_for(room, host, policy.limits),
+                                            leases.in_queue(30), info.daemon_id, hosts=False)
+
+    return (
+        ("reconciler: release_to_scheduler", "[reconciler] interval, 30 s",
+         lambda store: store.release_to_scheduler((jobs.SUBMITTED, jobs.STAGED), 1000)),
+        ("reconciler: jobs_to_redrive", "[reconciler] interval, 30 s",
+         lambda store: store.jobs_to_redrive((jobs.STAGING, jobs.TRANSFERRING), 1000)),
+        ("FTS poller: take_for_polling", "[fts] poll_interval, 30 s",
+         lambda store: store.take_for_polling(jobs.TRANSFERRING, "fts-poller-bench", 27.0, 1000, having="fts_jobid",
+                                              slots=(0, POLL_SLOTS))),
+        ("scheduler: staging pass", "each commit (20 ms apart), 1 s idle", scheduling_pass(STAGING)),
+        ("scheduler: transfer pass", "each commit (20 ms apart), 1 s idle", scheduling_pass(TRANSFER)),
+        ("events: fan_out", "each commit, [events] sweep 10 s",
+         lambda store: Outbox(store).fan_out(lambda state, url: ["amqp"])),
+        ("events: claim (AMQP lane)", "each commit, [events] sweep 10 s",
+         lambda store: Outbox(store).claim("bench-probe", 45.0, 200, targets=("amqp",), runs=True)),
+        ("events: next_due", "after each sweep", lambda store: Outbox(store).next_due()),
+        ("retention: purge_ended", "[retention] interval, 1 h",
+         lambda store: store.purge_ended(jobs.utc_from_seconds(now - 180 * 86400), PURGE_BATCH)),
+        ("retention: purge_submissions", "[retention] interval, 1 h",
+         lambda store: store.purge_submissions(jobs.utc_from_seconds(now - 180 * 86400), PURGE_BATCH)),
+        ("leftovers: ended jobs' page", "[retention] interval, 1 h (file roots)",
+         lambda store: store.list_jobs(jobs.JobFilter(statuses=tuple(sorted(jobs.TERMINAL)),
+                                                      updated_after=jobs.utc_from_seconds(now - 3600 - 60)), PAGE)),
+        ("leftovers: at start-up (1 day back)", "once, at start",
+         lambda store: store.list_jobs(jobs.JobFilter(statuses=tuple(sorted(jobs.TERMINAL)),
+                                                      updated_after=jobs.utc_from_seconds(now - LOOKBACK)), PAGE)),
+        ("metrics: count_by_status", "per scrape, at most every 5 s", lambda store: store.count_by_status()),
+        ("fleet: beat", "[fleet] heartbeat, 5 s", lambda store: store.beat(info)),
+        ("fleet: fleet", "[fleet] heartbeat, 5 s", lambda store: store.fleet(now - FORGET_AFTER)),
+    )
+
+
+def _shorten(query, width=110):
+    """A statement for a table: placeholder lists collapsed, the select list elided, cut at width."""
+    import re
+
+    query = re.sub(r"\((?:%s, )+%s\)", "(...)", query)
+    query = re.sub(r"^SELECT (?:jobs\.)?job_id, (?:jobs\.)?product_id, .*? FROM", "SELECT <job> FROM", query)
+    query = re.sub(r"^SELECT d\.delivery_id, d\.target, .*? FROM", "SELECT <delivery> FROM", query)
+    return query if len(query) <= width else query[:width - 3] + "..."
+
+
+def _found(result):
+    """How much work an operation's result says it found: jobs or rows returned, a count, counts summed."""
+    if isinstance(result, (list, tuple)):
+        return len(result)
+    if isinstance(result, dict):  # counts: the groups counted, not the jobs in them
+        return len(result)
+    if isinstance(result, bool) or result is None:
+        return int(bool(result))
+    if isinstance(result, int):  # how many it released or removed
+        return result
+    return 1  # one value (next_due's time)
+
+
+def probe_periodic(backends):
+    """Each periodic operation once on the filled table: [(what, every, found, seconds, [statements with plans])]."""
+    probe = StatementProbe(backends)
+    results = []
+    try:
+        for what, every, operation in periodic_operations():
+            probe.run(operation)  # once unmeasured: the pages it reads come into the buffer pool
+            result, statements, seconds, _ = probe.run(operation)
+            for statement in statements:
+                statement["plan"] = probe.explain(statement["query"], statement["params"])
+            results.append((what, every, _found(result), seconds, statements))
+    finally:
+        probe.close()
+    return results
+
+
+def _plan_text(rows):
+    return "; ".join(f"{row['table']}: type={row['type']} key={row['key']} rows={row['rows']}"
+                     + (f" {row['Extra']}" if row.get("Extra") else "") for row in rows)
+
+
+def random_job_ids(backends, count):
+    connection = backends.connect()
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT job_id FROM jobs ORDER BY RAND() LIMIT %s", (count,))
+        return [row[0] for row in cursor.fetchall()]
+    finally:
+        connection.close()
+
+
+def scale_costs(daemon, meter, job_ids, work, rng):
+    """Submissions at SCALE_LEVELS clients and /transferStatus of random existing jobs at 16, each `rounds` times
+    (the median round by rate is kept): {label: Load}."""
+    loads = {}
+    for concurrency in SCALE_LEVELS:
+        count = work["submit"][concurrency]
+        rounds = [measure_http(daemon, meter, fts_requests(daemon, count + concurrency, f"scale-{uuid.uuid4().hex[:8]}"),
+                               concurrency, {202}) for _ in range(work["rounds"])]
+        loads[f"submit {concurrency}"] = _median(rounds, "rate")
+    clients = SCALE_STATUS_CLIENTS
+    rounds = []
+    for _ in range(work["rounds"]):
+        requests = [_get(f"/transferStatus?job_id={rng.choice(job_ids)}") for _ in range(work["status"] + clients)]
+        rounds.append(measure_http(daemon, meter, requests, clients, {200}))
+    loads[f"status {clients}"] = _median(rounds, "rate")
+    return loads
+
+
+def scale_memory(args, work, root):
+    """The daemon's RSS with scale_rss jobs TRANSFERRING, filled in SQL with FTS ids the fake FTS runs, polled twice."""
+    count = work["scale_rss"]
+    interval = SCALE_RSS_FTS["poll_interval"]
+    with contextlib.ExitStack() as stack:
+        workdir = os.path.join(root, "scale-rss")
+        backends, fake, daemon = start_with_fts(args, stack, workdir, 30 * 86400, RSS_PREFETCH, SCALE_RSS_FTS)
+        watch = Watch(backends)
+        stack.callback(watch.close)
+        pid = daemon.process.pid
+        time.sleep(2)
+        idle = memory_kib(pid)  # the process stopped for the fill: the second one's start is "none polled yet"
+        step(f"scale memory: {count} jobs submitted to the fake FTS directly")
+        started = time.monotonic()
+        fts_ids = fts_submit_jobs(fake, count)
+        fts_seconds = time.monotonic() - started
+        step(f"scale memory: {count} TRANSFERRING jobs into the table, the daemon stopped (see fill_scale)")
+        daemon.stop()
+        fill_seconds, _ = fill_scale(backends, 0, count, fts_ids, mix=(("TRANSFERRING", 1.0),), events=False)
+        connection = backends.connect()
+        connection.cursor().execute("UPDATE jobs SET poll_owner = NULL, poll_until = NULL")  # none polled yet
+        connection.commit()
+        connection.close()
+        daemon.start()
+        start = time.monotonic()
+        pid = daemon.process.pid
+        at_fill = memory_kib(pid)
+
+        def unpolled():
+            return watch.query("SELECT COUNT(*) FROM jobs WHERE status = 'TRANSFERRING' AND poll_until IS NULL")[0][0]
+
+        step("scale memory: waiting until the poller has covered every job, then once more")
+        wait_until(lambda: unpolled() == 0, "every job polled once", 120 + count / 20, interval=1)
+        first_cover = time.monotonic() - start
+        mark = time.time()
+        wait_until(lambda: watch.query("SELECT MIN(poll_until) FROM jobs WHERE status = 'TRANSFERRING'")[0][0]
+                   > mark + 0.9 * interval, "every job polled a second time", 120 + count / 20, interval=1)
+        second_cover = time.monotonic() - start - first_cover
+        time.sleep(2 * interval)
+        meter = CPUMeter(pid)
+        before = meter.sample()
+        samples = []
+        for _ in range(20):
+            samples.append(memory_kib(pid)["VmRSS"])
+            time.sleep(0.5)
+        cpu, wall = CPUMeter.seconds(before, meter.sample())
+        final = memory_kib(pid)
+        counts = watch.counts()
+        written = watch.query("SELECT COUNT(*) FROM jobs WHERE fts_details <> %s", (SCALE_FTS_DETAILS,))[0][0]
+        if counts.get("TRANSFERRING", 0) != count:
+            raise RuntimeError(f"jobs by status changed while measuring: {counts}")
+        return types.SimpleNamespace(
+            count=count, idle=idle, at_fill=at_fill, final=final, samples=samples, fts_seconds=fts_seconds,
+            fill_seconds=fill_seconds, first_cover=first_cover, second_cover=second_cover,
+            polling_cpu=100 * cpu["daemon"] / wall, written=written, interval=interval,
+        )
+
+
+def scale_benchmark(args, work, root):
+    """Section 11: submissions and /transferStatus on an empty table and on a million finished jobs plus
+    100,000 active ones, in one run; the periodic queries on the big table; RSS with 100,000 jobs polled."""
+    rng = random.Random(11)
+    finished, active = work["scale_finished"], work["scale_active"]
+    transferring = round(active * SCALE_MIX[0][1])
+    with contextlib.ExitStack() as stack:
+        workdir = os.path.join(root, "scale")
+        backends = Backends(args.mysql_url, args.amqp_url)
+        stack.callback(backends.close)
+        fake = FakeFTS(workdir, 30 * 86400)  # every FTS job stays ACTIVE
+        stack.callback(fake.stop)
+        fake.start()
+        # Workers idle as in sections 1-3 (prefetch 1, an hour-long staging); reconciler, poller, scheduler,
+        # heartbeat and events at their defaults: they run on the big table as in production.
+        daemon = Daemon(workdir, backends, args.pool_max, fts=(fake, SCALE_FTS), reconciler={},
+                        extra={"limits": SCALE_LIMITS})
+        stack.callback(daemon.stop)
+        stack.callback(step, f"stopping the daemon and the fake FTS, dropping database {backends.database}")
+        daemon.start()
+        step(f"transferd pid {daemon.process.pid} (port {daemon.port}, database {backends.database}),"
+             f" fake FTS pid {fake.process.pid}")
+        meter = CPUMeter(daemon.process.pid)
+        step("scale: the empty table")
+        small_ids = insert_finished_jobs(backends, SMALL_ROWS)
+        # Unmeasured: the daemon's first requests (connections, caches) should not count against the empty table.
+        drive(daemon.port, fts_requests(daemon, work["submit"][16], "warm"), 16, {202})
+        drive(daemon.port, [_get(f"/transferStatus?job_id={rng.choice(small_ids)}") for _ in range(work["status"])],
+              16, {200})
+        empty_rows = backends.count_jobs()
+        empty = scale_costs(daemon, meter, small_ids, work, rng)
+        step(f"scale: {transferring} jobs submitted to the fake FTS directly (for the TRANSFERRING ones)")
+        fts_ids = fts_submit_jobs(fake, transferring)
+        step("scale: stopping the daemon for the fill (see fill_scale)")
+        daemon.stop()
+        step(f"scale: filling the table with {finished} finished and {active} active jobs")
+        fill_seconds, counts = fill_scale(backends, finished, active, fts_ids)
+        full_rows = sum(counts.values())
+        step("scale: the same daemon (configuration, database, queues) started again on the full table")
+        daemon.start()
+        meter = CPUMeter(daemon.process.pid)
+        step("scale: the full table")
+        job_ids = random_job_ids(backends, 10_000)
+        # One unmeasured pass: the indexes were just built, and the statuses asked about are spread over the table.
+        drive(daemon.port, [_get(f"/transferStatus?job_id={job_id}") for job_id in job_ids[:2000]], 16, {200})
+        full = scale_costs(daemon, meter, job_ids, work, rng)
+        step("scale: the periodic queries on the full table")
+        periodic = probe_periodic(backends)
+        memory_full = memory_kib(daemon.process.pid)
+        alive = daemon.process.poll() is None
+    step(f"scale: memory with {work['scale_rss']} jobs TRANSFERRING")
+    memory = scale_memory(args, work, root)
+    report_scale(work, empty, full, empty_rows, full_rows, counts, fill_seconds, periodic, memory, memory_full, alive)
+
+
+def report_scale(work, empty, full, empty_rows, full_rows, counts, fill_seconds, periodic, memory, memory_full,
+                 alive):
+    _heading(f"11. Flat costs at a million jobs: the same requests on an empty table and on {full_rows} jobs"
+             f" (goals: within {SCALE_FLAT_GOAL:.0%}; each periodic pass under {SCALE_PASS_GOAL_S:g} s, reading"
+             f" no more rows than it finds; RSS with {memory.count} jobs polled under {RSS_GOAL_MIB} MiB)")
+    active = {status: count for status, count in counts.items() if status not in ("SUCCESS", "ERROR", "CANCELLED")}
+    print(f"""\
+   one daemon, workers idle (prefetch 1, staging delay 3600 s), [transfer] backend = fts against the fake FTS
+   (--duration 30 days), reconciler, FTS poller (poll_interval 30 s), scheduler, heartbeat and events at their
+   defaults, [limits] max_transfers_per_submitter = 1; full table filled inside MariaDB in {fill_seconds:.0f} s:
+   {', '.join(f'{status} {count}' for status, count in sorted(counts.items()))}
+   ({sum(active.values())} active: TRANSFERRING with FTS ids the fake runs; leases and poll columns as the daemon
+   leaves them; one fanned-out outbox row and one delivered AMQP delivery per job)
+   empty = {empty_rows} jobs ({SMALL_ROWS} finished, the rest an unmeasured warm-up's submissions); submissions:
+   POST /submitTransfer (gsiftp destinations); status: GET /transferStatus of random existing jobs at {SCALE_STATUS_CLIENTS} clients;
+   each the median of {work['rounds']} round(s) by rate
+measurement    requests |  empty req/s  p50 ms  p99 ms |   full req/s  p50 ms  p99 ms | rate full/empty  p99 full/empty\
+  CPU ms/req empty full  goal""")
+    for label, before in empty.items():
+        after = full[label]
+        rate, p99 = after.rate / before.rate, after.percentile(99) / before.percentile(99)
+        met = rate >= 1 - SCALE_FLAT_GOAL and p99 <= 1 + SCALE_FLAT_GOAL
+        print(f"{label:14s} {after.count:8d} | {before.rate:12.0f} {before.percentile(50):7.2f}"
+              f" {before.percentile(99):7.2f} | {after.rate:12.0f} {after.percentile(50):7.2f}"
+              f" {after.percentile(99):7.2f} | {rate:15.2f} {p99:15.2f}  {before.daemon_ms:10.2f}"
+              f" {after.daemon_ms:5.2f}  {'met' if met else 'NOT met'}")
+    print(f"""
+Periodic queries on the full table: each operation is the store's own method (MySQLJobStore, the daemon's
+code and statements), run once unmeasured and once measured on a connection of the benchmark's, then rolled
+back; ms = the statements' time at the server and back; read = rows and index entries the engine read (the
+session's Handler_read_* counters, this connection only); found = what the operation returns (jobs or rows
+it takes, releases or returns; groups for a count); goal: under {SCALE_PASS_GOAL_S:g} s and read <= 3 x (found or rows out) + 10
+operation                              every                                  ms   found    read  goal""")
+    for what, every, found, seconds, statements in periodic:
+        read = sum(statement["read"] for statement in statements)
+        rows_out = sum(statement["rows"] for statement in statements)
+        ok_time = seconds < SCALE_PASS_GOAL_S
+        ok_rows = read <= 3 * max(found, rows_out) + 10
+        verdict = "met" if ok_time and ok_rows else ("NOT met (rows)" if ok_time else "NOT met (time)")
+        print(f"{what:38s} {every:36s} {1000 * seconds:6.1f} {found:7d} {read:7d}  {verdict}")
+    print("\nEXPLAIN of each statement they ran (ms, rows out or changed, rows read):")
+    for what, _, _, _, statements in periodic:
+        print(f"  {what}")
+        for statement in statements:
+            print(f"    {1000 * statement['seconds']:7.1f} ms {statement['rows']:6d} out {statement['read']:7d} read"
+                  f"  {_shorten(statement['query'])}")
+            print(f"      {_plan_text(statement['plan'])}")
+    m = memory
+    goal = RSS_GOAL_MIB
+    print(f"""
+Daemon memory with {m.count} jobs TRANSFERRING, filled in SQL with the ids of {m.count} jobs submitted to the fake FTS
+({m.fts_seconds:.0f} s) and polled: [fts] poll_interval={m.interval:g}s bulk_size={SCALE_RSS_FTS['bulk_size']}, at most\
+ 1000 jobs a cycle (FTSPoller.poll_limit)
+when                                           VmRSS MiB  VmHWM MiB  RssAnon MiB  threads  of goal""")
+
+    def _row(label, memory):
+        return (f"{label:44s} {_mib(memory['VmRSS']):9.1f} {_mib(memory['VmHWM']):10.1f} {_mib(memory['RssAnon']):12.1f}"
+                f" {memory['Threads']:8d} {_mib(memory['VmRSS']) / goal:8.2f}")
+
+    print(_row("idle, 2 s after start", m.idle))
+    print(_row("daemon restarted on them, none polled yet", m.at_fill))
+    print(_row("... polled twice, then 10 s", m.final))
+    print(f"""\
+every job polled once {m.first_cover:.1f} s after the fill ({m.count / m.first_cover:.0f} jobs/s), and again\
+ {m.second_cover:.1f} s after that; {m.written} job(s) had FTS progress written.
+VmRSS over the last 10 s: {_mib(min(m.samples)):.1f} to {_mib(max(m.samples)):.1f} MiB; peak {_mib(m.final['VmHWM']):.1f}\
+ MiB, {_mib(m.final['VmHWM']) / goal:.2f} of the goal ({'met' if _mib(m.final['VmHWM']) < goal else 'NOT met'}).\
+ Daemon CPU while polling: {m.polling_cpu:.0f}% of a core.
+The first daemon (the full table) ended at VmRSS {_mib(memory_full['VmRSS']):.1f} MiB, peak\
+ {_mib(memory_full['VmHWM']):.1f} MiB{'' if alive else ' and had EXITED'}.""", flush=True)
+
+
+# -- the soak (section 12) -----------------------------------------------------------------------
+
+SOAK_CLIENTS = 32  # connections the paced submissions are spread over
+SOAK_PREFETCH = 32
+SOAK_TAIL = 10  # seconds the submissions go on after the last minute's line
+SOAK_DRAIN = 120  # seconds to wait, after the last submission, for the last jobs to succeed
+SOAK_WARM_MINUTE = 5  # flatness: the last minute against this one (or the middle one of a shorter soak)
+SOAK_RSS_SLACK = 0.10  # RSS counts as flat within 10% of its warm value
+SOAK_FD_SLACK = 10  # open fds: within 10 of the warm value
+SOAK_LATE_S = 60.0  # a job taking longer than this from submission to SUCCESS counts as late
+
+
+class PacedSubmitter:
+    """Open-loop submissions in a thread: job i is sent at start + i / rate (whichever client is free), for
+    `seconds`; counts accepted and refused ones and how far behind schedule the sends fell."""
+
+    def __init__(self, daemon, rate, seconds, clients=SOAK_CLIENTS):
+        self.daemon, self.rate, self.total = daemon, rate, int(rate * seconds)
+        self.accepted = self.refused = self.sent = 0
+        self.behind = 0.0  # seconds: the latest a send went out after its time
+        self.latencies = []
+        self.errors = []
+        self.start = time.time()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run(clients)), daemon=True)
+        self.thread.start()
+
+    def _request(self, i):
+        return _post_form("/submitTransfer", {
+            "product_id": SMALL_PRODUCT,
+            "destination_path": "gsiftp://localhost" + quote(os.path.join(self.daemon.deliveries, f"soak-{i}")),
+        })
+
+    async def _client(self):
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.daemon.port)
+        try:
+            while self.sent < self.total:
+                i = self.sent
+                self.sent += 1
+                delay = self.start + i / self.rate - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                else:
+                    self.behind = max(self.behind, -delay)
+                began = time.perf_counter()
+                writer.write(self._request(i))
+                status, body = await _read_response(reader)
+                self.latencies.append(time.perf_counter() - began)
+                if status == 202:
+                    self.accepted += 1
+                else:
+                    self.refused += 1
+                    if len(self.errors) < 3:
+                        self.errors.append(f"{status}: {body[:200]!r}")
+        finally:
+            writer.close()
+
+    async def _run(self, clients):
+        try:
+            await asyncio.gather(*(self._client() for _ in range(clients)))
+        except Exception as error:  # reported by join()
+            self.errors.append(repr(error))
+
+    def join(self, timeout=None):
+        self.thread.join(timeout)
+
+
+def _open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def soak_benchmark(args, root):
+    """Section 12: end to end as section 4 at a steady open-loop rate for --soak-minutes; a line a minute."""
+    minutes, rate = args.soak_minutes, args.soak_rate
+    with contextlib.ExitStack() as stack:
+        workdir = os.path.join(root, "soak")
+        backends, fake, daemon = start_with_fts(args, stack, workdir, 0, SOAK_PREFETCH, E2E_FTS)
+        watch = Watch(backends)
+        stack.callback(watch.close)
+        pid = daemon.process.pid
+        warm = E2E_CLIENTS
+        drive(daemon.port, fts_requests(daemon, warm, "warm"), E2E_CLIENTS, {202})
+        wait_for_jobs(watch, daemon, lambda c: c.get("SUCCESS", 0) >= warm, "the warm-up jobs", 60)
+
+        def connections():
+            return watch.query("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = %s"
+                               " AND ID <> CONNECTION_ID()", (backends.database,))[0][0]
+
+        meter = CPUMeter(pid, fakefts=fake.process.pid)
+        step(f"soak: {rate:g} jobs/s for {minutes} minute(s), {SOAK_CLIENTS} connections; a line a minute")
+        # Submitting a little past the last minute's line, so that it is taken under load too.
+        submitter = PacedSubmitter(daemon, rate, minutes * 60 + SOAK_TAIL)
+        samples = []
+        before = meter.sample()
+        for minute in range(1, minutes + 1):
+            time.sleep(max(0.0, submitter.start + 60 * minute - time.time()))
+            if daemon.process.poll() is not None:
+                raise RuntimeError(f"transferd exited with {daemon.process.returncode}:\n{daemon.log_tail()}")
+            counts = watch.counts()
+            now = meter.sample()
+            cpu, wall = CPUMeter.seconds(before, now)
+            before = now
+            sample = types.SimpleNamespace(
+                minute=minute, submitted=submitter.accepted, refused=submitter.refused,
+                succeeded=counts.get("SUCCESS", 0) - warm, errors=counts.get("ERROR", 0),
+                backlog=sum(n for status, n in counts.items() if status not in ("SUCCESS", "ERROR", "CANCELLED")),
+                rss=memory_kib(pid)["VmRSS"], fds=_open_fds(pid), connections=connections(),
+                cpu={name: 100 * seconds / wall for name, seconds in cpu.items()}, behind=submitter.behind)
+            samples.append(sample)
+            step(f"soak minute {minute}: {sample.submitted} submitted, {sample.succeeded} succeeded, backlog"
+                 f" {sample.backlog}, RSS {_mib(sample.rss):.1f} MiB, {sample.fds} fds, {sample.connections} connections")
+        submitter.join(SOAK_TAIL + 60)
+        step("soak: waiting for the last jobs")
+        deadline = time.monotonic() + SOAK_DRAIN
+        while time.monotonic() < deadline:
+            counts = watch.counts()
+            if not sum(n for status, n in counts.items() if status not in ("SUCCESS", "ERROR", "CANCELLED")):
+                break
+            time.sleep(1)
+        counts = watch.counts()
+        rows = watch.query("SELECT status, TIMESTAMPDIFF(MICROSECOND, time_submitted, time_success) FROM jobs"
+                           " WHERE destination_path LIKE %s", ("%/soak-%",))
+        durations = sorted(micro / 1e6 for status, micro in rows if status == "SUCCESS")
+        end = memory_kib(pid), _open_fds(pid), connections()
+        report_soak(args, samples, submitter, rows, durations, counts, end)
+
+
+def report_soak(args, samples, submitter, rows, durations, counts, end):
+    minutes, rate = args.soak_minutes, args.soak_rate
+    _heading(f"12. Soak: {rate:g} jobs/s for {minutes} minute(s), end to end (goals: RSS, fds and database"
+             f" connections flat after warm-up; every job SUCCESS)")
+    print(f"""\
+   as section 4 (local stager, fake FTS finishing at once, [fts] poll_interval={E2E_FTS['poll_interval']}s,\
+ prefetch {SOAK_PREFETCH}, reconciler defaults);
+   open loop: job i is sent at start + i/{rate:g} s over {SOAK_CLIENTS} connections, until {SOAK_TAIL} s after the last\
+ line; backlog = jobs not yet ended;
+   connections = the daemon's sessions on its database (information_schema.PROCESSLIST)
+minute  submitted  succeeded  backlog  ERROR |  RSS MiB  fds  db conns | CPU% dmn  fts   db   mq  gen | behind s""")
+    for s in samples:
+        print(f"{s.minute:6d} {s.submitted:10d} {s.succeeded:10d} {s.backlog:8d} {s.errors:6d} | {_mib(s.rss):8.1f}"
+              f" {s.fds:4d} {s.connections:9d} |      {_cpu(s.cpu, ('daemon', 'fakefts', 'mariadb', 'rabbitmq', 'loadgen'))}"
+              f" | {s.behind:8.2f}")
+    memory, fds, connections = end
+    warm = samples[min(SOAK_WARM_MINUTE, max(1, len(samples) // 2)) - 1]
+    last = samples[-1]
+    rss_flat = last.rss <= warm.rss * (1 + SOAK_RSS_SLACK)
+    fds_flat = last.fds <= warm.fds + SOAK_FD_SLACK
+    conns_flat = last.connections <= warm.connections
+    growth = (_mib(last.rss) - _mib(warm.rss)) / max(1, last.minute - warm.minute) * 60
+    print(f"""
+After the warm-up (minute {warm.minute}) to the last minute ({last.minute}): RSS {_mib(warm.rss):.1f} -> {_mib(last.rss):.1f}\
+ MiB ({growth:+.1f} MiB/hour at that pace; {'flat' if rss_flat else 'NOT flat'}: within {SOAK_RSS_SLACK:.0%}),
+  open fds {warm.fds} -> {last.fds} ({'flat' if fds_flat else 'NOT flat'}: within {SOAK_FD_SLACK}),\
+ database connections {warm.connections} -> {last.connections} ({'flat' if conns_flat else 'NOT flat'}: no more).
+  After the drain: RSS {_mib(memory['VmRSS']):.1f} MiB (peak {_mib(memory['VmHWM']):.1f}), {fds} fds,\
+ {connections} connections.""")
+    succeeded = len(durations)
+    submitted = submitter.accepted
+    lost = submitted - succeeded
+    others = {}
+    for status, _ in rows:
+        if status != "SUCCESS":
+            others[status] = others.get(status, 0) + 1
+    late = sum(1 for d in durations if d > SOAK_LATE_S)
+    spread = (f"p50 {_percentile(durations, 50):.2f} s, p99 {_percentile(durations, 99):.2f} s,"
+              f" max {durations[-1]:.2f} s" if durations else "none")
+    print(f"""\
+{submitted} jobs accepted ({submitter.refused} refused{'; ' + submitter.errors[0] if submitter.errors else ''}),\
+ {succeeded} SUCCESS, {lost} not{(' (' + ', '.join(f'{s} {n}' for s, n in sorted(others.items())) + ')') if others else ''}:\
+ {'no job lost' if lost == 0 else 'jobs LOST or unfinished'}.
+Submit to SUCCESS: {spread}; {late} job(s) over {SOAK_LATE_S:g} s.\
+ Sends fell at most {submitter.behind:.2f} s behind their schedule.""", flush=True)
+
+
 # -- main -------------------------------------------------------------------------------
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
-    parser.add_argument("--only", action="append", choices=SECTIONS,
+    parser.add_argument("--only", action="append", choices=SECTIONS + NAMED_ONLY,
                         help="run only this part (repeatable): backends (sections 1-3), e2e (4), rss (5), v1 (6-7),"
-                             " events (8), fleet (9), fairness (10)")
+                             " events (8), fleet (9), fairness (10); and, only when named: scale (11), soak (12)")
     parser.add_argument("--prefetch", type=int, action="append",
                         help="end to end with this [queue] prefetch (repeatable; default 8 and 32, --quick 32)")
     parser.add_argument("--e2e-jobs", type=int, help="jobs per end-to-end run (default 2000, --quick 300)")
     parser.add_argument("--fleet-jobs", type=int, help="jobs per fleet run (default 2000, --quick 300)")
     parser.add_argument("--rss-jobs", type=int, help="jobs TRANSFERRING for the memory figure (default 10000)")
+    parser.add_argument("--soak-minutes", type=int, default=30, help="how long the soak (section 12) runs (30)")
+    parser.add_argument("--soak-rate", type=float, default=100, help="jobs/s the soak submits (100)")
     parser.add_argument("--pool-max", type=int, help="give the daemon this MySQL pool_max (default: its own default)")
     parser.add_argument("--mysql-url", default=MYSQL_URL, help=f"the MySQL server, without a database ({MYSQL_URL})".replace("%", "%%"))
     parser.add_argument("--amqp-url", default=AMQP_URL, help=f"the RabbitMQ server ({AMQP_URL})".replace("%", "%%"))
@@ -2069,7 +2827,11 @@ def main(argv=None):
             events_benchmark(args, work, root)
         if "fleet" in sections:
             fleet_benchmark(args, work, root)
-        if "fairness" in sections:
+        if "scale" in sections:
+            scale_benchmark(args, work, root)
+        if "soak" in sections:
+            soak_benchmark(args, root)
+        if "fairness" in sections:  # last: it runs the Twisted reactor in this process
             fairness_benchmark(args, root)
         print(f"\nThe whole run took {time.monotonic() - started:.0f} s.", flush=True)
         return 0
