@@ -584,7 +584,7 @@ class PeriodicQueryTests(StoreFixture, unittest.TestCase):
                 plan = json.loads(cursor.fetchone()[0].replace("\\0", ""))
             finally:
                 connection.close()
-            most = max([most] + [float(table.get("r_rows", 0)) for table in _tables_read(plan)])
+            most = max([most] + [float(table.get("r_rows") or 0) for table in _tables_read(plan)])
         return most
 
     async def test_expired_leases_are_found_by_a_range(self):
@@ -595,4 +595,18 @@ class PeriodicQueryTests(StoreFixture, unittest.TestCase):
     async def test_jobs_to_redrive_are_found_by_a_range(self):
         """Finding STAGING/TRANSFERRING jobs to re-drive reads the 3 free or expired rows, not the 3,000 waiting."""
         self.assertEqual(len(await self.store.jobs_to_redrive((jobs.STAGING, jobs.TRANSFERRING), 1000)), 3)
+        self.assertLessEqual(self.rows_read(), 3)
+
+    async def test_a_lanes_due_events_are_found_without_the_delivered_ones(self):
+        """An AMQP lane claims its 3 due deliveries reading those, not the 5,000 it delivered before."""
+        from transferd.store.outbox import Outbox
+
+        self.sql("INSERT INTO event_deliveries (event_id, job_id, target, status, attempts, next_attempt)"
+                 " SELECT seq, MD5(seq), 'amqp', 'delivered', 1, 0 FROM seq_1_to_5000")
+        await self.store.create_many([a_job() for _ in range(3)])
+        self.sql("INSERT INTO event_deliveries (event_id, job_id, target, status, attempts, next_attempt)"
+                 " SELECT event_id, job_id, 'amqp', 'pending', 0, 0 FROM job_events")
+        self.sql("ANALYZE TABLE event_deliveries")
+        claimed = await Outbox(self.store).claim("dispatcher", 30, 200, targets=("amqp",), runs=True)
+        self.assertEqual(len(claimed), 3)
         self.assertLessEqual(self.rows_read(), 3)

@@ -262,7 +262,9 @@ EVENT_DELIVERIES = Table(
     key=("delivery_id",),
     indexes=(Index("event_deliveries_due", ("status", "target", "next_attempt"), since=5),
              Index("event_deliveries_job", ("job_id", "target", "event_id"), since=5),
-             Index("event_deliveries_event", ("event_id",), since=5)),
+             Index("event_deliveries_event", ("event_id",), since=5),
+             # Version 8: a lane's pending deliveries in delivery order, without walking the delivered ones.
+             Index("event_deliveries_pending", ("status", "target", "delivery_id"), since=8)),
     since=5,
 )
 
