@@ -366,6 +366,31 @@ class PollerTests(MoverTestCase):
         self.assertEqual((summary["reported"], self.fake.requests["too long"]), (0, 0))
         self.assertEqual((await self.poller.poll_once())["requests"], 0, "taken for this cycle")
 
+    async def test_a_full_batch_is_followed_by_another(self):
+        """With more jobs due than a batch takes (poll_limit), one cycle asks about them all, batch after batch."""
+        await self.start(slow=["/slow=600"])
+        self.poller.poll_limit = 10
+        self.poller.poll_interval = 30
+        ids = [jobs.new_job_id() for _ in range(35)]
+        for sid in ids:
+            await self.client.submit({"files": [{"sources": [f"gsiftp://s/slow/{sid}"],
+                                                 "destinations": [f"gsiftp://d/x/{sid}"]}],
+                                      "params": {"id_generator": "deterministic", "sid": sid}})
+        now = self.store._time_to_db(jobs.utc_from_seconds(self.clock.seconds()))
+
+        def insert(cursor):
+            cursor.executemany(
+                "INSERT INTO jobs (job_id, product_id, destination_path, status, fts_jobid, stage_attempts,"
+                " time_submitted, time_transferring) VALUES (?, 'slow', ?, 'TRANSFERRING', ?, 1, ?, ?)",
+                [(i, DESTINATION, deterministic_job_id(self.vo, i), now, now) for i in ids])
+
+        await self.store.pool.runInteraction(insert)
+        before = self.fake.count("GET", "/jobs/{ids}")
+        summary = await self.poller.poll_once()
+        self.assertEqual((summary["jobs"], summary["requests"]), (35, 4))  # batches of 10, 10, 10 and 5
+        self.assertEqual(self.fake.count("GET", "/jobs/{ids}") - before, 4)
+        self.assertEqual((await self.poller.poll_once())["jobs"], 0, "every job asked about once this interval")
+
     async def test_timeout_cancels_then_errors(self):
         """A job still running past transfer_timeout is DELETEd at FTS, then ends in ERROR."""
         await self.start(slow=["/slow=100000"])

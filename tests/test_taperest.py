@@ -225,6 +225,19 @@ class BulkStagingTests(TapeRestTestBase):
                          sorted((j.stager_request, self.path(j.product_id)) for j in found.values()))
 
     @defer.inlineCallbacks
+    def test_a_full_batch_is_followed_by_another(self):
+        """With more jobs due than a batch takes (poll_limit), one cycle polls the requests of them all."""
+        rig = yield self.rig()
+        rig.poller.poll_limit = 20
+        ids = yield self.submit(rig, self.products(50))
+        yield wait_for(lambda: self.fake.calls["stage"] == 2 and rig.stager.queued == 10)
+        self.clock.advance(0.2)
+        yield wait_for(lambda: self.all_requested(rig, ids))
+        yield self.cycle(rig)  # batches of 20, 20 and 10 jobs
+        self.assertEqual(set(self.status_gets()), set(self.fake.stage_requests))
+        self.assertEqual(set((yield self.statuses(rig, ids)).values()), {jobs.STAGING})
+
+    @defer.inlineCallbacks
     def test_one_failing_file(self):
         """A file the tape system fails ends its job in ERROR with the tape system's error; the others succeed."""
         rig = yield self.rig()

@@ -14,11 +14,13 @@ from twisted.logger import Logger
 class Poller(TimerService):
     """Asks client about the jobs it takes from store, reporting to outcomes (IOutcomes).
 
-    Subclasses define cycle() (a coroutine) and name what they poll in `service`.
+    Subclasses define cycle() (a coroutine), take at most poll_limit jobs a
+    batch (more_due: whether to take another) and name what they poll in `service`.
     """
 
     log = Logger()
     service = "remote service"
+    poll_limit = 1000  # jobs a batch takes at most (subclasses set their own)
 
     def __init__(self, client, store, clock, outcomes, poll_interval):
         super().__init__(poll_interval, self.poll_once)
@@ -34,6 +36,15 @@ class Poller(TimerService):
 
     async def cycle(self):
         raise NotImplementedError
+
+    def more_due(self, taken, started):
+        """Whether a cycle that has just taken `taken` jobs (of at most poll_limit) takes another batch now.
+
+        A full batch means more are due: the cycle goes on, so that every job
+        is asked about once per interval however many there are, for at most
+        half the interval (the remote service and the database get a rest).
+        """
+        return taken >= self.poll_limit and not self.draining and self.clock.seconds() - started < self.poll_interval / 2
 
     def nothing(self):
         """What poll_once fires with when its cycle failed or was cancelled."""

@@ -1,8 +1,8 @@
 """The FTS poller: follows the jobs FTS3 runs for us and reports how they ended.
 
-Every poll_interval (and once at start) it takes a batch of TRANSFERRING
+Every poll_interval (and once at start) it takes batches of TRANSFERRING
 jobs with an fts_jobid (store.take_for_polling: several daemons poll
-different jobs), asks FTS about them bulk_size ids per request (fewer when
+different jobs; another batch while the last was full, Poller.more_due), asks FTS about them bulk_size ids per request (fewer when
 the request path would be too long: FTSClient.batches), and reports
 every job FTS has finished to its outcomes (IOutcomes.transfer_done):
 FINISHED is SUCCESS; FAILED, FINISHEDDIRTY and CANCELED are ERROR with FTS's
@@ -55,18 +55,30 @@ class FTSPoller(Poller):
             yield [by_id[fts_id] for fts_id in batch]
 
     async def cycle(self):
+        summary = {"jobs": 0, "requests": 0, "reported": 0}
+        started = self.clock.seconds()
+        while True:
+            taken = await self._poll_batch(summary)
+            if not self.more_due(taken, started):
+                break
+        if summary["reported"]:
+            self.log.info("FTS poll: {reported} of {jobs} job(s) ended", **summary)
+        return summary
+
+    async def _poll_batch(self, summary):
+        """Take up to poll_limit jobs, ask FTS about them and settle those it has finished; how many were taken."""
         # Taken for just under one interval, so the next cycle (here or elsewhere) can take them again.
         taken = await self.store.take_for_polling(
             jobs.TRANSFERRING, self.owner, self.poll_interval * 0.9, self.poll_limit, having="fts_jobid",
             slots=self.slots)
-        summary = {"jobs": len(taken), "requests": 0, "reported": 0}
+        summary["jobs"] += len(taken)
         for chunk in self.chunks(taken):
             summary["requests"] += 1
             try:
                 answers = await self.client.status([job.fts_jobid for job in chunk])
             except FTSUnavailable as error:
                 self.log.warn("cannot poll FTS for {n} job(s): {error}; will try again", n=len(chunk), error=error)
-                break  # the other chunks would fail the same way
+                return 0  # the other chunks would fail the same way, and so would another batch
             except FTSError as error:
                 self.log.warn("FTS would not report on {n} job(s): {error}", n=len(chunk), error=error)
                 continue
@@ -74,9 +86,7 @@ class FTSPoller(Poller):
             settled = await defer.gatherResults([defer.Deferred.fromCoroutine(self._settle_safely(job, answers))
                                                  for job in chunk], consumeErrors=True)
             summary["reported"] += sum(settled)
-        if summary["reported"]:
-            self.log.info("FTS poll: {reported} of {jobs} job(s) ended", **summary)
-        return summary
+        return len(taken)
 
     async def _settle_safely(self, job, answers):
         try:

@@ -29,7 +29,7 @@ from transferd.polling import Poller
 from transferd.taperest.client import Refused, Unreachable, document, problem
 
 POLL_HOLD = 0.8  # jobs are taken for this fraction of poll_interval
-POLL_LIMIT = 1000  # jobs taken per polling cycle
+POLL_LIMIT = 1000  # jobs taken per batch (a cycle takes batches while they come full: Poller.more_due)
 POLL_CONCURRENCY = 8  # GET /stage/<id> in flight at once
 COMPLETED, FAILED, CANCELLED = "COMPLETED", "FAILED", "CANCELLED"
 FAILED_SHOWN = 3  # failed files named in a job's error
@@ -62,6 +62,14 @@ class TapeRestPoller(Poller):
         self.owner = name or f"taperest-{uuid.uuid4()}"
 
     async def cycle(self):
+        started = self.clock.seconds()
+        while True:
+            taken = await self._poll_batch()
+            if not self.more_due(taken, started):
+                return
+
+    async def _poll_batch(self):
+        """Take up to poll_limit jobs and poll their requests; how many jobs were taken."""
         taken = await self.store.take_for_polling(jobs.STAGING, self.owner, self.poll_interval * POLL_HOLD,
                                                   self.poll_limit, having="stager_request",
                                                   slots=self.slots)
@@ -69,20 +77,24 @@ class TapeRestPoller(Poller):
         for job in taken:
             requests[job.stager_request].append(job)
         limit = defer.DeferredSemaphore(self.poll_concurrency)
-        await defer.gatherResults(
+        polled = await defer.gatherResults(
             [limit.run(lambda rid=rid, group=group: defer.Deferred.fromCoroutine(self._poll_request(rid, group)))
              for rid, group in requests.items()],
             consumeErrors=True,
         )
+        return len(taken) if all(polled) else 0  # a request not polled: the next would fare no better
 
     async def _poll_request(self, request_id, group):
-        """GET one staging request and report every job of it whose files have all ended, or one failed."""
+        """GET one staging request and report every job of it whose files have all ended, or one failed.
+
+        False when the request could not be polled.
+        """
         try:
             endpoint = await self.client.endpoint()
             answer = await self.client.call("GET", f"/stage/{quote(request_id, safe='')}")
         except (Unreachable, Refused) as error:
             self.log.warn("Tape REST request {request_id} not polled: {error}", request_id=request_id, error=error)
-            return
+            return False
         found = document(answer)
         if answer.code == 404 and found is not None:
             host = urlsplit(endpoint).hostname
@@ -91,7 +103,7 @@ class TapeRestPoller(Poller):
         elif answer.code != 200 or not isinstance(found, dict):
             self.log.warn("Tape REST request {request_id} not polled: HTTP {code}: {why}",
                           request_id=request_id, code=answer.code, why=problem(answer))
-            return
+            return False
         else:
             outcomes = []
             for job in group:
@@ -102,6 +114,7 @@ class TapeRestPoller(Poller):
             [defer.Deferred.fromCoroutine(self._report(job, outcome)) for job, outcome in outcomes],
             consumeErrors=True,
         )
+        return True
 
     async def _outcome(self, endpoint, request_id, job, files):
         """The StageResult the job's file entries ({path: entry}) mean, or None while some are on their way."""
