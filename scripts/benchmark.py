@@ -2554,6 +2554,7 @@ The first daemon (the full table) ended at VmRSS {_mib(memory_full['VmRSS']):.1f
 # -- the soak (section 12) -----------------------------------------------------------------------
 
 SOAK_CLIENTS = 32  # connections the paced submissions are spread over
+SOAK_RECONNECT = 300  # seconds a client keeps a connection: the daemon closes those open 600 s ([api] connection_timeout)
 SOAK_PREFETCH = 32
 SOAK_TAIL = 10  # seconds the submissions go on after the last minute's line
 SOAK_DRAIN = 120  # seconds to wait, after the last submission, for the last jobs to succeed
@@ -2585,8 +2586,13 @@ class PacedSubmitter:
 
     async def _client(self):
         reader, writer = await asyncio.open_connection("127.0.0.1", self.daemon.port)
+        opened = time.monotonic()
         try:
             while self.sent < self.total:
+                if time.monotonic() - opened > SOAK_RECONNECT:  # before the daemon's [api] connection_timeout
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.daemon.port)
+                    opened = time.monotonic()
                 i = self.sent
                 self.sent += 1
                 delay = self.start + i / self.rate - time.time()

@@ -158,20 +158,29 @@ class _GroupCommit:
         self.in_flight = in_flight
         self.most = most
         self._running = 0
-        self._waiting = []  # (interaction, args, ping_after, Deferred)
+        self._waiting = []  # (interaction, args, ping_after, Deferred, job_id)
         self.transactions = 0  # committed or not, for tests and benchmarks
         self.operations = 0
 
-    def run(self, interaction, args, ping_after):
-        """Fires with interaction(cursor, *args), run in a transaction shared with the others waiting."""
+    def run(self, interaction, args, ping_after, job_id):
+        """Fires with interaction(cursor, *args), run in a transaction shared with the others waiting.
+
+        job_id: the one job whose row it changes ("" for none).  A transaction
+        runs its operations in the order of their jobs' ids (those of one job
+        in the order asked): like every UPDATE of many jobs (by IN, in key
+        order), it locks job rows in ascending order, so two of them never
+        wait for each other in a circle (a deadlock).
+        """
         done = defer.Deferred()
-        self._waiting.append((interaction, args, ping_after, done))
+        self._waiting.append((interaction, args, ping_after, done, job_id))
         self._start()
         return done
 
     def _start(self):
         while self._waiting and self._running < self.in_flight:
             batch, self._waiting = self._waiting[:self.most], self._waiting[self.most:]
+            batch.sort(key=lambda operation: operation[4])  # stable: one job's operations keep their order
+            batch = [operation[:4] for operation in batch]
             self._running += 1
             self.transactions += 1
             self.operations += len(batch)
@@ -440,7 +449,7 @@ class MySQLJobStore(SQLJobStore):
             moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
         return moment
 
-    def _run(self, interaction, *args, idempotent=True, together=False):
+    def _run(self, interaction, *args, idempotent=True, together=None):
         """Run interaction(cursor, *args) in one transaction, surviving lost connections and deadlocks.
 
         When the connection is lost before anything was sent (connecting, or
@@ -451,7 +460,7 @@ class MySQLJobStore(SQLJobStore):
         fails with DatabaseUnavailable: it may or may not have committed.
         A transaction the server rolled back (deadlock, lock wait timeout)
         is run again, whatever the operation: it had no effect.  The short
-        operations of a job's way (together) share transactions (_GroupCommit);
+        operations of a job's way (together: the job's id) share transactions (_GroupCommit);
         the others (passes, listings, migrations) each have one of their own,
         so a long one holds up no job.
         """
@@ -464,8 +473,8 @@ class MySQLJobStore(SQLJobStore):
         ping_after = None if idempotent else self.ping_idle_after
         while True:
             try:
-                if together:
-                    result = await self.group.run(interaction, args, ping_after)
+                if together is not None:
+                    result = await self.group.run(interaction, args, ping_after, together)
                 else:
                     result = await self.pool.runWithConnection(self._interact, interaction, args, ping_after)
             except _Unsent as unsent:

@@ -109,11 +109,14 @@ class SQLJobStore(Service):
     def _sql(self, query):
         return query.replace("?", self.placeholder) if self.placeholder != "?" else query
 
-    def _run(self, interaction, *args, idempotent=True, together=False):
+    def _run(self, interaction, *args, idempotent=True, together=None):
         """Run interaction(cursor, *args) in one transaction.
 
-        together: a short operation on a job's way, which a store may run in a
-        transaction shared with others (transferd.store.mysql._GroupCommit).
+        together: for a short operation on a job's way, the id of the one job
+        whose row it changes ("" when it changes none, or only rows it
+        creates): a store may run it in a transaction shared with others
+        (transferd.store.mysql._GroupCommit), in the order of those ids.
+        None: a transaction of its own (it changes many rows, or takes long).
         """
         return self.pool.runInteraction(interaction, *args)
 
@@ -235,7 +238,7 @@ class SQLJobStore(Service):
                         " SELECT event_id, job_id, new_status, 0, time FROM job_events"
                         f" WHERE job_id IN ({', '.join('?' for _ in chunk)})"), chunk)
 
-        return self._run(interaction, idempotent=False, together=True).addCallback(self._events_committed, bool(rows))
+        return self._run(interaction, idempotent=False, together="").addCallback(self._events_committed, bool(rows))
 
     def _check_waiting(self, cursor, rows, limit, retry_after):
         adding = {}
@@ -269,13 +272,13 @@ class SQLJobStore(Service):
             row = cursor.fetchone()
             return json.loads(row[0]) if row else None
 
-        return self._run(interaction, together=True)
+        return self._run(interaction, together="")
 
     def get(self, job_id):
         def interaction(cursor):
             return self._select_job(cursor, job_id)
 
-        return self._run(interaction, together=True)
+        return self._run(interaction, together=job_id)
 
     def list_jobs(self, job_filter, limit, after=None):
         query, params = self.list_query(job_filter, limit, after)
@@ -509,7 +512,7 @@ class SQLJobStore(Service):
             cursor.execute(query, (self._time_to_db(jobs.utc_from_seconds(self._now())), job_id, *ended))
             return cursor.rowcount > 0
 
-        return self._run(interaction, together=True)
+        return self._run(interaction, together=job_id)
 
     def transition(self, job_id, old, new, fields=None, hold=None, actor=None):
         fields = dict(fields or {})
@@ -551,7 +554,7 @@ class SQLJobStore(Service):
                 self._events_committed(None)
             return changed
 
-        return self._run(interaction, idempotent=False, together=True).addCallback(logged)
+        return self._run(interaction, idempotent=False, together=job_id).addCallback(logged)
 
     def update(self, job_id, status, fields, note=None):
         """note: (actor, reason) of an attempt, recorded in the job's history with the change."""
@@ -568,7 +571,7 @@ class SQLJobStore(Service):
                 self._record_event(cursor, job_id, now, "attempt", status, status, *note)
             return True
 
-        return self._run(interaction, idempotent=note is None, together=True)
+        return self._run(interaction, idempotent=note is None, together=job_id)
 
     def note(self, job_id, status, actor, reason):
         """Record an attempt in the history of a job still in status (nothing else changes); fire True/False."""
@@ -608,32 +611,35 @@ class SQLJobStore(Service):
             cursor.execute(query, (owner, now + seconds, counted, job_id, *statuses, now, leases.IN_QUEUE))
             return self._select_job(cursor, job_id) if cursor.rowcount > 0 else None
 
-        return self._run(interaction, idempotent=False, together=True)
+        return self._run(interaction, idempotent=False, together=job_id)
 
     def hold_in_queue(self, status, job_ids, seconds):
-        job_ids = list(job_ids)
-        if not job_ids:
-            return defer.succeed(0)
         now = self._now()
-        marks = ", ".join("?" for _ in job_ids)
-        query = self._sql(
-            f"UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE status = ? AND job_id IN ({marks})"
-            f" AND {FREE_OR_IN_QUEUE}"
-        )
-        params = [leases.IN_QUEUE, now + seconds, status] + job_ids + [now, leases.IN_QUEUE]
-        return self._rowcount(query, params, counted=True, idempotent=True)
+        query = self._sql(f"UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE status = ? AND job_id = ?"
+                          f" AND {FREE_OR_IN_QUEUE}")
+        return self._each_job(query, sorted(set(job_ids)),
+                              lambda job_id: (leases.IN_QUEUE, now + seconds, status, job_id, now, leases.IN_QUEUE))
 
     def renew_leases(self, owner, job_ids, seconds):
-        job_ids = list(job_ids)
+        until = self._now() + seconds
+        query = self._sql("UPDATE jobs SET lease_until = ? WHERE lease_owner = ? AND job_id = ?")
+        return self._each_job(query, sorted(set(job_ids)), lambda job_id: (until, owner, job_id))
+
+    def _each_job(self, query, job_ids, params):
+        """query (an UPDATE of one job) for each of job_ids, in the order given, in one transaction; fire with
+        the rows changed.  One job at a time, in the order of their ids, as _GroupCommit's transactions lock job
+        rows (an UPDATE of many by IN locks them in the order of whatever index it reads): no deadlock."""
         if not job_ids:
             return defer.succeed(0)
-        marks = ", ".join("?" for _ in job_ids)
-        query = self._sql(
-            f"UPDATE jobs SET lease_until = ? WHERE lease_owner = ? AND job_id IN ({marks})"
-        )
-        return self._rowcount(
-            query, [self._now() + seconds, owner] + job_ids, counted=True, idempotent=True
-        )
+
+        def interaction(cursor):
+            changed = 0
+            for job_id in job_ids:
+                cursor.execute(query, params(job_id))
+                changed += max(0, cursor.rowcount)
+            return changed
+
+        return self._run(interaction, idempotent=True)
 
     def end_lease(self, job_id, owner, then=None):
         fields = self._lease_fields(then, self._now())
@@ -644,7 +650,7 @@ class SQLJobStore(Service):
         )
         given_back = int(leases.is_worker(owner))  # a worker giving back: the delivery it counted is taken back
         params = [fields["lease_owner"], fields["lease_until"], given_back, given_back, job_id, owner]
-        return self._rowcount(query, params)
+        return self._rowcount(query, params, together=job_id)
 
     def jobs_to_redrive(self, statuses, limit, include_queue_holds=False):
         statuses = list(statuses)
@@ -914,11 +920,11 @@ class SQLJobStore(Service):
             return {"lease_owner": None, "lease_until": None}
         return {"lease_owner": hold.owner, "lease_until": now + hold.seconds}
 
-    def _rowcount(self, query, params, counted=False, idempotent=False):
+    def _rowcount(self, query, params, counted=False, idempotent=False, together=None):
         """Run one UPDATE; fire with its row count (counted) or whether it matched."""
 
         def interaction(cursor):
             cursor.execute(query, tuple(params))
             return cursor.rowcount if counted else cursor.rowcount > 0
 
-        return self._run(interaction, idempotent=idempotent, together=True)
+        return self._run(interaction, idempotent=idempotent, together=together)
