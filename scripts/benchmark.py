@@ -1171,34 +1171,40 @@ def daemon_memory(args, work, root):
         submit_wall = submitter.join()[0]
         at_fill = memory_kib(pid)
 
-        def unpolled():
-            return watch.query("SELECT COUNT(*) FROM jobs WHERE status = 'TRANSFERRING' AND poll_until IS NULL")[0][0]
-
         step("memory: waiting until the poller has covered every job, then once more")
-        wait_until(lambda: unpolled() == 0, "every job polled once", 300)
-        first_cover = time.monotonic() - start
-        mark = time.time()
-        # poll_until = claim time + 0.9 interval: every job claimed again after `mark`.
-        wait_until(lambda: watch.query("SELECT MIN(poll_until) FROM jobs WHERE status = 'TRANSFERRING'")[0][0]
-                   > mark + 0.9 * interval, "every job polled a second time", 300)
-        second_cover = time.monotonic() - start - first_cover
-        time.sleep(2 * interval)  # the last claimed batch has been asked about and settled
-        meter = CPUMeter(pid)
-        before = meter.sample()
-        samples = []
-        for _ in range(20):
-            samples.append(memory_kib(pid)["VmRSS"])
-            time.sleep(0.5)
-        cpu, wall = CPUMeter.seconds(before, meter.sample())
-        final = memory_kib(pid)
-        counts = watch.counts()
-        if counts.get("TRANSFERRING", 0) != count:
-            raise RuntimeError(f"jobs by status changed while measuring: {counts}")
-        return types.SimpleNamespace(
-            count=count, idle=idle, at_fill=at_fill, final=final, samples=samples, filled=filled,
-            submit_wall=submit_wall, first_cover=first_cover, second_cover=second_cover,
-            polling_cpu=100 * cpu["daemon"] / wall,
-        )
+        polled = polled_twice(watch, pid, count, interval, start, timeout=300)
+        return types.SimpleNamespace(count=count, idle=idle, at_fill=at_fill, filled=filled, submit_wall=submit_wall,
+                                     **vars(polled))
+
+
+def polled_twice(watch, pid, count, interval, start, timeout, poll_every=0.2):
+    """Wait until the poller has claimed every TRANSFERRING job once, then once more, and sample the daemon's
+    RSS for 10 s: first_cover and second_cover (seconds from start), samples, final, polling_cpu."""
+
+    def unpolled():
+        return watch.query("SELECT COUNT(*) FROM jobs WHERE status = 'TRANSFERRING' AND poll_until IS NULL")[0][0]
+
+    wait_until(lambda: unpolled() == 0, "every job polled once", timeout, interval=poll_every)
+    first_cover = time.monotonic() - start
+    mark = time.time()
+    # poll_until = claim time + 0.9 interval: every job claimed again after `mark`.
+    wait_until(lambda: watch.query("SELECT MIN(poll_until) FROM jobs WHERE status = 'TRANSFERRING'")[0][0]
+               > mark + 0.9 * interval, "every job polled a second time", timeout, interval=poll_every)
+    second_cover = time.monotonic() - start - first_cover
+    time.sleep(2 * interval)  # the last claimed batch has been asked about and settled
+    meter = CPUMeter(pid)
+    before = meter.sample()
+    samples = []
+    for _ in range(20):
+        samples.append(memory_kib(pid)["VmRSS"])
+        time.sleep(0.5)
+    cpu, wall = CPUMeter.seconds(before, meter.sample())
+    final = memory_kib(pid)
+    counts = watch.counts()
+    if counts.get("TRANSFERRING", 0) != count:
+        raise RuntimeError(f"jobs by status changed while measuring: {counts}")
+    return types.SimpleNamespace(first_cover=first_cover, second_cover=second_cover, samples=samples, final=final,
+                                 polling_cpu=100 * cpu["daemon"] / wall)
 
 
 # -- the v1 API: batches and listings ---------------------------------------------------
@@ -2394,34 +2400,11 @@ def scale_memory(args, work, root):
         pid = daemon.process.pid
         at_fill = memory_kib(pid)
 
-        def unpolled():
-            return watch.query("SELECT COUNT(*) FROM jobs WHERE status = 'TRANSFERRING' AND poll_until IS NULL")[0][0]
-
         step("scale memory: waiting until the poller has covered every job, then once more")
-        wait_until(lambda: unpolled() == 0, "every job polled once", 120 + count / 20, interval=1)
-        first_cover = time.monotonic() - start
-        mark = time.time()
-        wait_until(lambda: watch.query("SELECT MIN(poll_until) FROM jobs WHERE status = 'TRANSFERRING'")[0][0]
-                   > mark + 0.9 * interval, "every job polled a second time", 120 + count / 20, interval=1)
-        second_cover = time.monotonic() - start - first_cover
-        time.sleep(2 * interval)
-        meter = CPUMeter(pid)
-        before = meter.sample()
-        samples = []
-        for _ in range(20):
-            samples.append(memory_kib(pid)["VmRSS"])
-            time.sleep(0.5)
-        cpu, wall = CPUMeter.seconds(before, meter.sample())
-        final = memory_kib(pid)
-        counts = watch.counts()
+        polled = polled_twice(watch, pid, count, interval, start, timeout=120 + count / 20, poll_every=1)
         written = watch.query("SELECT COUNT(*) FROM jobs WHERE fts_details <> %s", (SCALE_FTS_DETAILS,))[0][0]
-        if counts.get("TRANSFERRING", 0) != count:
-            raise RuntimeError(f"jobs by status changed while measuring: {counts}")
-        return types.SimpleNamespace(
-            count=count, idle=idle, at_fill=at_fill, final=final, samples=samples, fts_seconds=fts_seconds,
-            fill_seconds=fill_seconds, first_cover=first_cover, second_cover=second_cover,
-            polling_cpu=100 * cpu["daemon"] / wall, written=written, interval=interval,
-        )
+        return types.SimpleNamespace(count=count, idle=idle, at_fill=at_fill, fts_seconds=fts_seconds,
+                                     fill_seconds=fill_seconds, written=written, interval=interval, **vars(polled))
 
 
 def scale_benchmark(args, work, root):

@@ -336,13 +336,10 @@ class PollerTests(MoverTestCase):
         self.assertEqual((await self.job(running.job_id)).status, jobs.TRANSFERRING)
         self.assertIn("lost by FTS", (await self.job(lost.job_id)).detailed_status)
 
-    async def test_bulk_polling_cost(self):
-        """1000 TRANSFERRING jobs cost ceil(1000 / 103) GET requests per cycle when bulk_size is larger: no 404 from Apache."""
-        await self.start(slow=["/slow=600"])
-        self.poller.bulk_size = 500
-        self.poller.poll_interval = 30  # one cycle's hold lasts, so a second cycle finds nothing to poll
+    async def transferring_at_fts(self, count):
+        """count jobs TRANSFERRING in the store, each with a slow FTS job of its own (submitted to the fake at once)."""
         semaphore = defer.DeferredSemaphore(32)
-        ids = [jobs.new_job_id() for _ in range(1000)]
+        ids = [jobs.new_job_id() for _ in range(count)]
 
         def submit(sid):
             body = {"files": [{"sources": [f"gsiftp://s/slow/{sid}"], "destinations": [f"gsiftp://d/x/{sid}"]}],
@@ -359,6 +356,13 @@ class PollerTests(MoverTestCase):
                 [(i, DESTINATION, deterministic_job_id(self.vo, i), now, now) for i in ids])
 
         await self.store.pool.runInteraction(insert)
+
+    async def test_bulk_polling_cost(self):
+        """1000 TRANSFERRING jobs cost ceil(1000 / 103) GET requests per cycle when bulk_size is larger: no 404 from Apache."""
+        await self.start(slow=["/slow=600"])
+        self.poller.bulk_size = 500
+        self.poller.poll_interval = 30  # one cycle's hold lasts, so a second cycle finds nothing to poll
+        await self.transferring_at_fts(1000)
         before = self.fake.count("GET", "/jobs/{ids}")
         summary = await self.poller.poll_once()
         self.assertEqual(summary["jobs"], 1000)
@@ -371,20 +375,7 @@ class PollerTests(MoverTestCase):
         await self.start(slow=["/slow=600"])
         self.poller.poll_limit = 10
         self.poller.poll_interval = 30
-        ids = [jobs.new_job_id() for _ in range(35)]
-        for sid in ids:
-            await self.client.submit({"files": [{"sources": [f"gsiftp://s/slow/{sid}"],
-                                                 "destinations": [f"gsiftp://d/x/{sid}"]}],
-                                      "params": {"id_generator": "deterministic", "sid": sid}})
-        now = self.store._time_to_db(jobs.utc_from_seconds(self.clock.seconds()))
-
-        def insert(cursor):
-            cursor.executemany(
-                "INSERT INTO jobs (job_id, product_id, destination_path, status, fts_jobid, stage_attempts,"
-                " time_submitted, time_transferring) VALUES (?, 'slow', ?, 'TRANSFERRING', ?, 1, ?, ?)",
-                [(i, DESTINATION, deterministic_job_id(self.vo, i), now, now) for i in ids])
-
-        await self.store.pool.runInteraction(insert)
+        await self.transferring_at_fts(35)
         before = self.fake.count("GET", "/jobs/{ids}")
         summary = await self.poller.poll_once()
         self.assertEqual((summary["jobs"], summary["requests"]), (35, 4))  # batches of 10, 10, 10 and 5
