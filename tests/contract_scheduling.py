@@ -2,6 +2,8 @@
 as the plan says, within destination host room, one pass at a time; expired leases go back to the scheduler;
 a share's waiting cap refuses a submission whole.  Mixed into a TestCase with an async make_store(clock)."""
 
+import collections
+
 from twisted.internet import defer, task
 
 from transferd import jobs, leases, scheduler
@@ -149,3 +151,56 @@ class SchedulingContract:
         self.assertEqual({j.poll_slot for j in low + high if j.job_id in ids[:20]}, {slot})
         self.assertEqual({schema.poll_slot(j.job_id) for j in low + high if j.job_id in ids[20:]},
                          {j.poll_slot for j in low + high if j.job_id in ids[20:]})
+
+    @defer.inlineCallbacks
+    def assert_counts_are_the_jobs(self, fold):
+        """What the passes and /metrics read (job_counts plus the changes not folded in) is the jobs' own count."""
+        if fold:
+            yield self.store.fold_job_counts()
+        rows = yield self.store.pool.runQuery(
+            "SELECT status, lease_until IS NOT NULL, share, destination_host FROM jobs")
+        rows = [(status, bool(held), share, host) for status, held, share, host in rows]
+        self.assertEqual((yield self.store.count_by_status()), dict(collections.Counter(row[0] for row in rows)))
+        for step in (STAGING, TRANSFER):
+            counts = yield self.store.scheduling_counts(step, hosts=True)
+            expected = (
+                collections.Counter(share for status, held, share, _ in rows if status == step.waiting and not held),
+                collections.Counter(share for status, held, share, _ in rows if status == step.waiting and held),
+                collections.Counter(share for status, _, share, _ in rows if status in step.running),
+                collections.Counter(host for status, held, _, host in rows
+                                    if status in step.running or (status == step.waiting and held)),
+            )
+            self.assertEqual((counts.waiting, counts.released, counts.running, counts.hosts),
+                             tuple(dict(counter) for counter in expected), step.name)
+
+    @defer.inlineCallbacks
+    def test_kept_counts_follow_every_change(self):
+        """The kept counts (schema version 9's triggers) follow submissions, passes, leases, transitions, expired
+        holds, cancellations and purges, whether their changes are folded in yet or not."""
+        a = yield self.create(*[job("A", host="a.example.org") for _ in range(4)])
+        b = yield self.create(*[job("B", host="b.example.org") for _ in range(3)])
+        yield self.assert_counts_are_the_jobs(fold=False)
+        yield self.run_pass(STAGING, Policy(queued_ahead=4))  # some of each share under a queue hold
+        yield self.assert_counts_are_the_jobs(fold=True)
+        owner = leases.worker("daemon-1", 30).owner
+        yield self.store.take_lease(a[0], [jobs.SUBMITTED], owner, 30)
+        yield self.store.transition(a[0], jobs.SUBMITTED, jobs.STAGING, hold=leases.worker("daemon-1", 30))
+        yield self.store.transition(b[0], jobs.SUBMITTED, jobs.STAGING)
+        yield self.assert_counts_are_the_jobs(fold=False)
+        yield self.store.transition(a[0], jobs.STAGING, jobs.STAGED)
+        yield self.store.transition(b[0], jobs.STAGING, jobs.STAGED)
+        yield self.run_pass(TRANSFER, Policy(queued_ahead=1))
+        yield self.assert_counts_are_the_jobs(fold=True)
+        yield self.store.transition(a[0], jobs.STAGED, jobs.TRANSFERRING, hold=leases.waiting(600))
+        yield self.store.end_lease(b[0], leases.IN_QUEUE)
+        yield self.store.transition(b[2], jobs.SUBMITTED, jobs.CANCELLED)
+        yield self.assert_counts_are_the_jobs(fold=False)
+        self.clock.advance(31)  # the queue holds run out: back to the scheduler
+        self.assertGreater((yield self.store.release_to_scheduler([jobs.SUBMITTED, jobs.STAGED], 10)), 0)
+        yield self.store.transition(a[0], jobs.TRANSFERRING, jobs.SUCCESS)
+        yield self.assert_counts_are_the_jobs(fold=True)
+        self.clock.advance(10)
+        self.assertEqual((yield self.store.purge_ended(jobs.utc_from_seconds(self.clock.seconds()), 10)), 2)
+        yield self.assert_counts_are_the_jobs(fold=False)
+        yield self.assert_counts_are_the_jobs(fold=True)
+        self.assertEqual((yield self.store.fold_job_counts()), 0)  # nothing left to fold

@@ -19,7 +19,8 @@ from tests.contract_store import JobStoreContract, a_job
 from tests.support import wait_for
 from transferd import jobs
 from transferd.config import parse_database_url
-from transferd.store import open_store
+from transferd.scheduler import STAGING
+from transferd.store import open_store, schema
 from transferd.store.mysql import DatabaseUnavailable, MySQLJobStore
 from transferd.store.sql import SchemaTooNew, SubmissionExists
 
@@ -217,6 +218,48 @@ class PrototypeUpgradeTests(StoreFixture, unittest.TestCase):
         self.assertSchemaUpgraded()
         self.assertEqual((await upgraded.get(job.job_id)).product_id, job.product_id)
         await self.assertFullLifeCycle(upgraded)
+
+    async def test_version_8_database_gets_its_jobs_counted(self):
+        """A database at schema version 8 (no kept counts) has its jobs counted once, and the triggers keep the
+        counts from then on."""
+        self.fresh_url()
+        store = self.open()
+        await store.migrate()
+        created = [a_job() for _ in range(5)]
+        await store.create_many(created)
+        await store.transition(created[0].job_id, jobs.SUBMITTED, jobs.CANCELLED)
+        for name, _statement in schema.count_triggers("mysql"):
+            self.sql(f"DROP TRIGGER {name}")
+        self.sql("DROP TABLE job_counts, job_count_changes")
+        self.sql("UPDATE schema_version SET version = 8")
+        upgraded = self.open()
+        self.assertEqual(await upgraded.migrate(), CURRENT)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM job_count_changes"), ((0,),))  # counted: nothing to fold
+        self.assertEqual(await upgraded.count_by_status(), {jobs.SUBMITTED: 4, jobs.CANCELLED: 1})
+        await upgraded.create(a_job())
+        self.assertEqual(await upgraded.count_by_status(), {jobs.SUBMITTED: 5, jobs.CANCELLED: 1})
+
+    async def test_a_fold_leaves_changes_not_committed_yet(self):
+        """A fold skips the changes of a transaction still open, without waiting for it; a later fold takes them."""
+        self.fresh_url()
+        store = self.open()
+        await store.migrate()
+        created = [a_job() for _ in range(2)]
+        await store.create_many(created)
+        self.assertEqual(await store.fold_job_counts(), 2)
+        connection = mysql_support.admin_connection(self.database)
+        self.addCleanup(connection.close)
+        cursor = connection.cursor()
+        cursor.execute("BEGIN")
+        cursor.execute("UPDATE jobs SET status = 'CANCELLED' WHERE job_id = %s", (created[0].job_id,))
+        self.assertEqual(await store.fold_job_counts(), 0)  # not blocked: trial's timeout would fail it
+        self.assertEqual(await store.count_by_status(), {jobs.SUBMITTED: 2})
+        connection.commit()
+        self.assertEqual(await store.count_by_status(), {jobs.SUBMITTED: 1, jobs.CANCELLED: 1})
+        self.assertEqual(await store.fold_job_counts(), 2)
+        self.assertEqual(await store.count_by_status(), {jobs.SUBMITTED: 1, jobs.CANCELLED: 1})
+        self.assertEqual(self.sql("SELECT status, total FROM job_counts WHERE counted_by = 'all' ORDER BY status"),
+                         (("CANCELLED", 1), ("SUBMITTED", 1)))
 
     async def assertFullLifeCycle(self, store):
         """New jobs go through every state, with every time column, on the upgraded table."""
@@ -560,7 +603,7 @@ def _tables_read(plan):
 
 
 class PeriodicQueryTests(StoreFixture, unittest.TestCase):
-    """The reconciler's queries read only the rows of the work they find, however many jobs wait or run."""
+    """The periodic queries read only the rows of the work they find, however many jobs wait or run."""
 
     async def setUp(self):
         self.fresh_url()
@@ -612,6 +655,33 @@ class PeriodicQueryTests(StoreFixture, unittest.TestCase):
         """Finding STAGING/TRANSFERRING jobs to re-drive reads the 3 free or expired rows, not the 3,000 waiting."""
         self.assertEqual(len(await self.store.jobs_to_redrive((jobs.STAGING, jobs.TRANSFERRING), 1000)), 3)
         self.assertLessEqual(self.rows_read(), 3)
+
+    async def test_scheduling_counts_read_the_kept_counts(self):
+        """A pass's counts read a few rows of job_counts, not an index entry for each of the 3,005 SUBMITTED and
+        1,503 STAGING jobs; before the changes are folded in, a row per change besides."""
+        await self.store.fold_job_counts()
+        del self.statements[:]
+        counts = await self.store.scheduling_counts(STAGING, hosts=True)
+        self.assertEqual((counts.waiting, counts.released, counts.running, counts.hosts),
+                         ({"s": 3000}, {"s": 5}, {"s": 1503}, {"": 1508}))  # these jobs have no host
+        self.assertLessEqual(self.rows_read(), 10)
+
+    async def test_metrics_count_reads_a_row_per_state(self):
+        """count_by_status (/metrics) reads job_counts' rows of all jobs, not the jobs."""
+        await self.store.fold_job_counts()
+        del self.statements[:]
+        self.assertEqual(await self.store.count_by_status(),
+                         {"SUBMITTED": 3005, "STAGED": 1000, "STAGING": 1503, "TRANSFERRING": 1500})
+        self.assertLessEqual(self.rows_read(), 10)
+
+    async def test_a_fold_reads_the_changes_it_folds(self):
+        """A fold reads the changes since the last one (two per job that moved), not the counts or the jobs."""
+        await self.store.fold_job_counts()
+        self.sql("UPDATE jobs SET status = 'CANCELLED', lease_until = NULL WHERE status = 'SUBMITTED'"
+                 " AND lease_until = 1")
+        del self.statements[:]
+        self.assertEqual(await self.store.fold_job_counts(), 10)
+        self.assertLessEqual(self.rows_read(), 10)
 
     async def test_a_lanes_due_events_are_found_without_the_delivered_ones(self):
         """An AMQP lane claims its 3 due deliveries reading those, not the 5,000 it delivered before."""

@@ -94,6 +94,8 @@ class IJobStore(IService):
     def count_by_status(submitter=None):
         """Fire with {status: how many jobs are in it}, states without jobs left out (for /metrics).
 
+        Read from counts the store keeps (schema version 9), not by counting the jobs.
+
         submitter: count only that submitter's jobs (the dashboard of a user who is not an admin).
         """
 
@@ -225,6 +227,13 @@ class IJobStore(IService):
 
     def scheduling_counts(step, hosts=False):
         """The transferd.scheduler.Counts of step now (hosts: per destination host too)."""
+
+    def fold_job_counts():
+        """Fold the latest changes of the kept job counts in (up to fold_batch of them); fire with how many.
+
+        The counts read (count_by_status, scheduling_counts) are right whether
+        or not the changes are folded; folding keeps what they read small.
+        """
 
     def ahead_in_share(job):
         """How many jobs free to release in job's state and share come before it."""

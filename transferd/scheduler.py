@@ -29,6 +29,7 @@ every [scheduler] interval, for what other daemons changed.
 """
 
 import dataclasses
+import functools
 import heapq
 from typing import Optional
 
@@ -272,11 +273,11 @@ class Scheduler(Service):
             self.wake()
 
     async def _passes(self):
-        """One round: a pass of each step."""
+        """One round: the job counts' latest changes folded in (the passes read them), then a pass of each step."""
         if self.running and not self.draining:
-            for step in STEPS:
+            for work in (self._fold, *(functools.partial(self.run_pass, step) for step in STEPS)):
                 try:
-                    await self.run_pass(step)
+                    await work()
                 except StoreUnavailable as error:
                     if not self._store_away:  # once per outage: the passes go on every interval meanwhile
                         self.log.warn("scheduling passes not run while the job store is away ({error});"
@@ -289,6 +290,10 @@ class Scheduler(Service):
                 if self._store_away:
                     self._store_away = False
                     self.log.info("scheduling passes run again: the job store is back")
+
+    async def _fold(self):
+        if await self.store.fold_job_counts() >= self.store.fold_batch:
+            self._wanted = True  # more changes than one fold takes: the next round comes after the gap
 
     async def settle(self):
         """Wait for the pass in progress, then run passes until none releases a job; fire with how many were

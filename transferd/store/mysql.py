@@ -374,10 +374,33 @@ def _migration(version):
                                f" ADD PRIMARY KEY ({table.row_key.name}), ADD {table.unique_key()}")
         for table in {table for table, _index in indexed}:
             _create_indexes(cursor, table, version)
+        if version == schema.COUNTS_SINCE:
+            cursor.execute("SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()")
+            present = {row[0] for row in cursor.fetchall()}
+            for name, sql in schema.count_triggers("mysql"):
+                if name not in present:
+                    cursor.execute(sql)
         for fill in schema.BACKFILLS.get(version, ()):
-            fill(cursor, "%s")
+            if fill is schema.count_jobs:
+                recount_jobs(cursor)
+            else:
+                fill(cursor, "%s")
 
     return migrate
+
+
+def recount_jobs(cursor):
+    """job_counts counted afresh from the jobs table (schema.count_jobs), no job changing meanwhile.
+
+    The counting triggers must exist already: from the lock on, every change
+    of a job is in the jobs table the count reads, and from the unlock on it is
+    appended as a change.  LOCK TABLES commits what the session had begun.
+    """
+    cursor.execute("LOCK TABLES jobs READ, job_counts WRITE, job_count_changes WRITE")
+    try:
+        schema.count_jobs(cursor, "%s")
+    finally:
+        cursor.execute("UNLOCK TABLES")
 
 
 class MySQLJobStore(SQLJobStore):
@@ -387,6 +410,8 @@ class MySQLJobStore(SQLJobStore):
     placeholder = "%s"
     row_locator = schema.JOBS.row_key.name  # the primary key since version 4: rows in the order they came
     skip_locked = " FOR UPDATE SKIP LOCKED"  # MariaDB 10.6+, MySQL 8.0+
+    add_to_count = ("INSERT INTO job_counts (counted_by, status, held, name, total) VALUES (?, ?, ?, ?, ?)"
+                    " ON DUPLICATE KEY UPDATE total = total + VALUES(total)")
     # Version 1 creates the jobs table or upgrades the prototype's in place.
     migrations = [
         [schema.SCHEMA_VERSION.create("mysql", 1, if_missing=True), _ensure_jobs_table],

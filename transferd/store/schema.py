@@ -300,10 +300,45 @@ SCHEDULER = Table(
     since=7,
 )
 
+# Version 9: the jobs counted by state, kept up to date by triggers on jobs, so the scheduler's passes and
+# /metrics read a few rows per share or host instead of an index entry per job.  A trigger only appends a
+# change (a job leaving one bucket, -1, and entering another, +1) to job_count_changes: appends from concurrent
+# transactions never wait for each other.  The scheduler folds the changes into job_counts (fold_job_counts);
+# a count is what job_counts holds plus the changes not folded yet, read in one statement.
+JOB_COUNT_CHANGES = Table(
+    "job_count_changes",
+    columns=(
+        Column("change_id", "serial"),
+        Column("status", "status", required=True),
+        Column("held", "count", required=True),  # 1 when the job has a lease (lease_until IS NOT NULL)
+        Column("share", "identity", required=True),
+        Column("destination_host", "name", required=True),
+        Column("delta", "count", required=True),  # +1 or -1
+    ),
+    key=("change_id",),
+    since=9,
+)
+
+JOB_COUNTS = Table(
+    "job_counts",
+    columns=(
+        Column("counted_by", "status", required=True),  # COUNTED_BY: all jobs, per share, per destination host
+        Column("status", "status", required=True),
+        Column("held", "count", required=True),
+        Column("name", "identity", required=True),  # the share or host ("" when counted_by is "all")
+        Column("total", "big", required=True),
+    ),
+    key=("counted_by", "status", "held", "name"),
+    since=9,
+)
+
+COUNTED_BY = ("all", "share", "host")
+
 SCHEMA_VERSION = Table("schema_version", columns=(Column("version", "count", required=True),))
 
 # Every table transferd keeps, in the order they are created.
-TABLES = (JOBS, JOB_EVENTS, SUBMISSIONS, OUTBOX, EVENT_DELIVERIES, DAEMONS, SCHEDULER)
+TABLES = (JOBS, JOB_EVENTS, SUBMISSIONS, OUTBOX, EVENT_DELIVERIES, DAEMONS, SCHEDULER, JOB_COUNT_CHANGES,
+          JOB_COUNTS)
 
 # The prototype's columns (legacy/prototype_schema.sql): a jobs table without
 # all of them is not one transferd may alter.
@@ -394,8 +429,58 @@ def backfill_version_7(cursor, placeholder):
         last = ids[-1]
 
 
+def _bucket(row):
+    """The bucket a job (the trigger's OLD or NEW row) is counted in: job_count_changes' columns but delta."""
+    return (f"{row}.status, {row}.lease_until IS NOT NULL, COALESCE({row}.share, ''),"
+            f" COALESCE({row}.destination_host, '')")
+
+
+def count_triggers(dialect):
+    """(name, CREATE TRIGGER) of the three triggers that append each job's change of bucket (version 9)."""
+    append = "INSERT INTO job_count_changes (status, held, share, destination_host, delta) VALUES"
+    same = " AND ".join(f"OLD.{column} {'<=>' if dialect == 'mysql' else 'IS'} NEW.{column}"
+                        for column in ("status", "share", "destination_host"))
+    same += " AND (OLD.lease_until IS NULL) = (NEW.lease_until IS NULL)"
+    moved = f"{append} ({_bucket('OLD')}, -1), ({_bucket('NEW')}, 1)"
+    if dialect == "mysql":
+        return [
+            ("jobs_counted_insert", f"CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs FOR EACH ROW"
+                                    f" {append} ({_bucket('NEW')}, 1)"),
+            ("jobs_counted_update", f"CREATE TRIGGER jobs_counted_update AFTER UPDATE ON jobs FOR EACH ROW"
+                                    f" BEGIN IF NOT ({same}) THEN {moved}; END IF; END"),
+            ("jobs_counted_delete", f"CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs FOR EACH ROW"
+                                    f" {append} ({_bucket('OLD')}, -1)"),
+        ]
+    return [
+        ("jobs_counted_insert", f"CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs"
+                                f" BEGIN {append} ({_bucket('NEW')}, 1); END"),
+        ("jobs_counted_update", f"CREATE TRIGGER jobs_counted_update AFTER UPDATE OF status, lease_until, share,"
+                                f" destination_host ON jobs WHEN NOT ({same}) BEGIN {moved}; END"),
+        ("jobs_counted_delete", f"CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs"
+                                f" BEGIN {append} ({_bucket('OLD')}, -1); END"),
+    ]
+
+
+COUNTS_SINCE = 9  # the schema version of job_counts and its triggers
+
+
+def count_jobs(cursor, placeholder):
+    """Version 9: job_counts from the jobs as they are, the changes appended before dropped.
+
+    No job may change meanwhile: SQLite runs it in the migration's
+    transaction, MySQL under LOCK TABLES (transferd.store.mysql.recount_jobs).
+    """
+    cursor.execute("DELETE FROM job_count_changes")
+    cursor.execute("DELETE FROM job_counts")
+    for counted_by, name in (("all", "''"), ("share", "COALESCE(share, '')"),
+                             ("host", "COALESCE(destination_host, '')")):
+        cursor.execute(f"INSERT INTO job_counts (counted_by, status, held, name, total)"
+                       f" SELECT {placeholder}, status, lease_until IS NOT NULL, {name}, COUNT(*) FROM jobs"
+                       f" GROUP BY status, lease_until IS NOT NULL, {name}", (counted_by,))
+
+
 # Steps that move data, by schema version, run after the version's DDL: callable(cursor, placeholder).
-BACKFILLS = {3: [backfill_version_3], 7: [backfill_version_7]}
+BACKFILLS = {3: [backfill_version_3], 7: [backfill_version_7], COUNTS_SINCE: [count_jobs]}
 
 
 def sqlite_migrations():
@@ -410,6 +495,8 @@ def sqlite_migrations():
         steps += [table.create_index(index, version) for table, index in indexed]
         for table, index in redefined(version):
             steps += [f"DROP INDEX IF EXISTS {index.name}", table.create_index(index)]
+        if version == COUNTS_SINCE:
+            steps += [sql for _name, sql in count_triggers("sqlite")]
         steps += [lambda cursor, fill=fill: fill(cursor, "?") for fill in BACKFILLS.get(version, ())]
         migrations.append(steps)
     return migrations

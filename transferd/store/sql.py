@@ -87,6 +87,10 @@ class SQLJobStore(Service):
     # another poller's transaction has locked, so concurrent pollers pick
     # different candidates.
     skip_locked = ""
+    # Adds to a job_counts row, making it when missing (fold_job_counts).
+    add_to_count = ("INSERT INTO job_counts (counted_by, status, held, name, total) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (counted_by, status, held, name) DO UPDATE SET total = total + excluded.total")
+    fold_batch = 10000  # changes a fold takes at most
 
     def __init__(self, pool, clock, metrics=None):
         self.pool = pool
@@ -331,20 +335,76 @@ class SQLJobStore(Service):
                 params.append(self._time_to_db(moment))
         return clauses, params
 
-    # Jobs by state for /metrics: one pass over an index that starts with status, reading no row
-    # (tests/test_metrics_mysql.py checks MariaDB's plan).
-    COUNT_BY_STATUS = "SELECT status, COUNT(*) FROM jobs GROUP BY status"
-
     def count_by_status(self, submitter=None):
-        """submitter: count only that submitter's jobs (index jobs_submitter_status)."""
-        query, params = self.COUNT_BY_STATUS, ()
-        if submitter is not None:
-            query = self._sql("SELECT status, COUNT(*) FROM jobs WHERE submitter = ? GROUP BY status")
-            params = (submitter,)
+        """Jobs by state, from job_counts (a row per state); submitter: only that submitter's jobs, counted on
+        the index jobs_submitter_status."""
+        if submitter is None:
+            def interaction(cursor):
+                by_status = {}
+                for (status, _held, _name), total in self._counts(cursor, "all", jobs.STATES).items():
+                    by_status[status] = by_status.get(status, 0) + total
+                return {status: total for status, total in by_status.items() if total > 0}
+
+            return self._run(interaction)
+        query = self._sql("SELECT status, COUNT(*) FROM jobs WHERE submitter = ? GROUP BY status")
 
         def interaction(cursor):
-            cursor.execute(query, params)
+            cursor.execute(query, (submitter,))
             return {status: int(count) for status, count in cursor.fetchall()}
+
+        return self._run(interaction)
+
+    # -- job counts (schema version 9: job_counts, job_count_changes and the triggers that append to it) ------
+
+    def _counts(self, cursor, counted_by, statuses):
+        """{(status, held, name): jobs} for statuses: what job_counts holds plus the changes not folded yet.
+
+        One statement, so a fold committing meanwhile is seen either wholly or not at all.
+        """
+        marks = ", ".join("?" for _ in statuses)
+        name = {"all": "''", "share": "share", "host": "destination_host"}[counted_by]
+        cursor.execute(self._sql(
+            f"SELECT status, held, name, SUM(total) FROM (SELECT status, held, name, total FROM job_counts"
+            f" WHERE counted_by = ? AND status IN ({marks}) UNION ALL SELECT status, held, {name}, delta"
+            f" FROM job_count_changes WHERE status IN ({marks})) AS counted GROUP BY status, held, name"),
+            (counted_by, *statuses, *statuses))
+        return {(status, int(held), name): int(total) for status, held, name, total in cursor.fetchall()}
+
+    def fold_job_counts(self):
+        """Fold up to fold_batch appended changes into job_counts; fire with how many were folded.
+
+        On MySQL the changes are taken FOR UPDATE SKIP LOCKED and removed by
+        id: a daemon folding at the same moment takes others, and a change
+        whose transaction has not committed yet waits for a later fold.  Rows
+        that fall to zero go, so a share or host without jobs in a bucket
+        costs no read.  Safe to run again after a lost connection.
+        """
+        select = self._sql("SELECT change_id, status, held, share, destination_host, delta FROM job_count_changes"
+                           " ORDER BY change_id LIMIT ?" + self.skip_locked)
+
+        def interaction(cursor):
+            cursor.execute(select, (self.fold_batch,))
+            rows = cursor.fetchall()
+            totals = {}
+            for _change, status, held, share, host, delta in rows:
+                for key in (("all", status, int(held), ""), ("share", status, int(held), share),
+                            ("host", status, int(held), host)):
+                    totals[key] = totals.get(key, 0) + int(delta)
+            changed = sorted(key for key, delta in totals.items() if delta)  # in key order: no deadlock
+            if changed:
+                cursor.executemany(self._sql(self.add_to_count), [(*key, totals[key]) for key in changed])
+            fallen = [key for key in changed if totals[key] < 0]
+            for start in range(0, len(fallen), 200):
+                chunk = fallen[start:start + 200]
+                cursor.execute(self._sql("DELETE FROM job_counts WHERE total = 0 AND (counted_by, status, held, name)"
+                                         f" IN ({', '.join('(?, ?, ?, ?)' for _ in chunk)})"),
+                               [value for key in chunk for value in key])
+            ids = [row[0] for row in rows]
+            for start in range(0, len(ids), 1000):
+                chunk = ids[start:start + 1000]
+                cursor.execute(self._sql(f"DELETE FROM job_count_changes WHERE change_id IN"
+                                         f" ({', '.join('?' for _ in chunk)})"), chunk)
+            return len(rows)
 
         return self._run(interaction)
 
@@ -761,23 +821,19 @@ class SQLJobStore(Service):
         return self._run(self._scheduling_counts, step, hosts)
 
     def _scheduling_counts(self, cursor, step, hosts=False):
-        # All on index jobs_scheduling (status, lease_until, share, ...): no row is read.
-        def by_share(query, params):
-            cursor.execute(self._sql(query), params)
-            return {share: int(count) for share, count in cursor.fetchall()}
-
-        waiting = by_share("SELECT share, COUNT(*) FROM jobs WHERE status = ? AND lease_until IS NULL"
-                           " GROUP BY share", (step.waiting,))
-        released = by_share("SELECT share, COUNT(*) FROM jobs WHERE status = ? AND lease_until IS NOT NULL"
-                            " GROUP BY share", (step.waiting,))
-        marks = ", ".join("?" for _ in step.running)
-        running = by_share(f"SELECT share, COUNT(*) FROM jobs WHERE status IN ({marks}) GROUP BY share", step.running)
+        # From job_counts: a few rows per share (and per host), however many jobs there are.
+        statuses = (step.waiting, *step.running)
+        waiting, released, running = {}, {}, {}
+        for (status, held, share), total in self._counts(cursor, "share", statuses).items():
+            if total <= 0:
+                continue
+            into = running if status != step.waiting else released if held else waiting
+            into[share] = into.get(share, 0) + total
         per_host = {}
         if hosts:
-            cursor.execute(self._sql(f"SELECT destination_host, COUNT(*) FROM jobs WHERE status IN ({marks})"
-                                     " OR (status = ? AND lease_until IS NOT NULL) GROUP BY destination_host"),
-                           (*step.running, step.waiting))
-            per_host = {host: int(count) for host, count in cursor.fetchall()}
+            for (status, held, host), total in self._counts(cursor, "host", statuses).items():
+                if total > 0 and (status != step.waiting or held):
+                    per_host[host] = per_host.get(host, 0) + total
         return Counts(waiting, released, running, per_host)
 
     def ahead_in_share(self, job):
