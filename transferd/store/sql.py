@@ -359,16 +359,20 @@ class SQLJobStore(Service):
     def _counts(self, cursor, counted_by, statuses):
         """{(status, held, name): jobs} for statuses: what job_counts holds plus the changes not folded yet.
 
-        One statement, so a fold committing meanwhile is seen either wholly or not at all.
+        One statement, so a fold committing meanwhile is seen either wholly or not at all; summed here, so
+        the server streams the rows without a temporary table.
         """
         marks = ", ".join("?" for _ in statuses)
         name = {"all": "''", "share": "share", "host": "destination_host"}[counted_by]
         cursor.execute(self._sql(
-            f"SELECT status, held, name, SUM(total) FROM (SELECT status, held, name, total FROM job_counts"
-            f" WHERE counted_by = ? AND status IN ({marks}) UNION ALL SELECT status, held, {name}, delta"
-            f" FROM job_count_changes WHERE status IN ({marks})) AS counted GROUP BY status, held, name"),
+            f"SELECT status, held, name, total FROM job_counts WHERE counted_by = ? AND status IN ({marks})"
+            f" UNION ALL SELECT status, held, {name}, delta FROM job_count_changes WHERE status IN ({marks})"),
             (counted_by, *statuses, *statuses))
-        return {(status, int(held), name): int(total) for status, held, name, total in cursor.fetchall()}
+        counts = {}
+        for status, held, name, total in cursor.fetchall():
+            key = (status, int(held), name)
+            counts[key] = counts.get(key, 0) + int(total)
+        return counts
 
     def fold_job_counts(self):
         """Fold up to fold_batch appended changes into job_counts; fire with how many were folded.
