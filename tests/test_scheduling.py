@@ -8,7 +8,7 @@ from twisted.trial import unittest
 from tests.contract_scheduling import SchedulingContract
 from tests.stores import OnMariaDB, OnSQLite
 from transferd.auth.access import Identity
-from transferd.scheduler import PASS_GAP, STEPS, Counts, Policy, Scheduler, allocate
+from transferd.scheduler import BLOCKED_GAP, PASS_GAP, STEPS, Counts, Policy, Scheduler, allocate
 
 
 class AllocateTests(unittest.TestCase):
@@ -56,10 +56,11 @@ class MariaDBSchedulingTests(OnMariaDB, SchedulingContract, unittest.TestCase):
 
 
 class _SlowStore:
-    """A store whose scheduling passes each take `took` seconds of clock time, releasing nothing."""
+    """A store whose scheduling passes each take `took` seconds of clock time, releasing nothing; with waiting,
+    each pass sees that many jobs waiting (all slots taken, as plan finds with queued_ahead 0)."""
 
-    def __init__(self, clock, took):
-        self.clock, self.took, self.starts = clock, took, []
+    def __init__(self, clock, took, waiting=0):
+        self.clock, self.took, self.waiting, self.starts = clock, took, waiting, []
 
     fold_batch = 10000
 
@@ -69,17 +70,19 @@ class _SlowStore:
     def fold_job_counts(self):
         return defer.succeed(0)
 
-    def schedule(self, step, *args, **kwargs):
+    def schedule(self, step, planned, *args, **kwargs):
         self.starts.append(self.clock.seconds())
+        if self.waiting:
+            planned(Counts({"A": self.waiting}, {}, {}))
         return task.deferLater(self.clock, self.took, lambda: [])
 
 
 class PassGapTests(unittest.TestCase):
     """Wake-ups share rounds of passes: PASS_GAP apart, or as far apart as a round takes when that is longer."""
 
-    def rounds(self, took):
+    def rounds(self, took, waiting=0):
         clock = task.Clock()
-        store = _SlowStore(clock, took)
+        store = _SlowStore(clock, took, waiting)
         pipeline = types.SimpleNamespace(policy=Policy(), lease=30.0)
         scheduler = Scheduler(store, pipeline, clock, clock, interval=1000.0)
         scheduler.startService()
@@ -96,6 +99,15 @@ class PassGapTests(unittest.TestCase):
         # From one start to the next: the round (its passes end on the clock's next 5 ms steps), then PASS_GAP.
         self.assertGreaterEqual(min(gaps), PASS_GAP)
         self.assertLessEqual(max(gaps), PASS_GAP + 0.02)
+
+    def test_rounds_that_find_no_room_come_blocked_gap_apart(self):
+        """While jobs wait that no pass can release, arrivals waking the scheduler do not bring rounds closer
+        than BLOCKED_GAP: only a job leaving a slot would change what they find."""
+        starts = self.rounds(took=0.001, waiting=5)
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        self.assertGreater(len(starts), 5)
+        self.assertGreaterEqual(min(gaps), BLOCKED_GAP)
+        self.assertLessEqual(max(gaps), BLOCKED_GAP + 0.02)
 
     def test_slow_rounds_leave_at_least_their_own_time_free(self):
         starts = self.rounds(took=0.05)  # a round (two passes) takes 0.1 s

@@ -24,8 +24,9 @@ A share is a submitter, or the group [scheduler] groups puts a submitter in
 (by identity, or by VOMS FQAN as [auth] admins does); its weight comes from
 [scheduler] weights.  Passes run when jobs arrive or leave a step (every
 commit that writes an event wakes the scheduler; at most a round of passes
-every PASS_GAP, or every time the last round took when that is longer) and
-every [scheduler] interval, for what other daemons changed.
+every PASS_GAP, or every time the last round took when that is longer, or
+every BLOCKED_GAP while jobs wait that no slot is free for) and every
+[scheduler] interval, for what other daemons changed.
 """
 
 import dataclasses
@@ -47,6 +48,10 @@ ANONYMOUS = "anonymous"  # the share of jobs submitted without an identity (no a
 # Seconds between the end of a pass and the next one a wake-up starts: the jobs that arrive or move meanwhile
 # share one pass (a few statements) instead of each causing their own.
 PASS_GAP = 0.02
+# Seconds at least between rounds while jobs wait but none can be released (every slot taken, every share at
+# its cap): only a job leaving a slot changes that, yet every arrival wakes the scheduler, and at PASS_GAP
+# the futile passes took a sixth of a core under a stream of submissions (docs/benchmarks.md).
+BLOCKED_GAP = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +213,8 @@ class Scheduler(Service):
         self._wanted = False  # a wake-up came while a round ran: run another, PASS_GAP after it
         self._last_pass = 0.0  # when the last round ended (reactor time)
         self._round_took = 0.0  # seconds the last round took: the gap before the next is at least that
+        self._blocked = False  # the last round released nothing although jobs waited: BLOCKED_GAP before the next
+        self._round_found = None  # during a round: [jobs released, jobs waiting] so far
         self._store_away = False  # the last pass found the store away (logged once)
         self._running = None
         self._soon = None
@@ -255,12 +262,13 @@ class Scheduler(Service):
         elif self._soon is None or not self._soon.active():
             # Rounds that take long (many jobs to count) come as far apart as they take: at most half
             # of the time goes to passes, however busy the daemon.
-            gap = max(PASS_GAP, self._round_took)
+            gap = max(BLOCKED_GAP if self._blocked else PASS_GAP, self._round_took)
             delay = max(0.0, self._last_pass + gap - self.reactor.seconds())
             self._soon = self.reactor.callLater(delay, self._start)
 
     def _start(self):
         started = self.reactor.seconds()
+        self._round_found = [0, 0]
         self._running = defer.Deferred.fromCoroutine(self._passes())
         self._running.addBoth(self._ended, started)
 
@@ -268,6 +276,8 @@ class Scheduler(Service):
         self._running = None
         self._last_pass = self.reactor.seconds()
         self._round_took = self._last_pass - started
+        released, waiting = self._round_found
+        self._blocked, self._round_found = not released and waiting > 0, None
         if self._wanted:  # woken during the last round: once the gap has passed
             self._wanted = False
             self.wake()
@@ -312,10 +322,16 @@ class Scheduler(Service):
     async def run_pass(self, step):
         """One pass of step: release jobs and publish them; fire with how many were released."""
         policy = self.policy
+        found = self._round_found if self._round_found is not None else [0, 0]
+
+        def planned(counts):
+            found[1] += sum(counts.waiting.values())
+            return plan(step, policy, counts)
+
         released = await self.store.schedule(
-            step, lambda counts: plan(step, policy, counts),
-            lambda room, host: room_for(room, host, policy.limits),
+            step, planned, lambda room, host: room_for(room, host, policy.limits),
             leases.in_queue(self.pipeline.lease), self.daemon_id, hosts=counts_hosts(step, policy.limits))
+        found[0] += len(released)
         self.passes += 1
         if released:
             await self.pipeline.publish_released(step.queue, step.waiting, released)
