@@ -8,7 +8,7 @@ from twisted.trial import unittest
 from tests.contract_scheduling import SchedulingContract
 from tests.stores import OnMariaDB, OnSQLite
 from transferd.auth.access import Identity
-from transferd.scheduler import BLOCKED_GAP, PASS_GAP, STEPS, Counts, Policy, Scheduler, allocate
+from transferd.scheduler import PASS_GAP, STEPS, Counts, Policy, Scheduler, allocate
 
 
 class AllocateTests(unittest.TestCase):
@@ -65,7 +65,7 @@ class _SlowStore:
     fold_batch = 10000
 
     def listen_for_events(self, listener):
-        pass
+        self.listener = listener
 
     def fold_job_counts(self):
         return defer.succeed(0)
@@ -100,14 +100,25 @@ class PassGapTests(unittest.TestCase):
         self.assertGreaterEqual(min(gaps), PASS_GAP)
         self.assertLessEqual(max(gaps), PASS_GAP + 0.02)
 
-    def test_rounds_that_find_no_room_come_blocked_gap_apart(self):
-        """While jobs wait that no pass can release, arrivals waking the scheduler do not bring rounds closer
-        than BLOCKED_GAP: only a job leaving a slot would change what they find."""
-        starts = self.rounds(took=0.001, waiting=5)
-        gaps = [b - a for a, b in zip(starts, starts[1:])]
-        self.assertGreater(len(starts), 5)
-        self.assertGreaterEqual(min(gaps), BLOCKED_GAP)
-        self.assertLessEqual(max(gaps), BLOCKED_GAP + 0.02)
+    def test_arrivals_do_not_wake_a_blocked_staging_step(self):
+        """While the staging step's last pass found jobs waiting and no slot free, commits that only bring new
+        jobs run no pass (they free no slot); a job changing state does."""
+        clock = task.Clock()
+        store = _SlowStore(clock, 0.001, waiting=5)
+        scheduler = Scheduler(store, types.SimpleNamespace(policy=Policy(), lease=30.0), clock, clock,
+                              interval=1000.0)
+        scheduler.startService()
+        self.addCleanup(scheduler.stopService)
+        clock.pump([0.005] * 20)  # the first round (at start), blocked
+        rounds = len(store.starts)
+        self.assertEqual(rounds, len(STEPS))
+        for _ in range(50):
+            store.listener(False)  # a submission's commit
+            clock.advance(0.005)
+        self.assertEqual(len(store.starts), rounds)
+        store.listener(True)  # a job moved: a slot may be free
+        clock.pump([0.005] * 20)
+        self.assertEqual(len(store.starts), rounds + len(STEPS))
 
     def test_slow_rounds_leave_at_least_their_own_time_free(self):
         starts = self.rounds(took=0.05)  # a round (two passes) takes 0.1 s

@@ -395,7 +395,7 @@ class EventDispatcher(Service):
         self._fanning = False  # a fan-out is running
         self._fan_waiters = []  # lanes waiting for the next fan-out
         self._sweep = None
-        store.listen_for_events(self.wake)
+        store.listen_for_events(lambda moved: self.wake())  # arrivals and moves alike
 
     def _settings(self, config, notifications):
         exchange = (config.events.exchange or self.default_exchange) if self.publisher is not None else None

@@ -23,10 +23,10 @@ run one at a time:
 A share is a submitter, or the group [scheduler] groups puts a submitter in
 (by identity, or by VOMS FQAN as [auth] admins does); its weight comes from
 [scheduler] weights.  Passes run when jobs arrive or leave a step (every
-commit that writes an event wakes the scheduler; at most a round of passes
-every PASS_GAP, or every time the last round took when that is longer, or
-every BLOCKED_GAP while jobs wait that no slot is free for) and every
-[scheduler] interval, for what other daemons changed.
+commit that writes an event wakes the scheduler, but for arrivals while no
+staging slot is free; at most a round of passes every PASS_GAP, or every
+time the last round took when that is longer) and every [scheduler]
+interval, for what other daemons changed.
 """
 
 import dataclasses
@@ -48,10 +48,6 @@ ANONYMOUS = "anonymous"  # the share of jobs submitted without an identity (no a
 # Seconds between the end of a pass and the next one a wake-up starts: the jobs that arrive or move meanwhile
 # share one pass (a few statements) instead of each causing their own.
 PASS_GAP = 0.02
-# Seconds at least between rounds while jobs wait but none can be released (every slot taken, every share at
-# its cap): only a job leaving a slot changes that, yet every arrival wakes the scheduler, and at PASS_GAP
-# the futile passes took a sixth of a core under a stream of submissions (docs/benchmarks.md).
-BLOCKED_GAP = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +209,9 @@ class Scheduler(Service):
         self._wanted = False  # a wake-up came while a round ran: run another, PASS_GAP after it
         self._last_pass = 0.0  # when the last round ended (reactor time)
         self._round_took = 0.0  # seconds the last round took: the gap before the next is at least that
-        self._blocked = False  # the last round released nothing although jobs waited: BLOCKED_GAP before the next
-        self._round_found = None  # during a round: [jobs released, jobs waiting] so far
+        # Steps whose last pass released nothing although jobs waited: no slot was free, and a job that only
+        # arrives frees none, so arrivals do not wake the scheduler for them (_committed).
+        self._blocked = set()
         self._store_away = False  # the last pass found the store away (logged once)
         self._running = None
         self._soon = None
@@ -225,7 +222,7 @@ class Scheduler(Service):
 
     def startService(self):
         super().startService()
-        self.store.listen_for_events(self.wake)  # every commit that writes an event: a job arrived or moved
+        self.store.listen_for_events(self._committed)  # every commit that writes an event: jobs arrived or moved
         self._timer.start(self.interval, now=True)
 
     def stopService(self):
@@ -253,6 +250,14 @@ class Scheduler(Service):
 
     # -- passes ---------------------------------------------------------------------------
 
+    def _committed(self, moved):
+        """Jobs changed state (moved), and a pass may find a slot free, or only arrived: those wake the
+        scheduler unless the staging step is blocked, when the next move (or the interval) runs the pass
+        that releases them.  Under a stream of submissions to a full step, waking on each ran futile
+        passes 50 times a second (docs/benchmarks.md, "Flat costs at a million jobs")."""
+        if moved or STAGING not in self._blocked:
+            self.wake()
+
     def wake(self):
         """Run a pass soon: the wake-ups of PASS_GAP after the last pass, or during a pass, share one."""
         if not self.running or self.draining:
@@ -262,13 +267,12 @@ class Scheduler(Service):
         elif self._soon is None or not self._soon.active():
             # Rounds that take long (many jobs to count) come as far apart as they take: at most half
             # of the time goes to passes, however busy the daemon.
-            gap = max(BLOCKED_GAP if self._blocked else PASS_GAP, self._round_took)
+            gap = max(PASS_GAP, self._round_took)
             delay = max(0.0, self._last_pass + gap - self.reactor.seconds())
             self._soon = self.reactor.callLater(delay, self._start)
 
     def _start(self):
         started = self.reactor.seconds()
-        self._round_found = [0, 0]
         self._running = defer.Deferred.fromCoroutine(self._passes())
         self._running.addBoth(self._ended, started)
 
@@ -276,8 +280,6 @@ class Scheduler(Service):
         self._running = None
         self._last_pass = self.reactor.seconds()
         self._round_took = self._last_pass - started
-        released, waiting = self._round_found
-        self._blocked, self._round_found = not released and waiting > 0, None
         if self._wanted:  # woken during the last round: once the gap has passed
             self._wanted = False
             self.wake()
@@ -322,16 +324,19 @@ class Scheduler(Service):
     async def run_pass(self, step):
         """One pass of step: release jobs and publish them; fire with how many were released."""
         policy = self.policy
-        found = self._round_found if self._round_found is not None else [0, 0]
+        waiting = []
 
         def planned(counts):
-            found[1] += sum(counts.waiting.values())
+            waiting.append(sum(counts.waiting.values()))
             return plan(step, policy, counts)
 
         released = await self.store.schedule(
             step, planned, lambda room, host: room_for(room, host, policy.limits),
             leases.in_queue(self.pipeline.lease), self.daemon_id, hosts=counts_hosts(step, policy.limits))
-        found[0] += len(released)
+        if sum(waiting) and not released:
+            self._blocked.add(step)
+        else:
+            self._blocked.discard(step)
         self.passes += 1
         if released:
             await self.pipeline.publish_released(step.queue, step.waiting, released)

@@ -242,7 +242,7 @@ class SQLJobStore(Service):
                         " SELECT event_id, job_id, new_status, 0, time FROM job_events"
                         f" WHERE job_id IN ({', '.join('?' for _ in chunk)})"), chunk)
 
-        return self._run(interaction, idempotent=False, together="").addCallback(self._events_committed, bool(rows))
+        return self._run(interaction, idempotent=False, together="").addCallback(self._events_committed, bool(rows), False)
 
     def _check_waiting(self, cursor, rows, limit, retry_after):
         adding = {}
@@ -957,18 +957,19 @@ class SQLJobStore(Service):
         if kind == "state":
             cursor.execute(self._sql(INSERT_OUTBOX), (cursor.lastrowid, job_id, new, moment))
 
-    # Called with no argument after each commit that wrote outbox rows (transferd.events wakes its dispatcher).
+    # Called after each commit that wrote outbox rows (transferd.events wakes its dispatcher, the scheduler a pass).
     _event_listeners = ()
 
     def listen_for_events(self, listener):
-        """Call listener() after every commit that wrote events to the outbox."""
+        """Call listener(moved) after every commit that wrote events to the outbox: moved is True when a job
+        changed state, False when the commit only brought new jobs."""
         self._event_listeners = (*self._event_listeners, listener)
 
-    def _events_committed(self, result, wrote=True):
+    def _events_committed(self, result, wrote=True, moved=True):
         if wrote:
             for listener in self._event_listeners:
                 try:
-                    listener()
+                    listener(moved)
                 except Exception:
                     self.log.failure("an event listener failed")
         return result
