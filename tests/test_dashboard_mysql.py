@@ -43,6 +43,7 @@ class DashboardPlanTests(StoreFixture, unittest.TestCase):
                            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)", rows)
         cursor.execute("ANALYZE TABLE jobs")
         cursor.fetchall()
+        await store.fold_job_counts()  # as each round of scheduling passes does
         seen = []
         run = store._run
         store._run = lambda interaction, *args, **options: run(
@@ -61,4 +62,9 @@ class DashboardPlanTests(StoreFixture, unittest.TestCase):
             cursor.execute("EXPLAIN " + query, params)
             names = [column[0] for column in cursor.description]
             for plan in (dict(zip(names, row)) for row in cursor.fetchall()):
+                if plan["table"] == "job_count_changes":
+                    # The kept counts' changes since the last fold, read whole by design (docs/architecture.md,
+                    # "Kept job counts"): none here, as the fold has just run.
+                    self.assertEqual(self.sql("SELECT COUNT(*) FROM job_count_changes"), ((0,),))
+                    continue
                 self.assertTrue(plan["key"] and plan["type"] != "ALL", (query, plan))
