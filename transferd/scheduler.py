@@ -48,6 +48,9 @@ ANONYMOUS = "anonymous"  # the share of jobs submitted without an identity (no a
 # Seconds between the end of a pass and the next one a wake-up starts: the jobs that arrive or move meanwhile
 # share one pass (a few statements) instead of each causing their own.
 PASS_GAP = 0.02
+# Seconds at most between folds of the kept job counts' changes (store.fold_job_counts) of their own: a pass
+# that counts folds them in its own transaction, so this fold only keeps them few while nothing waits.
+FOLD_EVERY = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +216,7 @@ class Scheduler(Service):
         # arrives frees none, so arrivals do not wake the scheduler for them (_committed).
         self._blocked = set()
         self._store_away = False  # the last pass found the store away (logged once)
+        self._folded_at = float("-inf")  # when the last fold of its own ran (reactor time)
         self._running = None
         self._soon = None
         self._timer = task.LoopingCall(self.wake)
@@ -285,7 +289,8 @@ class Scheduler(Service):
             self.wake()
 
     async def _passes(self):
-        """One round: the job counts' latest changes folded in (the passes read them), then a pass of each step."""
+        """One round: the job counts' changes folded in (at most every FOLD_EVERY; passes that count fold them
+        too), then a pass of each step."""
         if self.running and not self.draining:
             for work in (self._fold, *(functools.partial(self.run_pass, step) for step in STEPS)):
                 try:
@@ -304,6 +309,10 @@ class Scheduler(Service):
                     self.log.info("scheduling passes run again: the job store is back")
 
     async def _fold(self):
+        now = self.reactor.seconds()
+        if now - self._folded_at < FOLD_EVERY:
+            return
+        self._folded_at = now
         if await self.store.fold_job_counts() >= self.store.fold_batch:
             self._wanted = True  # more changes than one fold takes: the next round comes after the gap
 

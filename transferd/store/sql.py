@@ -375,7 +375,11 @@ class SQLJobStore(Service):
         return counts
 
     def fold_job_counts(self):
-        """Fold up to fold_batch appended changes into job_counts; fire with how many were folded.
+        """Fold up to fold_batch appended changes into job_counts, in a transaction of its own (_fold)."""
+        return self._run(self._fold)
+
+    def _fold(self, cursor):
+        """Fold up to fold_batch appended changes into job_counts; return how many were folded.
 
         On MySQL the changes are taken FOR UPDATE SKIP LOCKED and removed by
         id: a daemon folding at the same moment takes others, and a change
@@ -383,34 +387,29 @@ class SQLJobStore(Service):
         that fall to zero go, so a share or host without jobs in a bucket
         costs no read.  Safe to run again after a lost connection.
         """
-        select = self._sql("SELECT change_id, status, held, share, destination_host, delta FROM job_count_changes"
-                           " ORDER BY change_id LIMIT ?" + self.skip_locked)
-
-        def interaction(cursor):
-            cursor.execute(select, (self.fold_batch,))
-            rows = cursor.fetchall()
-            totals = {}
-            for _change, status, held, share, host, delta in rows:
-                for key in (("all", status, int(held), ""), ("share", status, int(held), share),
-                            ("host", status, int(held), host)):
-                    totals[key] = totals.get(key, 0) + int(delta)
-            changed = sorted(key for key, delta in totals.items() if delta)  # in key order: no deadlock
-            if changed:
-                cursor.executemany(self._sql(self.add_to_count), [(*key, totals[key]) for key in changed])
-            fallen = [key for key in changed if totals[key] < 0]
-            for start in range(0, len(fallen), 200):
-                chunk = fallen[start:start + 200]
-                cursor.execute(self._sql("DELETE FROM job_counts WHERE total = 0 AND (counted_by, status, held, name)"
-                                         f" IN ({', '.join('(?, ?, ?, ?)' for _ in chunk)})"),
-                               [value for key in chunk for value in key])
-            ids = [row[0] for row in rows]
-            for start in range(0, len(ids), 1000):
-                chunk = ids[start:start + 1000]
-                cursor.execute(self._sql(f"DELETE FROM job_count_changes WHERE change_id IN"
-                                         f" ({', '.join('?' for _ in chunk)})"), chunk)
-            return len(rows)
-
-        return self._run(interaction)
+        cursor.execute(self._sql("SELECT change_id, status, held, share, destination_host, delta FROM job_count_changes"
+                                 " ORDER BY change_id LIMIT ?" + self.skip_locked), (self.fold_batch,))
+        rows = cursor.fetchall()
+        totals = {}
+        for _change, status, held, share, host, delta in rows:
+            for key in (("all", status, int(held), ""), ("share", status, int(held), share),
+                        ("host", status, int(held), host)):
+                totals[key] = totals.get(key, 0) + int(delta)
+        changed = sorted(key for key, delta in totals.items() if delta)  # in key order: no deadlock
+        if changed:
+            cursor.executemany(self._sql(self.add_to_count), [(*key, totals[key]) for key in changed])
+        fallen = [key for key in changed if totals[key] < 0]
+        for start in range(0, len(fallen), 200):
+            chunk = fallen[start:start + 200]
+            cursor.execute(self._sql("DELETE FROM job_counts WHERE total = 0 AND (counted_by, status, held, name)"
+                                     f" IN ({', '.join('(?, ?, ?, ?)' for _ in chunk)})"),
+                           [value for key in chunk for value in key])
+        ids = [row[0] for row in rows]
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start:start + 1000]
+            cursor.execute(self._sql(f"DELETE FROM job_count_changes WHERE change_id IN"
+                                     f" ({', '.join('?' for _ in chunk)})"), chunk)
+        return len(rows)
 
     # -- what the dashboard sums up (transferd.dashboard) ---------------------------
     # Each reads one index range: submitted since (jobs_submitted, or jobs_submitter_submitted for one
@@ -794,6 +793,7 @@ class SQLJobStore(Service):
                 return []
             cursor.execute(self._sql("UPDATE scheduler SET daemon_id = ?, time_pass = ?, released = 0 WHERE step = ?"),
                            (daemon_id, moment, step.name))
+            self._fold(cursor)  # in the pass's transaction: no commit of its own (SQLite syncs each one)
             counts = self._scheduling_counts(cursor, step, hosts)
             if not counts.waiting:
                 return []
