@@ -2278,7 +2278,7 @@ def periodic_operations():
         ("FTS poller: take_for_polling", "[fts] poll_interval, 30 s",
          lambda store: store.take_for_polling(jobs.TRANSFERRING, "fts-poller-bench", 27.0, 1000, having="fts_jobid",
                                               slots=(0, POLL_SLOTS))),
-        ("scheduler: fold of the counts' changes", "each round of passes", lambda store: store.fold_job_counts()),
+        ("scheduler: fold of the counts' changes", "each counting pass; 1 s idle", lambda store: store.fold_job_counts()),
         ("scheduler: staging pass", "each commit (20 ms apart), 1 s idle", scheduling_pass(STAGING)),
         ("scheduler: transfer pass", "each commit (20 ms apart), 1 s idle", scheduling_pass(TRANSFER)),
         ("events: fan_out", "each commit, [events] sweep 10 s",
