@@ -212,9 +212,9 @@ class Scheduler(Service):
         self._wanted = False  # a wake-up came while a round ran: run another, PASS_GAP after it
         self._last_pass = 0.0  # when the last round ended (reactor time)
         self._round_took = 0.0  # seconds the last round took: the gap before the next is at least that
-        # Steps whose last pass released nothing although jobs waited: no slot was free, and a job that only
-        # arrives frees none, so arrivals do not wake the scheduler for them (_committed).
-        self._blocked = set()
+        # The last staging pass released nothing although jobs waited: no slot was free, and a job that only
+        # arrives frees none, so arrivals do not wake the scheduler (_committed).
+        self._staging_blocked = False
         self._store_away = False  # the last pass found the store away (logged once)
         self._folded_at = float("-inf")  # when the last fold of its own ran (reactor time)
         self._running = None
@@ -259,7 +259,7 @@ class Scheduler(Service):
         scheduler unless the staging step is blocked, when the next move (or the interval) runs the pass
         that releases them.  Under a stream of submissions to a full step, waking on each ran futile
         passes 50 times a second (docs/benchmarks.md, "Flat costs at a million jobs")."""
-        if moved or STAGING not in self._blocked:
+        if moved or not self._staging_blocked:
             self.wake()
 
     def wake(self):
@@ -342,10 +342,8 @@ class Scheduler(Service):
         released = await self.store.schedule(
             step, planned, lambda room, host: room_for(room, host, policy.limits),
             leases.in_queue(self.pipeline.lease), self.daemon_id, hosts=counts_hosts(step, policy.limits))
-        if sum(waiting) and not released:
-            self._blocked.add(step)
-        else:
-            self._blocked.discard(step)
+        if step is STAGING:
+            self._staging_blocked = bool(sum(waiting)) and not released
         self.passes += 1
         if released:
             await self.pipeline.publish_released(step.queue, step.waiting, released)

@@ -981,11 +981,11 @@ class SQLJobStore(Service):
             return {"lease_owner": None, "lease_until": None}
         return {"lease_owner": hold.owner, "lease_until": now + hold.seconds}
 
-    def _rowcount(self, query, params, counted=False, idempotent=False, together=None):
-        """Run one UPDATE; fire with its row count (counted) or whether it matched."""
+    def _rowcount(self, query, params, idempotent=False, together=None):
+        """Run one UPDATE or DELETE; fire with whether it matched."""
 
         def interaction(cursor):
             cursor.execute(query, tuple(params))
-            return cursor.rowcount if counted else cursor.rowcount > 0
+            return cursor.rowcount > 0
 
         return self._run(interaction, idempotent=idempotent, together=together)
