@@ -57,7 +57,8 @@ SMALL_PRODUCT_BYTES = 4096
 FTS_TOKEN = "bench-fts-token"
 E2E_CLIENTS = 16  # concurrent clients submitting
 E2E_FTS = {"poll_interval": 0.5, "bulk_size": 100}
-RSS_FTS = {"poll_interval": 1, "bulk_size": 100}
+# Every job polled every second whatever its age (max_poll_interval = poll_interval): memory at the busiest polling.
+RSS_FTS = {"poll_interval": 1, "max_poll_interval": 1, "bulk_size": 100}
 RSS_PREFETCH = 32
 THROUGHPUT_GOAL = 100  # jobs/s, submit to SUCCESS
 RSS_GOAL_MIB = 200  # daemon RSS with RSS jobs TRANSFERRING
@@ -1578,7 +1579,7 @@ def report_memory(m):
     _heading(f"5. Daemon memory with {m.count} jobs TRANSFERRING (goal: at most {goal} MiB)")
     print(f"""\
    `twistd -n transferd-fakefts --duration {30 * 86400}` keeps every job ACTIVE; [queue] prefetch={RSS_PREFETCH},
-   [fts] poll_interval={RSS_FTS['poll_interval']}s bulk_size={RSS_FTS['bulk_size']}; MiB = 1,048,576 bytes, from /proc/<pid>/status
+   [fts] poll_interval={RSS_FTS['poll_interval']}s max_poll_interval={RSS_FTS['max_poll_interval']}s bulk_size={RSS_FTS['bulk_size']}; MiB = 1,048,576 bytes, from /proc/<pid>/status
 when                                           VmRSS MiB  VmHWM MiB  RssAnon MiB  threads  of goal
 {_row("idle, 2 s after start", m.idle)}
 {_row(f"all {m.count} jobs TRANSFERRING", m.at_fill)}
@@ -1993,7 +1994,7 @@ SCALE_MIX = (("TRANSFERRING", 0.30), ("STAGED", 0.10), ("STAGING", 0.20), ("SUBM
 # mover would otherwise turn them into TRANSFERRING during the measurement, which the empty table cannot).
 SCALE_FTS = {"bulk_size": 100}
 SCALE_LIMITS = {"max_transfers_per_submitter": 1}
-SCALE_RSS_FTS = RSS_FTS  # poll_interval 1 s: the memory figure's jobs are polled as fast as the poller goes
+SCALE_RSS_FTS = RSS_FTS  # every job every 1 s: the memory figure's jobs are polled as fast as the poller goes
 # What a poll of a running job leaves in fts_details (FTSPoller._record_progress): the fake's answer for an
 # ACTIVE one-file job.  Filled rows carry it, so the poller finds no progress to write, as in a steady state.
 SCALE_FTS_DETAILS = '{"job_state": "ACTIVE", "files": [{"file_state": "ACTIVE"}]}'
@@ -2063,7 +2064,7 @@ def _scale_active_columns(bounds):
     """The active jobs' columns; bounds: {status: last seq}, the states in SCALE_MIX's order (seq 1: the oldest job).
 
     The leases as the daemon leaves them: TRANSFERRING waits for FTS (no owner, until time_transferring +
-    [fts] transfer_timeout) and is polled (poll_until within the next poll interval, as a poller that keeps up
+    [fts] transfer_timeout) and is polled (poll_until within the job's poll interval, as a poller that keeps up
     leaves it); STAGING waits for the stager (no owner, until 2 h after time_staging: not within the run);
     STAGED and SUBMITTED are free, for the scheduler (it releases them under a queue hold).
     """
@@ -2089,8 +2090,20 @@ def _scale_active_columns(bounds):
         "lease_until": (f"CASE WHEN seq <= {transferring} THEN @now + 86400 - {recent}"
                         f" WHEN seq > {staged} AND seq <= {staging} THEN @now + 7200 - 600 - {recent} END"),
         "poll_owner": f"CASE WHEN seq <= {transferring} THEN 'fts-poller-filled' END",
-        "poll_until": f"CASE WHEN seq <= {transferring} THEN @now - 3 + seq % 30 END",
+        # Each job's poll due within its own interval (transferd.polling: longer for the older transfers).
+        "poll_until": f"CASE WHEN seq <= {transferring} THEN @now - 3 + seq % ({_poll_interval_sql(recent)}) END",
     }
+
+
+def _poll_interval_sql(age, poll_interval=30.0, longest=300.0):
+    """SQL for Poller.interval (transferd.polling) of the age an expression gives; the [fts] defaults."""
+    from transferd.polling import AGE_SHARE
+
+    cases, interval = [], poll_interval
+    while min(interval * 2, longest) > interval:
+        cases.append(f"WHEN {age} < {interval * 2 / AGE_SHARE:g} THEN {interval:g}")
+        interval = min(interval * 2, longest)
+    return "CASE " + " ".join(cases) + f" ELSE {interval:g} END"
 
 
 def fill_scale(backends, finished, active, fts_ids, mix=SCALE_MIX, events=True):
@@ -2256,6 +2269,7 @@ def periodic_operations():
     """(what, how often, operation(store)) of every query the daemon runs on a timer, with its settings here."""
     from transferd import jobs, leases
     from transferd.fleet import FORGET_AFTER, this_process
+    from transferd.polling import Poller
     from transferd.retention import BATCH as PURGE_BATCH, LOOKBACK, PAGE
     from transferd.scheduler import STAGING, TRANSFER, Limits, Policy, plan, room_for
     from transferd.store.outbox import Outbox
@@ -2264,6 +2278,7 @@ def periodic_operations():
     now = time.time()
     policy = Policy(limits=Limits(max_transfers_per_submitter=SCALE_LIMITS["max_transfers_per_submitter"]))
     info = this_process(types.SimpleNamespace(seconds=time.time))
+    fts_hold = Poller(None, None, None, None, 30.0, 300.0).hold  # the FTS poller's, at the [fts] defaults
 
     def scheduling_pass(step):
         return lambda store: store.schedule(step, lambda counts: plan(step, policy, counts),
@@ -2276,8 +2291,8 @@ def periodic_operations():
         ("reconciler: jobs_to_redrive", "[reconciler] interval, 30 s",
          lambda store: store.jobs_to_redrive((jobs.STAGING, jobs.TRANSFERRING), 1000)),
         ("FTS poller: take_for_polling", "[fts] poll_interval, 30 s",
-         lambda store: store.take_for_polling(jobs.TRANSFERRING, "fts-poller-bench", 27.0, 1000, having="fts_jobid",
-                                              slots=(0, POLL_SLOTS))),
+         lambda store: store.take_for_polling(jobs.TRANSFERRING, "fts-poller-bench", fts_hold, 1000,
+                                              having="fts_jobid", slots=(0, POLL_SLOTS))),
         ("scheduler: fold of the counts' changes", "each counting pass; 1 s idle", lambda store: store.fold_job_counts()),
         ("scheduler: staging pass", "each commit (20 ms apart), 1 s idle", scheduling_pass(STAGING)),
         ("scheduler: transfer pass", "each commit (20 ms apart), 1 s idle", scheduling_pass(TRANSFER)),
@@ -2515,7 +2530,8 @@ operation                              every                                  ms
     goal = RSS_GOAL_MIB
     print(f"""
 Daemon memory with {m.count} jobs TRANSFERRING, filled in SQL with the ids of {m.count} jobs submitted to the fake FTS
-({m.fts_seconds:.0f} s) and polled: [fts] poll_interval={m.interval:g}s bulk_size={SCALE_RSS_FTS['bulk_size']}, at most\
+({m.fts_seconds:.0f} s) and polled: [fts] poll_interval={m.interval:g}s max_poll_interval={SCALE_RSS_FTS['max_poll_interval']}s\
+ bulk_size={SCALE_RSS_FTS['bulk_size']}, at most\
  1000 jobs a cycle (FTSPoller.poll_limit)
 when                                           VmRSS MiB  VmHWM MiB  RssAnon MiB  threads  of goal""")
 

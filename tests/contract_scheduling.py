@@ -143,8 +143,8 @@ class SchedulingContract:
             yield self.store.transition(job_id, jobs.SUBMITTED, jobs.STAGING)
         for job_id in ids[:20]:
             yield self.store.record_stager_request(job_id, "request-1")
-        low = yield self.store.take_for_polling(jobs.STAGING, "poller-low", 60, 100, slots=(0, 512))
-        high = yield self.store.take_for_polling(jobs.STAGING, "poller-high", 60, 100, slots=(512, 1024))
+        low = yield self.store.take_for_polling(jobs.STAGING, "poller-low", lambda age: 60, 100, slots=(0, 512))
+        high = yield self.store.take_for_polling(jobs.STAGING, "poller-high", lambda age: 60, 100, slots=(512, 1024))
         self.assertEqual(sorted(j.job_id for j in low + high), sorted(ids))
         self.assertTrue(all(j.poll_slot < 512 for j in low) and all(j.poll_slot >= 512 for j in high))
         slot = schema.poll_slot("request-1")

@@ -24,6 +24,11 @@ def a_job(**overrides):
     return jobs.Job(**values)
 
 
+def hold_30s(age):
+    """A poll hold of 30 s whatever the job's age (take_for_polling)."""
+    return 30
+
+
 class JobStoreContract:
     def make_store(self, clock):
         raise NotImplementedError
@@ -286,17 +291,40 @@ class JobStoreContract:
                                         {"stager_request": "r" if len(ids) < 5 else None})
             ids.append(job.job_id)
         batches = yield defer.gatherResults(
-            [self.store.take_for_polling(jobs.STAGING, f"poller-{i}", 30, 2, having="stager_request") for i in range(4)]
+            [self.store.take_for_polling(jobs.STAGING, f"poller-{i}", hold_30s, 2, having="stager_request") for i in range(4)]
         )
         taken = [job.job_id for batch in batches for job in batch]
         self.assertEqual(sorted(taken), sorted(ids[:5]))
         self.assertTrue(all(len(batch) <= 2 for batch in batches))
-        self.assertEqual((yield self.store.take_for_polling(jobs.STAGING, "late", 30, 10, having="stager_request")), [])
+        self.assertEqual((yield self.store.take_for_polling(jobs.STAGING, "late", hold_30s, 10, having="stager_request")), [])
         self.clock.advance(31)
-        again = yield self.store.take_for_polling(jobs.STAGING, "next", 30, 10)
+        again = yield self.store.take_for_polling(jobs.STAGING, "next", hold_30s, 10)
         self.assertEqual(sorted(j.job_id for j in again), sorted(ids))
         self.assertTrue(all(j.poll_owner == "next" for j in again))
         self.assertNotIn("poll_owner", again[0].public_view())
+
+    @defer.inlineCallbacks
+    def test_take_for_polling_holds_each_job_by_its_age_in_the_state(self):
+        """hold is asked about each job's seconds since it entered the state, and the job is taken that long."""
+        old = yield self._submitted()
+        yield self.store.transition(old.job_id, jobs.SUBMITTED, jobs.STAGING, {"stager_request": "r"})
+        self.clock.advance(1000)
+        young = yield self._submitted()
+        yield self.store.transition(young.job_id, jobs.SUBMITTED, jobs.STAGING, {"stager_request": "r"})
+        self.clock.advance(10)
+        ages = []
+
+        def hold(age):
+            ages.append(age)
+            return 30 if age < 100 else 240
+
+        now = self.clock.seconds()
+        taken = yield self.store.take_for_polling(jobs.STAGING, "poller", hold, 10, having="stager_request")
+        self.assertEqual(sorted(round(age) for age in ages), [10, 1010])
+        self.assertEqual({job.job_id: job.poll_until for job in taken}, {young.job_id: now + 30, old.job_id: now + 240})
+        self.clock.advance(31)
+        again = yield self.store.take_for_polling(jobs.STAGING, "poller", hold, 10, having="stager_request")
+        self.assertEqual([job.job_id for job in again], [young.job_id])
 
     @defer.inlineCallbacks
     def test_hold_in_queue_marks_only_free_jobs_in_state(self):

@@ -382,6 +382,23 @@ class PollerTests(MoverTestCase):
         self.assertEqual(self.fake.count("GET", "/jobs/{ids}") - before, 4)
         self.assertEqual((await self.poller.poll_once())["jobs"], 0, "every job asked about once this interval")
 
+    async def test_a_long_running_transfer_is_asked_about_less_often(self):
+        """A transfer is polled every poll_interval while young; its interval doubles while under a tenth of its
+        age, up to max_poll_interval (poll_interval 10 s, max 40 s: every 10 s until 200 s, every 20 s until
+        400 s, then every 40 s)."""
+        await self.start(slow=["/slow=100000"])
+        self.poller.poll_interval, self.poller.max_poll_interval = 10, 40
+        job = await self.staged("slow")
+        await self.pipeline.transfer(job.job_id)
+        self.clock.advance(0.5)  # the cycles' ages clear of the boundaries (200 s, 400 s), which times round to
+        polled_at = []
+        for elapsed in range(0, 600, 10):  # one cycle every poll_interval, as the timer runs them
+            if (await self.poller.poll_once())["jobs"]:
+                polled_at.append(elapsed)
+            self.clock.advance(10)
+        self.assertEqual(polled_at, list(range(0, 200, 10)) + list(range(200, 400, 20)) + list(range(400, 600, 40)))
+        self.assertEqual((await self.job(job.job_id)).status, jobs.TRANSFERRING)
+
     async def test_timeout_cancels_then_errors(self):
         """A job still running past transfer_timeout is DELETEd at FTS, then ends in ERROR."""
         await self.start(slow=["/slow=100000"])
@@ -398,6 +415,8 @@ class PollerTests(MoverTestCase):
         await self.poller.poll_once()
         self.assertEqual((await self.job(job.job_id)).status, jobs.TRANSFERRING)
         self.clock.advance(1)
+        self.assertEqual((await self.poller.poll_once())["jobs"], 0, "an hour-old transfer waits its longer interval")
+        self.clock.advance(self.poller.max_poll_interval)
         self.assertEqual((await self.poller.poll_once())["reported"], 1)
         after = await self.job(job.job_id)
         self.assertEqual(after.status, jobs.ERROR)

@@ -225,6 +225,26 @@ class BulkStagingTests(TapeRestTestBase):
                          sorted((j.stager_request, self.path(j.product_id)) for j in found.values()))
 
     @defer.inlineCallbacks
+    def test_a_long_recall_is_asked_about_less_often(self):
+        """A request is polled every poll_interval while its jobs are young in STAGING, then at an interval that
+        doubles while under a tenth of their age, up to max_poll_interval (10 s, then 20 s from 200 s, 40 s from
+        400 s)."""
+        rig = yield self.rig(max_poll_interval=40)
+        (product,) = self.products(1)
+        self.fake.set_recall(self.path(product), 10**6)  # still on tape however long the test runs
+        ids = yield self.submit(rig, [product])
+        yield self.send_batches(rig, ids)
+        entered = (yield self.jobs_of(rig, ids))[ids[0]].time_staging.timestamp()
+        polled_at = []
+        while self.clock.seconds() - entered < 590:
+            before = sum(self.status_gets().values())
+            yield self.cycle(rig)
+            if sum(self.status_gets().values()) > before:
+                polled_at.append(round(self.clock.seconds() - entered))
+        self.assertEqual(polled_at, list(range(10, 200, 10)) + list(range(200, 400, 20)) + list(range(400, 600, 40)))
+        self.assertEqual(set((yield self.statuses(rig, ids)).values()), {jobs.STAGING})
+
+    @defer.inlineCallbacks
     def test_a_full_batch_is_followed_by_another(self):
         """With more jobs due than a batch takes (poll_limit), one cycle polls the requests of them all."""
         rig = yield self.rig()

@@ -205,12 +205,14 @@ class IJobStore(IService):
     def forget_daemon(daemon_id):
         """Delete daemon_id's row (it stopped cleanly); fire with True/False."""
 
-    def take_for_polling(status, owner, seconds, limit, having=None, slots=None):
+    def take_for_polling(status, owner, hold, limit, having=None, slots=None):
         """Take up to limit jobs in status for one polling cycle, least recently polled first.
 
         A poller's lease is separate from the workers' lease: a job taken here
-        is polled by owner only, until seconds from now, so several daemons
-        polling at once each poll different jobs.  having names a column that
+        is polled by owner only, for hold(age) seconds from now (age: the
+        seconds since it entered status; transferd.polling.Poller.hold), so
+        several daemons polling at once each poll different jobs, and a job
+        long in its state is asked about less often.  having names a column that
         must be set (e.g. fts_jobid); slots (first, end) the poll slots this
         daemon polls (transferd.fleet).  Fires with the Jobs taken.
         """

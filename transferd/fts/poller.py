@@ -2,7 +2,8 @@
 
 Every poll_interval (and once at start) it takes batches of TRANSFERRING
 jobs with an fts_jobid (store.take_for_polling: several daemons poll
-different jobs; another batch while the last was full, Poller.more_due), asks FTS about them bulk_size ids per request (fewer when
+different jobs; another batch while the last was full, Poller.more_due; a
+long-running transfer less often, Poller.interval), asks FTS about them bulk_size ids per request (fewer when
 the request path would be too long: FTSClient.batches), and reports
 every job FTS has finished to its outcomes (IOutcomes.transfer_done):
 FINISHED is SUCCESS; FAILED, FINISHEDDIRTY and CANCELED are ERROR with FTS's
@@ -38,8 +39,8 @@ class FTSPoller(Poller):
     service = "FTS"
 
     def __init__(self, client, store, clock, outcomes, poll_interval=30.0, bulk_size=100, timeout=86400.0,
-                 poll_limit=None):
-        super().__init__(client, store, clock, outcomes, poll_interval)
+                 poll_limit=None, max_poll_interval=None):
+        super().__init__(client, store, clock, outcomes, poll_interval, max_poll_interval)
         self.bulk_size = bulk_size
         self.timeout = timeout
         self.poll_limit = poll_limit or max(1000, bulk_size * 10)
@@ -67,10 +68,9 @@ class FTSPoller(Poller):
 
     async def _poll_batch(self, summary):
         """Take up to poll_limit jobs, ask FTS about them and settle those it has finished; how many were taken."""
-        # Taken for just under one interval, so the next cycle (here or elsewhere) can take them again.
+        # Taken for just under their interval, so the cycle (here or elsewhere) one interval on takes them again.
         taken = await self.store.take_for_polling(
-            jobs.TRANSFERRING, self.owner, self.poll_interval * 0.9, self.poll_limit, having="fts_jobid",
-            slots=self.slots)
+            jobs.TRANSFERRING, self.owner, self.hold, self.poll_limit, having="fts_jobid", slots=self.slots)
         summary["jobs"] += len(taken)
         for chunk in self.chunks(taken):
             summary["requests"] += 1
@@ -120,8 +120,11 @@ class FTSPoller(Poller):
 
     async def _record_progress(self, job, entry):
         """Keep FTS's view of a running job in fts_details, where the v1 API reads its progress; written on change."""
+        known = _progress(job.fts_details)
+        if _entry_progress(entry) == known:
+            return  # most polls of a running job: nothing new, and nothing to encode
         details = _details(job.fts_jobid, self.client.endpoint, entry)
-        if _progress(details) != _progress(job.fts_details):
+        if _progress(details) != known:  # not only its files shortened to fit, as they were when stored
             await self.store.update(job.job_id, jobs.TRANSFERRING, {"fts_details": details})
 
     def _overdue(self, job):
@@ -167,11 +170,14 @@ def _details(fts_jobid, endpoint, entry):
 def _progress(details):
     """(job state, file states) of fts_details text: what a progress report says; None when there is none."""
     try:
-        detail = json.loads(details)
-        return detail.get("job_state"), tuple(f.get("file_state") for f in detail.get("files") or []
-                                              if isinstance(f, dict))
+        return _entry_progress(json.loads(details))
     except (TypeError, ValueError, AttributeError):
         return None
+
+
+def _entry_progress(entry):
+    """(job state, file states) of FTS's answer about one job."""
+    return entry.get("job_state"), tuple(f.get("file_state") for f in entry.get("files") or [] if isinstance(f, dict))
 
 
 def _file_name(entry):

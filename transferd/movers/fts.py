@@ -61,12 +61,13 @@ class FTSMover(Service):
 
     def __init__(self, client, store, clock, source_template="gsiftp://{staged_to}{path}", poll_interval=30.0,
                  bulk_size=100, transfer_timeout=86400.0, verify_checksum="both", overwrite=False, retry=0,
-                 priority=3, poll_limit=None, give_up_after=86400.0):
+                 priority=3, poll_limit=None, give_up_after=86400.0, max_poll_interval=300.0):
         self.client = client
         self.store = store
         self.clock = clock
         self.source_template = source_template
         self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval  # a long-running transfer's (transferd.polling)
         self.bulk_size = bulk_size
         self.timeout = transfer_timeout
         self.give_up_after = give_up_after  # seconds of FTS being away before the pipeline gives a job up
@@ -103,7 +104,8 @@ class FTSMover(Service):
     def pollers(self, outcomes):
         """The poller, reporting to outcomes every poll_interval."""
         return [FTSPoller(self.client, self.store, self.clock, outcomes, poll_interval=self.poll_interval,
-                          bulk_size=self.bulk_size, timeout=self.timeout, poll_limit=self.poll_limit)]
+                          bulk_size=self.bulk_size, timeout=self.timeout, poll_limit=self.poll_limit,
+                          max_poll_interval=self.max_poll_interval)]
 
     def startService(self):
         super().startService()
@@ -238,6 +240,7 @@ def from_config(config, reactor, clock, store, metrics=None):
         client, store, clock,
         source_template=section.source_template,
         poll_interval=section.poll_interval,
+        max_poll_interval=section.max_poll_interval,
         bulk_size=section.bulk_size,
         transfer_timeout=section.transfer_timeout,
         verify_checksum=section.verify_checksum,

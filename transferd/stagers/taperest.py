@@ -103,7 +103,7 @@ class TapeRestStager(Service):
 
     def __init__(self, client, store, clock, bulk_size=100, poll_interval=30.0, timeout=3600.0, max_attempts=3,
                  retry_delay=2.0, give_up_after=86400.0, batch_window=BATCH_WINDOW, poll_limit=POLL_LIMIT,
-                 poll_concurrency=POLL_CONCURRENCY, name=None, namespace=None):
+                 poll_concurrency=POLL_CONCURRENCY, name=None, namespace=None, max_poll_interval=300.0):
         """client: the TapeRestClient.  store: where request ids are stored, and polled jobs taken from.
         clock: drives batching (the poller's too).  retry_delay: the retry_after of a ServiceAway.
         name: names the poller in the store.  namespace: the Namespace mount that lists products
@@ -114,6 +114,7 @@ class TapeRestStager(Service):
         self.clock = clock
         self.bulk_size = bulk_size
         self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval  # a long recall's (transferd.polling)
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.retry_delay = retry_delay
@@ -182,7 +183,8 @@ class TapeRestStager(Service):
         """The poller of the stored staging requests, reporting to outcomes every poll_interval."""
         return [TapeRestPoller(self.client, self.store, self.clock, outcomes, poll_interval=self.poll_interval,
                                poll_limit=self.poll_limit, poll_concurrency=self.poll_concurrency,
-                               name=self.poller_name, namespace=self.namespace)]
+                               name=self.poller_name, namespace=self.namespace,
+                               max_poll_interval=self.max_poll_interval)]
 
     def stopService(self):
         """Fail the stage() calls still waiting, cancel the work in flight, close the connections."""
@@ -381,6 +383,7 @@ def from_config(config, reactor, clock, store, metrics=None):
         clock,
         bulk_size=section.bulk_size,
         poll_interval=section.poll_interval,
+        max_poll_interval=section.max_poll_interval,
         timeout=section.timeout,
         max_attempts=section.max_attempts,
         retry_delay=section.retry_delay,

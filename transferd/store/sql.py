@@ -730,36 +730,47 @@ class SQLJobStore(Service):
 
         return self._run(interaction)
 
-    def take_for_polling(self, status, owner, seconds, limit, having=None, slots=None):
-        """slots: (first, end): only jobs whose poll_slot is in [first, end) (this daemon's share, transferd.fleet)."""
+    def take_for_polling(self, status, owner, hold, limit, having=None, slots=None):
+        """hold(age) -> seconds: how long a job held in status for `age` seconds is taken (transferd.polling).
+        slots: (first, end): only jobs whose poll_slot is in [first, end) (this daemon's share, transferd.fleet)."""
         now = self._now()
+        since = f"time_{status.lower()}"  # when the job entered status: its age there
         condition = f" AND {having} IS NOT NULL" if having else ""
         if slots is not None:
             condition += f" AND poll_slot >= {int(slots[0])} AND poll_slot < {int(slots[1])}"
         if having is not None and having not in jobs.COLUMNS:
             raise ValueError(f"unknown job field {having!r}")
+        if since not in TIME_COLUMNS:
+            raise ValueError(f"jobs in {status} are not polled: no {since}")
         select = self._sql(
-            "SELECT job_id FROM jobs WHERE status = ? AND (poll_until IS NULL OR poll_until < ?)"
+            f"SELECT job_id, {since} FROM jobs WHERE status = ? AND (poll_until IS NULL OR poll_until < ?)"
             + condition + " ORDER BY poll_until LIMIT ?" + self.skip_locked
         )
 
         def interaction(cursor):
             cursor.execute(select, (status, now, limit))
-            candidates = [row[0] for row in cursor.fetchall()]
+            candidates = cursor.fetchall()
             if not candidates:
                 return []
+            by_until = {}  # the holds come in a few steps (transferd.polling.hold): one UPDATE each
+            for job_id, entered in candidates:
+                entered = self._time_from_db(entered)
+                age = now - entered.timestamp() if entered is not None else 0.0
+                by_until.setdefault(now + hold(max(0.0, age)), []).append(job_id)
+            for until, ids in sorted(by_until.items()):
+                marks = ", ".join("?" for _ in ids)
+                # The poll_until test again: of several pollers, only one takes each job.
+                cursor.execute(
+                    self._sql(
+                        f"UPDATE jobs SET poll_owner = ?, poll_until = ? WHERE job_id IN ({marks})"
+                        " AND status = ? AND (poll_until IS NULL OR poll_until < ?)"
+                    ),
+                    (owner, until, *ids, status, now),
+                )
             marks = ", ".join("?" for _ in candidates)
-            # The poll_until test again: of several pollers, only one takes each job.
             cursor.execute(
-                self._sql(
-                    f"UPDATE jobs SET poll_owner = ?, poll_until = ? WHERE job_id IN ({marks})"
-                    " AND status = ? AND (poll_until IS NULL OR poll_until < ?)"
-                ),
-                (owner, now + seconds, *candidates, status, now),
-            )
-            cursor.execute(
-                self._sql(SELECT_JOB + f" WHERE job_id IN ({marks}) AND poll_owner = ? AND poll_until = ?"),
-                (*candidates, owner, now + seconds),
+                self._sql(SELECT_JOB + f" WHERE job_id IN ({marks}) AND poll_owner = ? AND poll_until > ?"),
+                (*(job_id for job_id, _ in candidates), owner, now),
             )
             return [self._job_from_row(row) for row in cursor.fetchall()]
 

@@ -12,8 +12,8 @@ its other files are cancelled), and waits otherwise.  A request the tape
 system no longer knows (404 with a problem document) fails its jobs.  An
 endpoint that cannot be reached or answers anything else decides nothing:
 the jobs wait, and the stager's timeout is their only limit.  A job is taken
-for 0.8 poll_interval, so it is polled about once per interval however many
-daemons poll.
+for 0.8 of its interval, so it is polled about once per interval however many
+daemons poll; a recall long under way less often (Poller.interval).
 """
 
 import collections
@@ -28,7 +28,7 @@ from transferd.jobs import StagedFile, StageResult
 from transferd.polling import Poller
 from transferd.taperest.client import Refused, Unreachable, document, problem
 
-POLL_HOLD = 0.8  # jobs are taken for this fraction of poll_interval
+POLL_HOLD = 0.8  # jobs are taken for this fraction of their interval (Poller.hold)
 POLL_LIMIT = 1000  # jobs taken per batch (a cycle takes batches while they come full: Poller.more_due)
 POLL_CONCURRENCY = 8  # GET /stage/<id> in flight at once
 COMPLETED, FAILED, CANCELLED = "COMPLETED", "FAILED", "CANCELLED"
@@ -50,12 +50,14 @@ class TapeRestPoller(Poller):
     log = Logger()
     service = "Tape REST"
 
+    hold_share = POLL_HOLD
+
     def __init__(self, client, store, clock, outcomes, poll_interval=30.0, poll_limit=POLL_LIMIT,
-                 poll_concurrency=POLL_CONCURRENCY, name=None, namespace=None):
+                 poll_concurrency=POLL_CONCURRENCY, name=None, namespace=None, max_poll_interval=None):
         """name: this poller's name in the store (default: a fresh uuid).
         namespace: the Namespace mount that tells the staged files' sizes (None: sizes unknown).
         """
-        super().__init__(client, store, clock, outcomes, poll_interval)
+        super().__init__(client, store, clock, outcomes, poll_interval, max_poll_interval)
         self.namespace = namespace
         self.poll_limit = poll_limit
         self.poll_concurrency = poll_concurrency
@@ -70,9 +72,8 @@ class TapeRestPoller(Poller):
 
     async def _poll_batch(self):
         """Take up to poll_limit jobs and poll their requests; how many jobs were taken."""
-        taken = await self.store.take_for_polling(jobs.STAGING, self.owner, self.poll_interval * POLL_HOLD,
-                                                  self.poll_limit, having="stager_request",
-                                                  slots=self.slots)
+        taken = await self.store.take_for_polling(jobs.STAGING, self.owner, self.hold, self.poll_limit,
+                                                  having="stager_request", slots=self.slots)
         requests = collections.defaultdict(list)
         for job in taken:
             requests[job.stager_request].append(job)
