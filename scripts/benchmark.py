@@ -2371,22 +2371,51 @@ def random_job_ids(backends, count):
         connection.close()
 
 
-def scale_costs(daemon, meter, job_ids, work, rng):
+def scale_costs(daemon, backends, meter, job_ids, work, rng):
     """Submissions at SCALE_LEVELS clients and /transferStatus of random existing jobs at 16, each `rounds` times
-    (the median round by rate is kept): {label: Load}."""
+    (the median round by rate is kept): {label: Load}, each with disk_reads, InnoDB's page reads from disk per
+    request (the server's Innodb_buffer_pool_reads: pages the buffer pool did not hold)."""
+    connection = backends.connect()
+
+    def measured(requests, concurrency, expected):
+        before = _disk_reads(connection)
+        load = measure_http(daemon, meter, requests, concurrency, expected)
+        load.disk_reads = (_disk_reads(connection) - before) / load.count
+        return load
+
     loads = {}
-    for concurrency in SCALE_LEVELS:
-        count = work["submit"][concurrency]
-        rounds = [measure_http(daemon, meter, fts_requests(daemon, count + concurrency, f"scale-{uuid.uuid4().hex[:8]}"),
-                               concurrency, {202}) for _ in range(work["rounds"])]
-        loads[f"submit {concurrency}"] = _median(rounds, "rate")
-    clients = SCALE_STATUS_CLIENTS
-    rounds = []
-    for _ in range(work["rounds"]):
-        requests = [_get(f"/transferStatus?job_id={rng.choice(job_ids)}") for _ in range(work["status"] + clients)]
-        rounds.append(measure_http(daemon, meter, requests, clients, {200}))
-    loads[f"status {clients}"] = _median(rounds, "rate")
+    try:
+        for concurrency in SCALE_LEVELS:
+            count = work["submit"][concurrency]
+            rounds = [measured(fts_requests(daemon, count + concurrency, f"scale-{uuid.uuid4().hex[:8]}"), concurrency,
+                               {202}) for _ in range(work["rounds"])]
+            loads[f"submit {concurrency}"] = _median(rounds, "rate")
+        clients = SCALE_STATUS_CLIENTS
+        rounds = []
+        for _ in range(work["rounds"]):
+            requests = [_get(f"/transferStatus?job_id={rng.choice(job_ids)}") for _ in range(work["status"] + clients)]
+            rounds.append(measured(requests, clients, {200}))
+        loads[f"status {clients}"] = _median(rounds, "rate")
+    finally:
+        connection.close()
     return loads
+
+
+def _buffer_pool_mib(backends):
+    connection = backends.connect()
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT @@innodb_buffer_pool_size")
+        return int(cursor.fetchone()[0]) / 2**20
+    finally:
+        connection.close()
+
+
+def _disk_reads(connection):
+    """The server's Innodb_buffer_pool_reads so far (the whole server's: quote it with the load)."""
+    cursor = connection.cursor()
+    cursor.execute("SHOW GLOBAL STATUS LIKE 'Innodb_buffer_pool_reads'")
+    return int(cursor.fetchone()[1])
 
 
 def scale_memory(args, work, root):
@@ -2454,7 +2483,7 @@ def scale_benchmark(args, work, root):
         drive(daemon.port, [_get(f"/transferStatus?job_id={rng.choice(small_ids)}") for _ in range(work["status"])],
               16, {200})
         empty_rows = backends.count_jobs()
-        empty = scale_costs(daemon, meter, small_ids, work, rng)
+        empty = scale_costs(daemon, backends, meter, small_ids, work, rng)
         step(f"scale: {transferring} jobs submitted to the fake FTS directly (for the TRANSFERRING ones)")
         fts_ids = fts_submit_jobs(fake, transferring)
         step("scale: stopping the daemon for the fill (see fill_scale)")
@@ -2469,18 +2498,20 @@ def scale_benchmark(args, work, root):
         job_ids = random_job_ids(backends, 10_000)
         # One unmeasured pass: the indexes were just built, and the statuses asked about are spread over the table.
         drive(daemon.port, [_get(f"/transferStatus?job_id={job_id}") for job_id in job_ids[:2000]], 16, {200})
-        full = scale_costs(daemon, meter, job_ids, work, rng)
+        full = scale_costs(daemon, backends, meter, job_ids, work, rng)
         step("scale: the periodic queries on the full table")
         periodic = probe_periodic(backends)
         memory_full = memory_kib(daemon.process.pid)
         alive = daemon.process.poll() is None
+        pool_mib = _buffer_pool_mib(backends)
     step(f"scale: memory with {work['scale_rss']} jobs TRANSFERRING")
     memory = scale_memory(args, work, root)
-    report_scale(work, empty, full, empty_rows, full_rows, counts, fill_seconds, periodic, memory, memory_full, alive)
+    report_scale(work, empty, full, empty_rows, full_rows, counts, fill_seconds, periodic, memory, memory_full, alive,
+                 pool_mib)
 
 
 def report_scale(work, empty, full, empty_rows, full_rows, counts, fill_seconds, periodic, memory, memory_full,
-                 alive):
+                 alive, pool_mib):
     _heading(f"11. Flat costs at a million jobs: the same requests on an empty table and on {full_rows} jobs"
              f" (goals: within {SCALE_FLAT_GOAL:.0%}; each periodic pass under {SCALE_PASS_GOAL_S:g} s, reading"
              f" no more rows than it finds; RSS with {memory.count} jobs polled under {RSS_GOAL_MIB} MiB)")
@@ -2496,7 +2527,7 @@ def report_scale(work, empty, full, empty_rows, full_rows, counts, fill_seconds,
    POST /submitTransfer (gsiftp destinations); status: GET /transferStatus of random existing jobs at {SCALE_STATUS_CLIENTS} clients;
    each the median of {work['rounds']} round(s) by rate
 measurement    requests |  empty req/s  p50 ms  p99 ms |   full req/s  p50 ms  p99 ms | rate full/empty  p99 full/empty\
-  CPU ms/req empty full  goal""")
+  CPU ms/req empty full  disk reads/req empty full  goal""")
     for label, before in empty.items():
         after = full[label]
         rate, p99 = after.rate / before.rate, after.percentile(99) / before.percentile(99)
@@ -2504,7 +2535,9 @@ measurement    requests |  empty req/s  p50 ms  p99 ms |   full req/s  p50 ms  p
         print(f"{label:14s} {after.count:8d} | {before.rate:12.0f} {before.percentile(50):7.2f}"
               f" {before.percentile(99):7.2f} | {after.rate:12.0f} {after.percentile(50):7.2f}"
               f" {after.percentile(99):7.2f} | {rate:15.2f} {p99:15.2f}  {before.daemon_ms:10.2f}"
-              f" {after.daemon_ms:5.2f}  {'met' if met else 'NOT met'}")
+              f" {after.daemon_ms:5.2f}  {before.disk_reads:20.2f} {after.disk_reads:5.2f}  {'met' if met else 'NOT met'}")
+    print("   disk reads/req: pages InnoDB read from disk per request, the server's Innodb_buffer_pool_reads"
+          f" (buffer pool {pool_mib:.0f} MiB)")
     print(f"""
 Periodic queries on the full table: each operation is the store's own method (MySQLJobStore, the daemon's
 code and statements), run once unmeasured and once measured on a connection of the benchmark's, then rolled
