@@ -1982,7 +1982,7 @@ step      when              passes  releasing  mean ms  p99 ms  max ms  jobs/rel
 
 # -- flat costs at a million jobs (section 11) --------------------------------------------------
 
-SCALE_FLAT_GOAL = 0.10  # full-table figures within 10% of the empty table's
+SCALE_FLAT_GOAL = 0.10  # full-table figures within 10% of the empty table's: submissions' rate, status's p99
 SCALE_PASS_GOAL_S = 1.0  # each periodic pass, with the big table
 SCALE_LEVELS = (16, 64)  # clients submitting
 SCALE_STATUS_CLIENTS = 16
@@ -2401,6 +2401,23 @@ def scale_costs(daemon, backends, meter, job_ids, work, rng):
     return loads
 
 
+def table_sizes(backends, largest=4):
+    """[(table, MiB of data and indexes)] of the largest tables of the database, largest first (after ANALYZE)."""
+    connection = backends.connect()
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT table_name FROM information_schema.TABLES WHERE table_schema = %s", (backends.database,))
+        names = [row[0] for row in cursor.fetchall()]
+        cursor.execute("ANALYZE TABLE " + ", ".join(f"`{name}`" for name in names))
+        cursor.fetchall()
+        cursor.execute("SELECT table_name, (data_length + index_length) / 1048576 FROM information_schema.TABLES"
+                       " WHERE table_schema = %s ORDER BY data_length + index_length DESC LIMIT %s",
+                       (backends.database, largest))
+        return [(name, float(mib)) for name, mib in cursor.fetchall()]
+    finally:
+        connection.close()
+
+
 def _buffer_pool_mib(backends):
     connection = backends.connect()
     try:
@@ -2491,6 +2508,7 @@ def scale_benchmark(args, work, root):
         step(f"scale: filling the table with {finished} finished and {active} active jobs")
         fill_seconds, counts = fill_scale(backends, finished, active, fts_ids)
         full_rows = sum(counts.values())
+        sizes = table_sizes(backends)
         step("scale: the same daemon (configuration, database, queues) started again on the full table")
         daemon.start()
         meter = CPUMeter(daemon.process.pid)
@@ -2507,11 +2525,11 @@ def scale_benchmark(args, work, root):
     step(f"scale: memory with {work['scale_rss']} jobs TRANSFERRING")
     memory = scale_memory(args, work, root)
     report_scale(work, empty, full, empty_rows, full_rows, counts, fill_seconds, periodic, memory, memory_full, alive,
-                 pool_mib)
+                 pool_mib, sizes)
 
 
 def report_scale(work, empty, full, empty_rows, full_rows, counts, fill_seconds, periodic, memory, memory_full,
-                 alive, pool_mib):
+                 alive, pool_mib, sizes):
     _heading(f"11. Flat costs at a million jobs: the same requests on an empty table and on {full_rows} jobs"
              f" (goals: within {SCALE_FLAT_GOAL:.0%}; each periodic pass under {SCALE_PASS_GOAL_S:g} s, reading"
              f" no more rows than it finds; RSS with {memory.count} jobs polled under {RSS_GOAL_MIB} MiB)")
@@ -2525,13 +2543,15 @@ def report_scale(work, empty, full, empty_rows, full_rows, counts, fill_seconds,
    leaves them; one fanned-out outbox row and one delivered AMQP delivery per job)
    empty = {empty_rows} jobs ({SMALL_ROWS} finished, the rest an unmeasured warm-up's submissions); submissions:
    POST /submitTransfer (gsiftp destinations); status: GET /transferStatus of random existing jobs at {SCALE_STATUS_CLIENTS} clients;
-   each the median of {work['rounds']} round(s) by rate
+   each the median of {work['rounds']} round(s) by rate; goal: submissions' rate, status's p99 within {SCALE_FLAT_GOAL:.0%}
+   the full table's size at the server (MiB, data + indexes): {', '.join(f'{name} {mib:.0f}' for name, mib in sizes)}
 measurement    requests |  empty req/s  p50 ms  p99 ms |   full req/s  p50 ms  p99 ms | rate full/empty  p99 full/empty\
   CPU ms/req empty full  disk reads/req empty full  goal""")
     for label, before in empty.items():
         after = full[label]
         rate, p99 = after.rate / before.rate, after.percentile(99) / before.percentile(99)
-        met = rate >= 1 - SCALE_FLAT_GOAL and p99 <= 1 + SCALE_FLAT_GOAL
+        # The issue's goal: submission throughput, and /transferStatus p99 (both ratios are printed).
+        met = rate >= 1 - SCALE_FLAT_GOAL if label.startswith("submit") else p99 <= 1 + SCALE_FLAT_GOAL
         print(f"{label:14s} {after.count:8d} | {before.rate:12.0f} {before.percentile(50):7.2f}"
               f" {before.percentile(99):7.2f} | {after.rate:12.0f} {after.percentile(50):7.2f}"
               f" {after.percentile(99):7.2f} | {rate:15.2f} {p99:15.2f}  {before.daemon_ms:10.2f}"
