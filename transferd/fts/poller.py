@@ -3,8 +3,9 @@
 Every poll_interval (and once at start) it takes batches of TRANSFERRING
 jobs with an fts_jobid (store.take_for_polling: several daemons poll
 different jobs; another batch while the last was full, Poller.more_due; a
-long-running transfer less often, Poller.interval), asks FTS about them bulk_size ids per request (fewer when
-the request path would be too long: FTSClient.batches), and reports
+long-running transfer less often, Poller.interval), asks FTS about them
+bulk_size ids per request (fewer when the request path would be too long:
+FTSClient.batches), and reports
 every job FTS has finished to its outcomes (IOutcomes.transfer_done):
 FINISHED is SUCCESS; FAILED, FINISHEDDIRTY and CANCELED are ERROR with FTS's
 reasons; a job FTS no longer knows is ERROR ("lost by FTS"); a job still
