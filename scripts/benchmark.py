@@ -2095,15 +2095,25 @@ def _scale_active_columns(bounds):
     }
 
 
-def _poll_interval_sql(age, poll_interval=30.0, longest=300.0):
-    """SQL for Poller.interval (transferd.polling) of the age an expression gives; the [fts] defaults."""
-    from transferd.polling import AGE_SHARE
+def default_fts_poller():
+    """A Poller with [fts] poll_interval and max_poll_interval at their defaults: its interval() and hold()."""
+    from transferd.config import SCHEMA
+    from transferd.polling import Poller
 
-    cases, interval = [], poll_interval
-    while min(interval * 2, longest) > interval:
-        cases.append(f"WHEN {age} < {interval * 2 / AGE_SHARE:g} THEN {interval:g}")
-        interval = min(interval * 2, longest)
-    return "CASE " + " ".join(cases) + f" ELSE {interval:g} END"
+    fts = SCHEMA["fts"]
+    return Poller(None, None, None, None, float(fts["poll_interval"][1]), float(fts["max_poll_interval"][1]))
+
+
+def _poll_interval_sql(age, ages=3600):
+    """SQL for default_fts_poller().interval of `age`, an expression of whole seconds in [0, ages)."""
+    interval = default_fts_poller().interval
+    cases = []  # [last age, interval] of each run of ages with one interval
+    for seconds in range(ages):
+        if cases and cases[-1][1] == interval(seconds):
+            cases[-1][0] = seconds
+        else:
+            cases.append([seconds, interval(seconds)])
+    return "CASE " + " ".join(f"WHEN {age} <= {last} THEN {value:g}" for last, value in cases) + " END"
 
 
 def fill_scale(backends, finished, active, fts_ids, mix=SCALE_MIX, events=True):
@@ -2269,7 +2279,6 @@ def periodic_operations():
     """(what, how often, operation(store)) of every query the daemon runs on a timer, with its settings here."""
     from transferd import jobs, leases
     from transferd.fleet import FORGET_AFTER, this_process
-    from transferd.polling import Poller
     from transferd.retention import BATCH as PURGE_BATCH, LOOKBACK, PAGE
     from transferd.scheduler import STAGING, TRANSFER, Limits, Policy, plan, room_for
     from transferd.store.outbox import Outbox
@@ -2278,7 +2287,7 @@ def periodic_operations():
     now = time.time()
     policy = Policy(limits=Limits(max_transfers_per_submitter=SCALE_LIMITS["max_transfers_per_submitter"]))
     info = this_process(types.SimpleNamespace(seconds=time.time))
-    fts_hold = Poller(None, None, None, None, 30.0, 300.0).hold  # the FTS poller's, at the [fts] defaults
+    fts_hold = default_fts_poller().hold
 
     def scheduling_pass(step):
         return lambda store: store.schedule(step, lambda counts: plan(step, policy, counts),

@@ -42,7 +42,7 @@ class Poller(TimerService):
         self.clock = clock
         self.outcomes = outcomes
         self.poll_interval = poll_interval
-        self.max_poll_interval = max(poll_interval, max_poll_interval or poll_interval)
+        self.max_poll_interval = max_poll_interval or poll_interval
         self.polls = 0  # cycles ended, for tests and monitoring
         self.draining = False  # a drained daemon polls nothing (transferd.fleet): the others poll its jobs
         self.slots = None  # (first, end): the poll slots of this daemon's share (transferd.fleet); None: all
@@ -57,7 +57,7 @@ class Poller(TimerService):
         interval = self.poll_interval
         while interval * 2 <= AGE_SHARE * age:
             interval *= 2
-        return min(interval, self.max_poll_interval)
+        return min(interval, max(self.poll_interval, self.max_poll_interval))  # never below poll_interval
 
     def hold(self, age):
         """How long a batch takes a job `age` seconds in its state (store.take_for_polling)."""
