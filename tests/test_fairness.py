@@ -63,14 +63,19 @@ class SlowStager(Service):
         self.starts.append(job.share)
         self.held[job.share] = self.held.get(job.share, 0) + 1
         self.most = max(self.most, sum(self.held.values()))
-        done = defer.Deferred()
 
         def finish():
             self._account()
             self.held[job.share] -= 1
             done.callback(StageResult(success=True, staged_to="host", path=f"/staged/{job.job_id}"))
 
-        reactor.callLater(STAGING_SECONDS, finish)
+        def cancelled(_):  # the daemon stops: no staging outlives it (trial checks the reactor is clean)
+            later.cancel()
+            self._account()
+            self.held[job.share] -= 1
+
+        done = defer.Deferred(cancelled)
+        later = reactor.callLater(STAGING_SECONDS, finish)
         return done
 
     def cancel(self, job):
@@ -100,13 +105,17 @@ class SlowMover(Service):
         host = job.destination_host
         self.now[host] = self.now.get(host, 0) + 1
         self.most[host] = max(self.most.get(host, 0), self.now[host])
-        done = defer.Deferred()
 
         def finish():
             self.now[host] -= 1
             done.callback(TransferResult(success=True, msg="done"))
 
-        reactor.callLater(TRANSFER_SECONDS, finish)
+        def cancelled(_):
+            later.cancel()
+            self.now[host] -= 1
+
+        done = defer.Deferred(cancelled)
+        later = reactor.callLater(TRANSFER_SECONDS, finish)
         return done
 
     def cancel(self, job):
@@ -149,26 +158,39 @@ class FairnessTests(unittest.TestCase):
 
     def watch_releases(self):
         """A list that gets, for each staging pass from now on, the shares of the jobs it released; and in
-        self.held, what each share held (released + staging) as the database counted right after each pass."""
+        self.held, what each share held (released + staging) right after each pass that planned: the counts
+        the pass read in its own transaction, plus what it released (a count read after the pass would miss
+        a job that finished staging meanwhile)."""
         releasing, schedule = [], self.daemon.store.schedule
         self.held = []
 
-        def watched(step, *args, **kwargs):
-            d = schedule(step, *args, **kwargs)
+        def watched(step, plan, *args, **kwargs):
+            seen = []
+
+            def planning(counts):
+                seen.append(counts)
+                return plan(counts)
+
+            d = schedule(step, planning, *args, **kwargs)
             if step.name == "staging":
-                d.addCallback(self._shares_of, releasing)
+                d.addCallback(self._shares_of, releasing, seen)
             return d
 
         self.daemon.store.schedule = watched
         return releasing
 
     @defer.inlineCallbacks
-    def _shares_of(self, ids, releasing):
+    def _shares_of(self, ids, releasing, seen):
         found = yield defer.gatherResults([self.daemon.store.get(job_id) for job_id in ids])
-        releasing.append([job.share for job in found])
-        counts = yield self.daemon.store.scheduling_counts(STAGING)
-        self.held.append({share: counts.released.get(share, 0) + counts.running.get(share, 0)
-                          for share in set(counts.released) | set(counts.running)})
+        shares = [job.share for job in found]
+        releasing.append(shares)
+        if seen:
+            counts = seen[-1]  # (the pass's last try, were it retried)
+            held = {share: counts.released.get(share, 0) + counts.running.get(share, 0)
+                    for share in set(counts.released) | set(counts.running) | set(shares)}
+            for share in shares:
+                held[share] += 1
+            self.held.append(held)
         return ids
 
     @defer.inlineCallbacks
