@@ -776,13 +776,21 @@ class Watch:
 
     def __init__(self, backends):
         self.connection = backends.connect()
+        self.statements = 0  # its own, sent to the server (a query and a commit each): left out of statements()
 
     def query(self, statement, params=()):
         cursor = self.connection.cursor()
         cursor.execute(statement, params)
         rows = cursor.fetchall()
         self.connection.commit()  # the next query sees what has been committed since
+        self.statements += 2
         return rows
+
+    def statements_so_far(self):
+        """(statements, commits) the whole server has had from its clients, this watch's own left out: what the
+        daemon sent, on a server nothing else uses meanwhile (its Questions and Com_commit)."""
+        counts = dict(self.query("SHOW GLOBAL STATUS WHERE Variable_name IN ('Questions', 'Com_commit')"))
+        return int(counts["Questions"]) - self.statements, int(counts["Com_commit"]) - self.statements // 2
 
     def counts(self):
         return dict(self.query("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
@@ -916,11 +924,13 @@ def end_to_end(args, work, root, prefetch, extra=None, label="", after=None):
         requests = fts_requests(daemon, count, "copy")
         lines, fts_before = daemon.log_lines(), fake.requests()
         step(f"end to end, prefetch {prefetch}: {count} jobs at {E2E_CLIENTS} clients")
+        statements_before = watch.statements_so_far()
         before, start = meter.sample(), time.time()
         submitter = Background(daemon.port, requests, E2E_CLIENTS, {202})
         wait_for_jobs(watch, daemon, lambda c: c.get("SUCCESS", 0) >= warm + count, f"{count} jobs to succeed",
                       timeout=120 + count / 5)
         cpu, wall = CPUMeter.seconds(before, meter.sample())
+        statements, commits = (after - first for after, first in zip(watch.statements_so_far(), statements_before))
         submit_wall = submitter.join()[0]
         fts_after = fake.requests()
         columns = sorted({column for _, *pair in WAITS for column in pair})
@@ -940,6 +950,7 @@ def end_to_end(args, work, root, prefetch, extra=None, label="", after=None):
             waits=waits, daemon_ms=1000 * cpu["daemon"] / count,
             cpu_percent={name: 100 * seconds / wall for name, seconds in cpu.items()},
             log_lines=(daemon.log_lines() - lines) / count,
+            statements=statements / count, commits=commits / count,
             fts={key: fts_after.get(key, 0) - fts_before.get(key, 0) for key in ("POST /jobs", "GET /jobs/{ids}")},
         )
         if after is not None:
@@ -1551,14 +1562,16 @@ def report_e2e(results, pool_max):
    `twistd -n transferd-fakefts --duration 0` (token auth, no --copy), [fts] poll_interval={E2E_FTS['poll_interval']}s\
  bulk_size={E2E_FTS['bulk_size']},
    MySQL pool_max={pool_max or 'default'}, reconciler defaults; {E2E_CLIENTS} clients submit; SUCCESS counted in MySQL
-   last X s = seconds from the first submission to the last job reaching X
+   last X s = seconds from the first submission to the last job reaching X; SQL/job and commits/job: the statements
+   and commits the database server had from its clients over the run, the benchmark's own left out
 prefetch  jobs submit/s  jobs/s  of goal | last STAGED s  TRANSFERRING s  SUCCESS s |\
- daemon CPU ms/job  CPU% dmn  fts   db   mq  gen | FTS POST/job  GET/job  log lines/job""")
+ daemon CPU ms/job  CPU% dmn  fts   db   mq  gen | FTS POST/job  GET/job  log lines/job  SQL/job  commits/job""")
     for r in results:
         print(f"{r.prefetch:8d} {r.count:5d} {r.submit_rate:8.0f} {r.rate:7.1f} {r.rate / THROUGHPUT_GOAL:7.2f} |"
               f" {r.last['STAGED']:13.1f} {r.last['TRANSFERRING']:15.1f} {r.last['SUCCESS']:9.1f} |"
               f" {r.daemon_ms:17.2f}      {_cpu(r.cpu_percent, ('daemon', 'fakefts', 'mariadb', 'rabbitmq', 'loadgen'))} |"
-              f" {r.fts['POST /jobs'] / r.count:12.2f} {r.fts['GET /jobs/{ids}'] / r.count:8.3f} {r.log_lines:14.1f}")
+              f" {r.fts['POST /jobs'] / r.count:12.2f} {r.fts['GET /jobs/{ids}'] / r.count:8.3f} {r.log_lines:14.1f}"
+              f" {r.statements:8.1f} {r.commits:12.2f}")
     print("\nwaits per job, seconds: p50 p90 max")
     print("prefetch " + " ".join(f"{label:>22s}" for label, _, _ in WAITS))
     for r in results:

@@ -501,6 +501,71 @@ class JobStoreContract:
                          {jobs.SUBMITTED: 1, jobs.STAGING: 1, jobs.CANCELLED: 1})
 
     @defer.inlineCallbacks
+    def test_transition_many_moves_those_still_in_the_state_each_with_its_fields(self):
+        """150 TRANSFERRING jobs (more than one statement's chunk) and one already CANCELLED: one transition_many
+        moves the 150 to SUCCESS, each with its own fts_details and the shared detailed_status, free, with a
+        history line and an event each and one wake-up of the listeners; the cancelled job is left alone; each
+        transition is measured; the kept counts follow."""
+        from transferd.metrics import Metrics
+
+        self.store.metrics = metrics = Metrics()
+        woken = []
+        self.store.listen_for_events(woken.append)
+        ids = []
+        for _ in range(151):
+            job = yield self._submitted()
+            for old, new in ((jobs.SUBMITTED, jobs.STAGING), (jobs.STAGING, jobs.STAGED),
+                             (jobs.STAGED, jobs.TRANSFERRING)):
+                yield self.store.transition(job.job_id, old, new, hold=leases.worker("w", 60))
+            ids.append(job.job_id)
+        cancelled = ids.pop()
+        yield self.store.transition(cancelled, jobs.TRANSFERRING, jobs.CANCELLED, {"detailed_status": "by Ann"})
+        del woken[:]
+        self.clock.advance(40)
+        changes = {job_id: {"detailed_status": "delivered", "fts_details": f'{{"fts_jobid": "{job_id}"}}'}
+                   for job_id in [*ids, cancelled]}
+        moved = yield self.store.transition_many(jobs.TRANSFERRING, jobs.SUCCESS, changes, actor="FTS")
+        self.assertEqual(moved, set(ids))
+        self.assertEqual(woken, [True])
+        for job_id in (ids[0], ids[99], ids[100], ids[-1]):
+            got = yield self.store.get(job_id)
+            self.assertEqual((got.status, got.detailed_status, got.fts_details),
+                             (jobs.SUCCESS, "delivered", f'{{"fts_jobid": "{job_id}"}}'))
+            self.assertEqual(got.time_success.timestamp(), self.clock.seconds())
+            self.assertEqual((got.lease_owner, got.lease_until, got.deliveries), (None, None, 0))
+            last = (yield self.store.events(job_id))[-1]
+            self.assertEqual((last["old_status"], last["new_status"], last["actor"], last["reason"]),
+                             (jobs.TRANSFERRING, jobs.SUCCESS, "FTS", "delivered"))
+        left = yield self.store.get(cancelled)
+        self.assertEqual((left.status, left.fts_details), (jobs.CANCELLED, None))
+        self.assertEqual(metrics.transitions.labels(jobs.TRANSFERRING, jobs.SUCCESS)._value.get(), 150)
+        self.assertAlmostEqual(metrics.time_in_state.labels(jobs.TRANSFERRING)._sum.get(), 40 * 150,
+                               places=1)
+        self.assertEqual((yield self.store.count_by_status()), {jobs.SUCCESS: 150, jobs.CANCELLED: 1})
+        # Once: a second report of the same outcomes moves nothing.
+        self.assertEqual((yield self.store.transition_many(jobs.TRANSFERRING, jobs.SUCCESS, changes)), set())
+        self.assertEqual((yield self.store.transition_many(jobs.TRANSFERRING, jobs.SUCCESS, {})), set())
+        self.assertRaises(jobs.InvalidTransition, self.store.transition_many, jobs.TRANSFERRING, jobs.ERROR,
+                          {ids[0]: {}})  # ERROR needs a reason
+
+    @defer.inlineCallbacks
+    def test_copies_freed_many_at_once(self):
+        """copies_freed sets time_copy_freed on the ended jobs among those given, once; it counts them."""
+        ended = []
+        for _ in range(3):
+            job = yield self._submitted()
+            yield self.store.transition(job.job_id, jobs.SUBMITTED, jobs.CANCELLED, {"detailed_status": "no"})
+            ended.append(job.job_id)
+        active = yield self._submitted()
+        self.clock.advance(3)
+        self.assertEqual((yield self.store.copies_freed([*ended, active.job_id])), 3)
+        self.assertEqual((yield self.store.copies_freed(ended)), 0)
+        self.assertEqual((yield self.store.copies_freed([])), 0)
+        got = yield self.store.get(ended[1])
+        self.assertEqual(got.time_copy_freed.timestamp(), self.clock.seconds())
+        self.assertIsNone((yield self.store.get(active.job_id)).time_copy_freed)
+
+    @defer.inlineCallbacks
     def test_transitions_measured(self):
         """With metrics, each transition counts once, with the seconds spent in the state left and, for SUCCESS,
         since submission, by the store's clock; a transition that matches no row counts nothing."""

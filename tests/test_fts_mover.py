@@ -336,6 +336,45 @@ class PollerTests(MoverTestCase):
         self.assertEqual((await self.job(running.job_id)).status, jobs.TRANSFERRING)
         self.assertIn("lost by FTS", (await self.job(lost.job_id)).detailed_status)
 
+    async def test_a_polls_finished_jobs_move_together(self):
+        """25 jobs FTS finished (bulk_size 10: 3 requests), 2 of them FAILED: each request's successes move in
+        one store transition_many and its failures in another, no job by a transition of its own; every
+        job's copy is freed and recorded with one copies_freed a request."""
+        await self.start(duration=0, fail=["/bad=FAILED:SOURCE [2] simulated no such file"])
+        cases = [await self.staged("bad" if n in (3, 17) else "fine") for n in range(25)]
+        for job in cases:
+            await self.pipeline.transfer(job.job_id)
+        calls = {"transition_many": [], "transition": 0, "copies_freed": []}
+        transition_many, transition, copies_freed = (self.store.transition_many, self.store.transition,
+                                                     self.store.copies_freed)
+
+        def many(old, new, changes, actor=None):
+            calls["transition_many"].append((new, len(changes)))
+            return transition_many(old, new, changes, actor)
+
+        def one(*args, **kwargs):
+            calls["transition"] += 1
+            return transition(*args, **kwargs)
+
+        def freed(job_ids):
+            calls["copies_freed"].append(len(job_ids))
+            return copies_freed(job_ids)
+
+        self.store.transition_many, self.store.transition, self.store.copies_freed = many, one, freed
+        self.clock.advance(1)
+        summary = await self.poller.poll_once()
+        self.assertEqual(summary, {"jobs": 25, "requests": 3, "reported": 25})
+        self.assertEqual(calls["transition"], 0)
+        moved = {new: [count for kind, count in calls["transition_many"] if kind == new] for new in jobs.TERMINAL}
+        self.assertEqual((sum(moved[jobs.SUCCESS]), len(moved[jobs.SUCCESS])), (23, 3))  # a call per request
+        self.assertEqual(sum(moved[jobs.ERROR]), 2)
+        self.assertLessEqual(len(moved[jobs.ERROR]), 2)  # (both may be in one request)
+        self.assertEqual(sorted(calls["copies_freed"]), [5, 10, 10])
+        ended = {job.job_id: await self.store.get(job.job_id) for job in cases}
+        self.assertEqual(sorted(view.status for view in ended.values()), [jobs.ERROR] * 2 + [jobs.SUCCESS] * 23)
+        self.assertTrue(all(view.time_copy_freed is not None for view in ended.values()))
+        self.assertEqual(sorted(self.stager.released), sorted(ended))
+
     async def transferring_at_fts(self, count):
         """count jobs TRANSFERRING in the store, each with a slow FTS job of its own (submitted to the fake at once)."""
         semaphore = defer.DeferredSemaphore(32)

@@ -166,9 +166,9 @@ class RetentionContract:
         await self.store.update(ended, jobs.SUCCESS, {"stager_path": "/staging/x"})
         active = await self.active()
         await self.store.update(active, jobs.SUBMITTED, {"stager_path": "/staging/y"})
-        self.assertTrue(await self.store.copy_freed(ended))
-        self.assertFalse(await self.store.copy_freed(ended))  # once
-        self.assertFalse(await self.store.copy_freed(active))
+        self.assertEqual(await self.store.copies_freed([ended]), 1)
+        self.assertEqual(await self.store.copies_freed([ended]), 0)  # once
+        self.assertEqual(await self.store.copies_freed([active]), 0)
         freed = await self.store.get(ended)
         self.assertEqual(freed.time_copy_freed, jobs.utc_from_seconds(self.clock.seconds()))
         self.assertNotIn("stager_path", freed.public_view())

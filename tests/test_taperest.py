@@ -211,7 +211,22 @@ class BulkStagingTests(TapeRestTestBase):
         self.assertEqual(set((yield self.statuses(rig, ids)).values()), {jobs.STAGING})
         self.assertEqual(sorted(self.status_gets().values()), [1, 1, 1])
 
+        # A request's recalled files' jobs are recorded together, not one transition each.
+        staged, many, one = [], rig.store.transition_many, rig.store.transition
+
+        def transition_many(old, new, changes, actor=None):
+            if (old, new) == (jobs.STAGING, jobs.STAGED):
+                staged.append(len(changes))
+            return many(old, new, changes, actor)
+
+        def transition(job_id, old, new, *args, **kwargs):
+            self.assertNotEqual((old, new), (jobs.STAGING, jobs.STAGED), "a job staged by a transition of its own")
+            return one(job_id, old, new, *args, **kwargs)
+
+        rig.store.transition_many, rig.store.transition = transition_many, transition
         yield self.advance_until(lambda: self.all_in(rig, ids, jobs.SUCCESS))
+        self.assertEqual(sum(staged), 50)
+        self.assertGreater(max(staged), 1, staged)
         for product_id in products:
             self.assertDelivered(product_id)
         found = yield self.jobs_of(rig, ids)

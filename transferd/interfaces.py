@@ -125,8 +125,9 @@ class IJobStore(IService):
     def purge_submissions(before, limit):
         """Remove up to limit submissions rows older than `before`; fire with how many."""
 
-    def copy_freed(job_id):
-        """Record that an ended job's staged copy is gone (time_copy_freed; stager_path no longer shown); True/False."""
+    def copies_freed(job_ids):
+        """Record that the ended jobs' staged copies are gone (time_copy_freed; stager_path no longer shown); fire
+        with how many were not recorded before."""
 
     def transition(job_id, old, new, fields=None, hold=None, actor=None):
         """Compare-and-set old -> new, setting time_<new> and fields, leaving the job under hold.
@@ -135,6 +136,13 @@ class IJobStore(IService):
         with True when the row changed, False when the job was not in old.
         A transition starts the count of deliveries afresh (one, when it
         leaves the job under a worker's lease) and ends an outage (time_away).
+        """
+
+    def transition_many(old, new, changes, actor=None):
+        """transition() of many jobs old -> new in one transaction, each free afterwards.
+
+        changes: {job_id: fields}, each job's own.  Fires with the set of
+        ids that moved; a job not in old is left as it is.
         """
 
     def update(job_id, status, fields, note=None):
@@ -305,8 +313,14 @@ class IOutcomes(Interface):
         actor: who says so, for the job's history (e.g. "the tape system").
         """
 
+    def stagings_done(outcomes, actor):
+        """Record [(job, StageResult)] of STAGING jobs together; fire with the ids of those recorded."""
+
     def transfer_done(job, result, actor):
         """Record a TransferResult for a TRANSFERRING job; fire with True when it was recorded."""
+
+    def transfers_done(outcomes, actor):
+        """Record [(job, TransferResult)] of TRANSFERRING jobs together; fire with the ids of those recorded."""
 
 
 class IStager(IService):

@@ -311,40 +311,66 @@ class Pipeline(Service):
 
     async def staging_done(self, job, result, actor="the stager"):
         """Record a staging outcome for a STAGING job; fire with True when it was recorded."""
-        if result.success:
-            fields = {
-                "detailed_status": None,  # a "waiting: ..." from an outage is over
-                "stager_hostname": result.staged_to,
-                "stager_path": result.path,
-                "stager_status": result.msg or "staged",
-                "staged_files": json.dumps([f.to_dict() for f in result.files]) if result.files else None,
-            }
-            # Free: it waits in STAGED for the scheduler to release it to the transfer queue.
-            done = await self.store.transition(job.job_id, jobs.STAGING, jobs.STAGED, fields, actor=actor)
-            if not done:
-                await self._free_copy(job)
-            return done
-        reason = result.msg or "no reason given"
-        return await self.store.transition(
-            job.job_id, jobs.STAGING, jobs.ERROR,
-            {"detailed_status": f"staging failed: {reason}", "stager_status": reason}, actor=actor,
-        )
+        return job.job_id in await self.stagings_done([(job, result)], actor)
+
+    async def stagings_done(self, outcomes, actor="the stager"):
+        """Record the outcomes [(job, StageResult)] of STAGING jobs; fire with the ids recorded.
+
+        The successes move by one store transition_many (a tape request's
+        files, recalled together: a few statements for all of them), the
+        failures by another.  A staged copy nobody records (the job was
+        cancelled meanwhile) is freed.
+        """
+        changes = {jobs.STAGED: {}, jobs.ERROR: {}}
+        for job, result in outcomes:
+            if result.success:
+                # Free: it waits in STAGED for the scheduler to release it to the transfer queue.
+                changes[jobs.STAGED][job.job_id] = {
+                    "detailed_status": None,  # a "waiting: ..." from an outage is over
+                    "stager_hostname": result.staged_to,
+                    "stager_path": result.path,
+                    "stager_status": result.msg or "staged",
+                    "staged_files": json.dumps([f.to_dict() for f in result.files]) if result.files else None,
+                }
+            else:
+                reason = result.msg or "no reason given"
+                changes[jobs.ERROR][job.job_id] = {"detailed_status": f"staging failed: {reason}",
+                                                   "stager_status": reason}
+        recorded = set()
+        for new, fields in changes.items():
+            if fields:
+                recorded |= await self.store.transition_many(jobs.STAGING, new, fields, actor=actor)
+        unrecorded = [job for job, _ in outcomes if job.job_id in changes[jobs.STAGED] and job.job_id not in recorded]
+        if unrecorded:
+            await self._free_copies(unrecorded)
+        return recorded
 
     async def transfer_done(self, job, result, actor="the mover"):
         """Record a transfer outcome for a TRANSFERRING job; fire with True when it was recorded."""
-        if result.success:
-            done = await self.store.transition(
-                job.job_id, jobs.TRANSFERRING, jobs.SUCCESS,
-                {"detailed_status": result.msg or "delivered", "fts_details": result.details}, actor=actor,
-            )
-        else:
-            done = await self.store.transition(
-                job.job_id, jobs.TRANSFERRING, jobs.ERROR,
-                {"detailed_status": f"transfer failed: {result.msg or 'no reason given'}",
-                 "fts_details": result.details}, actor=actor,
-            )
-        await self._free_copy(job)
-        return done
+        return job.job_id in await self.transfers_done([(job, result)], actor)
+
+    async def transfers_done(self, outcomes, actor="the mover"):
+        """Record the outcomes [(job, TransferResult)] of TRANSFERRING jobs; fire with the ids recorded.
+
+        The successes move by one store transition_many, the failures by
+        another (an FTS poll's finished jobs: a few statements for all of
+        them), then every job's staged copy is freed.
+        """
+        changes = {jobs.SUCCESS: {}, jobs.ERROR: {}}
+        for job, result in outcomes:
+            if result.success:
+                changes[jobs.SUCCESS][job.job_id] = {"detailed_status": result.msg or "delivered",
+                                                     "fts_details": result.details}
+            else:
+                changes[jobs.ERROR][job.job_id] = {
+                    "detailed_status": f"transfer failed: {result.msg or 'no reason given'}",
+                    "fts_details": result.details}
+        recorded = set()
+        for new, fields in changes.items():
+            if fields:
+                recorded |= await self.store.transition_many(jobs.TRANSFERRING, new, fields, actor=actor)
+        await self._free_copies([job for job, _ in outcomes])
+        return recorded
 
     # -- transfer ---------------------------------------------------------
 
@@ -574,16 +600,28 @@ class Pipeline(Service):
                                 note=(self.actor, f"{service} is back after {_duration(away_for)}"))
 
     async def _free_copy(self, job):
-        """Free the job's staged copy; once it is gone, the job no longer shows its stager_path."""
-        try:
-            await self.stager.free_copy(job)
-        except Exception:
-            self.log.failure("job {job_id}: could not free the staged copy", job_id=job.job_id)
-            return
-        await self._best_effort("record that the staged copy is freed", self.store.copy_freed, job.job_id)
+        await self._free_copies([job])
 
-    async def _best_effort(self, what, call, *args):
-        job_id = getattr(args[0], "job_id", args[0])
+    async def _free_copies(self, ended):
+        """Free the ended jobs' staged copies; once gone, a job no longer shows its stager_path."""
+
+        async def free(job):
+            try:
+                await self.stager.free_copy(job)
+            except Exception:
+                self.log.failure("job {job_id}: could not free the staged copy", job_id=job.job_id)
+                return None
+            return job.job_id
+
+        freed = await defer.gatherResults([defer.Deferred.fromCoroutine(free(job)) for job in ended])
+        freed = [job_id for job_id in freed if job_id is not None]
+        if freed:
+            await self._best_effort("record that the staged copy is freed", self.store.copies_freed, freed,
+                                    named=", ".join(freed))
+
+    async def _best_effort(self, what, call, *args, named=None):
+        """call(*args), its failure logged (named: the jobs the message names; by default args[0]'s)."""
+        job_id = named or getattr(args[0], "job_id", args[0])
         try:
             await call(*args)
         except StoreUnavailable as error:

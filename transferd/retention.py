@@ -137,7 +137,7 @@ class Leftovers:
                 if await self._remove(path, job_id, job, "staged copy"):
                     removed.append(path)
                 if job is not None:
-                    await self.store.copy_freed(job_id)
+                    await self.store.copies_freed([job_id])
         return removed
 
     async def _partial_deliveries(self):

@@ -6,7 +6,7 @@ different jobs; another batch while the last was full, Poller.more_due; a
 long-running transfer less often, Poller.interval), asks FTS about them
 bulk_size ids per request (fewer when the request path would be too long:
 FTSClient.batches), and reports
-every job FTS has finished to its outcomes (IOutcomes.transfer_done):
+every job FTS has finished to its outcomes (IOutcomes.transfers_done, a request's together):
 FINISHED is SUCCESS; FAILED, FINISHEDDIRTY and CANCELED are ERROR with FTS's
 reasons; a job FTS no longer knows is ERROR ("lost by FTS"); a job still
 running after timeout is cancelled at FTS, then ERROR.  While FTS cannot be
@@ -83,37 +83,55 @@ class FTSPoller(Poller):
             except FTSError as error:
                 self.log.warn("FTS would not report on {n} job(s): {error}", n=len(chunk), error=error)
                 continue
-            # Settled together: the store commits their outcomes in shared transactions.
-            settled = await defer.gatherResults([defer.Deferred.fromCoroutine(self._settle_safely(job, answers))
-                                                 for job in chunk], consumeErrors=True)
-            summary["reported"] += sum(settled)
+            summary["reported"] += await self._settle(chunk, answers)
         return len(taken)
 
-    async def _settle_safely(self, job, answers):
+    async def _settle(self, chunk, answers):
+        """Report the chunk's jobs FTS has finished (or lost) together, follow the others; how many reported."""
+        finished, running = [], []
+        for job in chunk:
+            result = self._ending(job, answers)
+            (running if result is None else finished).append((job, result))
+        reported = 0
+        if finished:
+            try:
+                # One store transition for all the successes (and one for the failures): a few statements.
+                await self.outcomes.transfers_done(finished, actor=ACTOR)
+                reported = len(finished)
+            except Exception:
+                self.log.failure("could not record the outcomes of {n} FTS job(s); the next poll reports them",
+                                 n=len(finished))
+        followed = await defer.gatherResults([defer.Deferred.fromCoroutine(self._follow_safely(job, answers))
+                                              for job, _ in running], consumeErrors=True)
+        return reported + sum(followed)
+
+    def _ending(self, job, answers):
+        """The TransferResult of a job FTS has finished with (or no longer knows); None while it runs."""
+        entry = answers.get(job.fts_jobid, False)
+        if entry is None:
+            return TransferResult(
+                False, f"lost by FTS: {self.client.endpoint} no longer knows its job {job.fts_jobid}",
+                _details(job.fts_jobid, self.client.endpoint, {"http_status": "404 Not Found"}))
+        if isinstance(entry, dict) and entry.get("job_state") in TERMINAL_STATES:
+            return _outcome(job, entry, self.client.endpoint)
+        return None
+
+    async def _follow_safely(self, job, answers):
         try:
-            return bool(await self._settle(job, answers))
+            return bool(await self._follow(job, answers))
         except Exception:
-            self.log.failure("job {job_id}: could not settle its FTS job {fts_jobid}",
+            self.log.failure("job {job_id}: could not follow its FTS job {fts_jobid}",
                              job_id=job.job_id, fts_jobid=job.fts_jobid)
             return False
 
-    async def _settle(self, job, answers):
-        """Report job if FTS has finished with it (or lost it, or it is overdue); True when reported."""
+    async def _follow(self, job, answers):
+        """A job FTS has not finished: time it out when overdue, else keep its progress; True when reported."""
         if job.fts_jobid not in answers:
             return False
         entry = answers[job.fts_jobid]
-        if entry is None:
-            await self.outcomes.transfer_done(job, actor=ACTOR, result=TransferResult(
-                False, f"lost by FTS: {self.client.endpoint} no longer knows its job {job.fts_jobid}",
-                _details(job.fts_jobid, self.client.endpoint, {"http_status": "404 Not Found"})))
-            return True
         if isinstance(entry, Exception):
             self.log.warn("job {job_id}: {error}", job_id=job.job_id, error=entry)
             return False
-        state = entry.get("job_state")
-        if state in TERMINAL_STATES:
-            await self.outcomes.transfer_done(job, _outcome(job, entry, self.client.endpoint), actor=ACTOR)
-            return True
         if self._overdue(job):
             return await self._time_out(job)
         await self._record_progress(job, entry)

@@ -410,6 +410,7 @@ class MySQLJobStore(SQLJobStore):
     placeholder = "%s"
     row_locator = schema.JOBS.row_key.name  # the primary key since version 4: rows in the order they came
     skip_locked = " FOR UPDATE SKIP LOCKED"  # MariaDB 10.6+, MySQL 8.0+
+    lock_rows = " FOR UPDATE"
     add_to_count = ("INSERT INTO job_counts (counted_by, status, held, name, total) VALUES (?, ?, ?, ?, ?)"
                     " ON DUPLICATE KEY UPDATE total = total + VALUES(total)")
     # Version 1 creates the jobs table or upgrades the prototype's in place.

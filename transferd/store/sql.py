@@ -40,6 +40,12 @@ INSERT_OUTBOX = "INSERT INTO outbox (event_id, job_id, state, fanned_out, time_c
 FREE_OR_IN_QUEUE = "(lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
 
 
+def _chunks(values, size=500):
+    """values in lists of at most size: the parameters of one statement stay well under SQLite's 999."""
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
 class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer transferd than this one."""
 
@@ -87,6 +93,7 @@ class SQLJobStore(Service):
     # another poller's transaction has locked, so concurrent pollers pick
     # different candidates.
     skip_locked = ""
+    lock_rows = ""  # MySQL: " FOR UPDATE", so a read of rows to change locks them (SQLite locks the database)
     # Adds to a job_counts row, making it when missing (fold_job_counts).
     add_to_count = ("INSERT INTO job_counts (counted_by, status, held, name, total) VALUES (?, ?, ?, ?, ?)"
                     " ON CONFLICT (counted_by, status, held, name) DO UPDATE SET total = total + excluded.total")
@@ -153,12 +160,7 @@ class SQLJobStore(Service):
         unknown = set(fields) - set(jobs.COLUMNS)
         if unknown:
             raise ValueError(f"unknown job fields: {sorted(unknown)}")
-        params = []
-        for column, value in fields.items():
-            if column in TIME_COLUMNS and value is not None:
-                value = self._time_to_db(value)
-            params.append(value)
-        return [f"{column} = ?" for column in fields], params
+        return [f"{column} = ?" for column in fields], [self._to_db(column, value) for column, value in fields.items()]
 
     # -- schema -----------------------------------------------------------
 
@@ -561,30 +563,52 @@ class SQLJobStore(Service):
 
         return self._run(interaction)
 
-    def copy_freed(self, job_id):
-        """The ended job's staged copy is gone: set time_copy_freed (nothing else changes); fire True/False.
+    def copies_freed(self, job_ids):
+        """The ended jobs' staged copies are gone: set time_copy_freed (nothing else changes); fire with how many.
 
         stager_path stays in the row (a repeated staging report is still
         recognised) but is no longer shown (jobs.Job.public_view).
         """
+        job_ids = sorted(set(job_ids))
+        if not job_ids:
+            return defer.succeed(0)
         ended = sorted(jobs.TERMINAL)
-        query = self._sql(f"UPDATE jobs SET time_copy_freed = ? WHERE job_id = ? AND time_copy_freed IS NULL"
-                          f" AND status IN ({', '.join('?' for _ in ended)})")
+        moment = self._time_to_db(jobs.utc_from_seconds(self._now()))
 
         def interaction(cursor):
-            cursor.execute(query, (self._time_to_db(jobs.utc_from_seconds(self._now())), job_id, *ended))
-            return cursor.rowcount > 0
+            changed = 0
+            for chunk in _chunks(job_ids):
+                cursor.execute(self._sql(f"UPDATE jobs SET time_copy_freed = ? WHERE job_id IN ({self._marks(chunk)})"
+                                         f" AND time_copy_freed IS NULL AND status IN ({self._marks(ended)})"),
+                               (moment, *chunk, *ended))
+                changed += max(0, cursor.rowcount)
+            return changed
 
-        return self._run(interaction, together=job_id)
+        # One job's: it may share a transaction (_GroupCommit); several: a transaction of their own.
+        return self._run(interaction, together=job_ids[0] if len(job_ids) == 1 else None)
 
-    def transition(self, job_id, old, new, fields=None, hold=None, actor=None):
+    def _transition_fields(self, old, new, fields, hold, now):
+        """Every column a transition old -> new sets: fields, the new state and its time, the lease under hold."""
         fields = dict(fields or {})
         jobs.check_transition(old, new, fields)
-        now = self._now()
         moment = jobs.utc_from_seconds(now)
         # A new state: deliveries start afresh (a worker's lease the job stays under counts); any outage is over.
         fields.update(status=new, deliveries=int(hold is not None and leases.is_worker(hold.owner)), time_away=None,
                       time_updated=moment, **{jobs.TIME_COLUMN[new]: moment}, **self._lease_fields(hold, now))
+        return fields
+
+    def _transitioned(self, job_id, old, new, reason, now, times):
+        """After the commit of a transition: its metrics (times: when the job entered old, and was submitted), its
+        log line."""
+        if self.metrics is not None and times:
+            since = [now - self._time_from_db(t).timestamp() if t is not None else None for t in times[:2]]
+            self.metrics.transitioned(old, new, *since)
+        self.log.info("job {job_id} {old} -> {new}{why}", job_id=job_id, old=old, new=new,
+                      why=f": {reason}" if reason else "")
+
+    def transition(self, job_id, old, new, fields=None, hold=None, actor=None):
+        now = self._now()
+        fields = self._transition_fields(old, new, fields, hold, now)
         sets, params = self._assignments(fields)
         query = self._sql(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ? AND status = ?")
         reason = fields.get("detailed_status")
@@ -604,20 +628,74 @@ class SQLJobStore(Service):
 
         def logged(changed):
             if changed:
-                if self.metrics is not None:
-                    since = [now - self._time_from_db(t).timestamp() if t is not None else None for t in times[:2]]
-                    self.metrics.transitioned(old, new, *since)
-                self.log.info(
-                    "job {job_id} {old} -> {new}{why}",
-                    job_id=job_id,
-                    old=old,
-                    new=new,
-                    why=f": {reason}" if reason else "",
-                )
+                self._transitioned(job_id, old, new, reason, now, times)
                 self._events_committed(None)
             return changed
 
         return self._run(interaction, idempotent=False, together=job_id).addCallback(logged)
+
+    def transition_many(self, old, new, changes, actor=None):
+        """transition() of many jobs old -> new in one transaction, free afterwards; fire with the ids that moved.
+
+        changes: {job_id: fields}, each job's own (an FTS poll's finished
+        jobs each have their fts_details).  One SELECT locks the jobs' rows
+        (in the order of their ids, as every transaction here does) and
+        reads who is still in old; one UPDATE moves them all, a column that
+        differs between the jobs set by CASE job_id.  A job no longer in
+        old (cancelled meanwhile) is left as it is, and not in the answer.
+        """
+        now = self._now()
+        wanted = {job_id: self._transition_fields(old, new, fields, None, now) for job_id, fields in changes.items()}
+        if not wanted:
+            return defer.succeed(set())
+        columns = sorted({column for fields in wanted.values() for column in fields})
+        unknown = set(columns) - set(jobs.COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown job fields: {sorted(unknown)}")
+        found = {}  # job_id -> (time it entered old, time_submitted)
+
+        def interaction(cursor):
+            found.clear()  # a transaction run again starts afresh
+            for chunk in _chunks(sorted(wanted), 100):  # (a CASE takes two parameters a job)
+                cursor.execute(self._sql(f"SELECT job_id, status, {jobs.TIME_COLUMN[old]}, time_submitted FROM jobs"
+                                         f" WHERE job_id IN ({self._marks(chunk)}) ORDER BY job_id" + self.lock_rows),
+                               chunk)
+                found.update({job_id: times for job_id, status, *times in cursor.fetchall() if status == old})
+            for chunk in _chunks(sorted(found), 100):
+                sets, params = self._assignments_of_many(columns, chunk, wanted)
+                cursor.execute(self._sql(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id IN ({self._marks(chunk)})"
+                                         f" AND status = ?"), (*params, *chunk, old))
+                for job_id in chunk:
+                    self._record_event(cursor, job_id, now, "state", old, new, actor,
+                                       wanted[job_id].get("detailed_status"))
+            return set(found)
+
+        def logged(moved):
+            for job_id in sorted(moved):
+                self._transitioned(job_id, old, new, wanted[job_id].get("detailed_status"), now, found[job_id])
+            if moved:
+                self._events_committed(None)
+            return moved
+
+        # One job's (a synchronous mover's outcome): it may share a transaction (_GroupCommit).
+        together = next(iter(wanted)) if len(wanted) == 1 else None
+        return self._run(interaction, idempotent=False, together=together).addCallback(logged)
+
+    def _assignments_of_many(self, columns, job_ids, wanted):
+        """SET clause pieces and parameters giving each of job_ids its own wanted[job_id] values of columns."""
+        sets, params = [], []
+        for column in columns:
+            values = [self._to_db(column, wanted[job_id].get(column)) for job_id in job_ids]
+            if all(value == values[0] for value in values):
+                sets.append(f"{column} = ?")
+                params.append(values[0])
+            else:
+                sets.append(f"{column} = CASE job_id {' '.join('WHEN ? THEN ?' for _ in job_ids)} END")
+                params.extend(item for pair in zip(job_ids, values) for item in pair)
+        return sets, params
+
+    def _to_db(self, column, value):
+        return self._time_to_db(value) if column in TIME_COLUMNS and value is not None else value
 
     def update(self, job_id, status, fields, note=None):
         """note: (actor, reason) of an attempt, recorded in the job's history with the change."""
@@ -821,8 +899,7 @@ class SQLJobStore(Service):
                         continue
                     chosen.append(job_id)
                     taken += 1
-            for start in range(0, len(chosen), 500):
-                chunk = chosen[start:start + 500]
+            for chunk in _chunks(chosen):
                 cursor.execute(self._sql(release.format(marks=", ".join("?" for _ in chunk))),
                                (lease["lease_owner"], lease["lease_until"], step.waiting, *chunk))
             if chosen:

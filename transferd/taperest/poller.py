@@ -5,7 +5,7 @@ Every poll_interval (and once at start) it takes STAGING jobs that have a
 polling, and a restarted daemon resumes from the stored request ids), sends
 one ``GET <endpoint>/stage/<id>`` per request, finds each job's files in the
 answer by path (the product's path and everything under it; the order of the
-list means nothing), and reports to its outcomes (IOutcomes.staging_done):
+list means nothing), and reports to its outcomes (IOutcomes.stagings_done, a request's jobs together):
 the job is staged once all its files are COMPLETED (or ``onDisk: true``),
 fails as soon as one is FAILED or CANCELLED (with the tape system's error;
 its other files are cancelled), and waits otherwise.  A request the tape
@@ -111,10 +111,13 @@ class TapeRestPoller(Poller):
                 outcome = await self._outcome(endpoint, request_id, job, self.client.product_files(found, job.product_id))
                 if outcome is not None:
                     outcomes.append((job, outcome))
-        await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(self._report(job, outcome)) for job, outcome in outcomes],
-            consumeErrors=True,
-        )
+        if outcomes:
+            try:
+                # The request's jobs together: one store transition for its recalled files' jobs.
+                await self.outcomes.stagings_done(outcomes, actor="the tape system")
+            except Exception:
+                self.log.failure("Tape REST request {request_id}: could not record the staging outcomes of {n} job(s);"
+                                 " they will be polled again", request_id=request_id, n=len(outcomes))
         return True
 
     async def _outcome(self, endpoint, request_id, job, files):
@@ -147,10 +150,3 @@ class TapeRestPoller(Poller):
             path=product,
             files=tuple(StagedFile(relative, sizes.get(relative)) for relative in relatives),
         )
-
-    async def _report(self, job, outcome):
-        try:
-            await self.outcomes.staging_done(job, outcome, actor="the tape system")
-        except Exception:
-            self.log.failure("job {job_id}: could not record the staging outcome; it will be polled again",
-                             job_id=job.job_id)
