@@ -336,10 +336,7 @@ class Pipeline(Service):
                 reason = result.msg or "no reason given"
                 changes[jobs.ERROR][job.job_id] = {"detailed_status": f"staging failed: {reason}",
                                                    "stager_status": reason}
-        recorded = set()
-        for new, fields in changes.items():
-            if fields:
-                recorded |= await self.store.transition_many(jobs.STAGING, new, fields, actor=actor)
+        recorded = await self._move_many(jobs.STAGING, changes, actor)
         unrecorded = [job for job, _ in outcomes if job.job_id in changes[jobs.STAGED] and job.job_id not in recorded]
         if unrecorded:
             await self._free_copies(unrecorded)
@@ -365,12 +362,17 @@ class Pipeline(Service):
                 changes[jobs.ERROR][job.job_id] = {
                     "detailed_status": f"transfer failed: {result.msg or 'no reason given'}",
                     "fts_details": result.details}
-        recorded = set()
-        for new, fields in changes.items():
-            if fields:
-                recorded |= await self.store.transition_many(jobs.TRANSFERRING, new, fields, actor=actor)
+        recorded = await self._move_many(jobs.TRANSFERRING, changes, actor)
         await self._free_copies([job for job, _ in outcomes])
         return recorded
+
+    async def _move_many(self, old, changes, actor):
+        """changes: {new state: {job_id: fields}}; one store transition_many per new state; the ids that moved."""
+        moved = set()
+        for new, fields in changes.items():
+            if fields:
+                moved |= await self.store.transition_many(old, new, fields, actor=actor)
+        return moved
 
     # -- transfer ---------------------------------------------------------
 

@@ -40,6 +40,14 @@ INSERT_OUTBOX = "INSERT INTO outbox (event_id, job_id, state, fanned_out, time_c
 FREE_OR_IN_QUEUE = "(lease_until IS NULL OR lease_until < ? OR lease_owner = ?)"
 
 
+def _known(columns):
+    """columns, when every one is a jobs column; ValueError naming the others."""
+    unknown = set(columns) - set(jobs.COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown job fields: {sorted(unknown)}")
+    return columns
+
+
 def _chunks(values, size=500):
     """values in lists of at most size: the parameters of one statement stay well under SQLite's 999."""
     for start in range(0, len(values), size):
@@ -157,9 +165,7 @@ class SQLJobStore(Service):
 
     def _assignments(self, fields):
         """SET clause pieces and parameters for a dict of job fields."""
-        unknown = set(fields) - set(jobs.COLUMNS)
-        if unknown:
-            raise ValueError(f"unknown job fields: {sorted(unknown)}")
+        _known(fields)
         return [f"{column} = ?" for column in fields], [self._to_db(column, value) for column, value in fields.items()]
 
     # -- schema -----------------------------------------------------------
@@ -648,10 +654,7 @@ class SQLJobStore(Service):
         wanted = {job_id: self._transition_fields(old, new, fields, None, now) for job_id, fields in changes.items()}
         if not wanted:
             return defer.succeed(set())
-        columns = sorted({column for fields in wanted.values() for column in fields})
-        unknown = set(columns) - set(jobs.COLUMNS)
-        if unknown:
-            raise ValueError(f"unknown job fields: {sorted(unknown)}")
+        columns = _known(sorted({column for fields in wanted.values() for column in fields}))
         found = {}  # job_id -> (time it entered old, time_submitted)
 
         def interaction(cursor):
