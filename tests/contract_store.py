@@ -549,6 +549,51 @@ class JobStoreContract:
                           {ids[0]: {}})  # ERROR needs a reason
 
     @defer.inlineCallbacks
+    def test_claim_moves_a_fresh_job_as_it_leases_it(self):
+        """claim leases a SUBMITTED job no worker took before and moves it to STAGING with the start's fields in
+        the same call (history, metrics, the listeners woken); a job a worker took before, or one in another of
+        the states, is only leased (a delivery counted); a job held by someone else, or unknown, is not taken."""
+        from transferd.metrics import Metrics
+
+        self.store.metrics = metrics = Metrics()
+        woken = []
+        self.store.listen_for_events(woken.append)
+        start = (jobs.SUBMITTED, jobs.STAGING, {"stager_callback": "ab" * 32, "stage_attempts": 1}, "worker w")
+        states, fresh = (jobs.SUBMITTED, jobs.STAGING), ("deliveries", "stage_attempts")
+        job = yield self._submitted()
+        del woken[:]  # (the new job's: False)
+        self.clock.advance(7)
+        claimed, moved = yield self.store.claim(job.job_id, states, "w", 60, start, fresh)
+        self.assertTrue(moved)
+        self.assertEqual((claimed.status, claimed.stager_callback, claimed.stage_attempts, claimed.lease_owner,
+                          claimed.lease_until, claimed.deliveries),
+                         (jobs.STAGING, "ab" * 32, 1, "w", self.clock.seconds() + 60, 1))
+        self.assertEqual(claimed.time_staging.timestamp(), self.clock.seconds())
+        self.assertEqual((yield self.store.get(job.job_id)), claimed)
+        last = (yield self.store.events(job.job_id))[-1]
+        self.assertEqual((last["old_status"], last["new_status"], last["actor"]),
+                         (jobs.SUBMITTED, jobs.STAGING, "worker w"))
+        self.assertEqual(metrics.transitions.labels(jobs.SUBMITTED, jobs.STAGING)._value.get(), 1)
+        self.assertAlmostEqual(metrics.time_in_state.labels(jobs.SUBMITTED)._sum.get(), 7, places=3)
+        self.assertEqual(woken, [True])
+        # Held by w: nobody else takes it.
+        self.assertEqual((yield self.store.claim(job.job_id, states, "v", 60, start, fresh)), (None, False))
+        # A worker died on this one (its delivery never given back): leased again, not moved.
+        crashed = yield self._submitted()
+        yield self.store.take_lease(crashed.job_id, states, "dead", 1)
+        self.clock.advance(2)
+        taken, moved = yield self.store.claim(crashed.job_id, states, "w", 60, start, fresh)
+        self.assertFalse(moved)
+        self.assertEqual((taken.status, taken.deliveries, taken.lease_owner), (jobs.SUBMITTED, 2, "w"))
+        # In STAGING and free (its lease ran out): leased, as take_lease does.
+        yield self.store.end_lease(job.job_id, "w")
+        taken, moved = yield self.store.claim(job.job_id, states, "w", 60, start, fresh)
+        self.assertFalse(moved)
+        self.assertEqual((taken.status, taken.lease_owner), (jobs.STAGING, "w"))
+        self.assertEqual((yield self.store.claim(jobs.new_job_id(), states, "w", 60, start, fresh)), (None, False))
+        self.assertEqual(metrics.transitions.labels(jobs.SUBMITTED, jobs.STAGING)._value.get(), 1)
+
+    @defer.inlineCallbacks
     def test_copies_freed_many_at_once(self):
         """copies_freed sets time_copy_freed on the ended jobs among those given, once; it counts them."""
         ended = []

@@ -165,6 +165,52 @@ class PipelineTests(PipelineTestCase):
         self.assertIn("staging timed out after 2 attempt(s)", job.detailed_status)
 
     @defer.inlineCallbacks
+    def test_a_fresh_job_is_leased_and_starts_staging_in_one_store_call(self):
+        """A job no worker took before: one store.claim leases it and moves it to STAGING (no take_lease, no
+        transition of its own); the stager gets the authcode whose hash is stored; its history is as before."""
+        job_id = yield self.submitted()
+        called = []
+        for name in ("claim", "take_lease", "transition", "update"):
+            def spy(*args, _name=name, _real=getattr(self.store, name), **kwargs):
+                called.append((_name, *args[1:3]) if _name == "transition" else (_name,))
+                return _real(*args, **kwargs)
+            setattr(self.store, name, spy)
+        yield self.pipeline.stage(job_id)
+        self.assertEqual(called, [("claim",)])
+        job = yield self.store.get(job_id)
+        self.assertEqual((job.status, job.stage_attempts, job.deliveries, job.lease_owner),
+                         (jobs.STAGED, 1, 0, None))
+        self.assertTrue(authcode_matches(self.stager.calls[0][1], job.stager_callback))
+        history = yield self.store.events(job_id)
+        self.assertEqual([(e["old_status"], e["new_status"]) for e in history],
+                         [(None, jobs.SUBMITTED), (jobs.SUBMITTED, jobs.STAGING), (jobs.STAGING, jobs.STAGED)])
+
+    @defer.inlineCallbacks
+    def test_a_fresh_job_waits_for_a_suspect_running_alone(self):
+        """While a job a worker died on stages alone, a fresh job is not moved to STAGING: it waits without its
+        lease, then stages as its first attempt."""
+        suspect = yield self.submitted()
+        yield self.store.take_lease(suspect, [jobs.SUBMITTED], "crashed", 10)
+        self.clock.advance(11)  # that worker died
+        fresh = yield self.submitted()
+        staging = {}
+        self.stager.answer = lambda: staging.setdefault(len(staging), defer.Deferred())
+        first = defer.ensureDeferred(self.pipeline.stage(suspect))
+        yield wait_for(lambda: len(staging) == 1)
+        second = defer.ensureDeferred(self.pipeline.stage(fresh))
+        yield wait_for(lambda: len(self.pipeline._isolation._waiting) == 1)
+        job = yield self.store.get(fresh)
+        self.assertEqual((job.status, job.lease_owner, job.deliveries), (jobs.SUBMITTED, None, 0))
+        staging[0].callback(StageResult(success=True, staged_to="host", path="/staged/p"))
+        yield first
+        yield wait_for(lambda: len(staging) == 2)
+        staging[1].callback(StageResult(success=True, staged_to="host", path="/staged/p"))
+        yield second
+        job = yield self.store.get(fresh)
+        self.assertEqual((job.status, job.stage_attempts), (jobs.STAGED, 1))
+        self.assertEqual([call[0] for call in self.stager.calls], [suspect, fresh])
+
+    @defer.inlineCallbacks
     def test_duplicate_message_does_not_stage_twice(self):
         """A second message for a job another worker holds is dropped without calling the stager."""
         job_id = yield self.submitted()

@@ -172,6 +172,13 @@ class IJobStore(IService):
         in the job's deliveries, which survives a crash of the daemon.
         """
 
+    def claim(job_id, statuses, owner, seconds, start, fresh=("deliveries",)):
+        """take_lease for a worker, and for a job in start's old state whose fresh columns are all 0 (no worker
+        took it before) start's transition (old, new, fields, actor) in the same statement, leaving it leased.
+
+        Fires with (the Job as it now is, or None; whether it moved).
+        """
+
     def hold_in_queue(status, job_ids, seconds):
         """Put the jobs among job_ids still in status and not held by a worker under a queue hold.
 

@@ -18,6 +18,7 @@ more than max_deliveries times without being given back.
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -248,8 +249,13 @@ class Pipeline(Service):
 
     def stage(self, job_id):
         """Queue handler: stage a SUBMITTED job, or re-stage a STAGING one nobody holds."""
+        # A job no worker took before is leased and moved to STAGING in one store call (store.claim).
+        authcode = secrets.token_urlsafe(32)
+        start = (jobs.SUBMITTED, jobs.STAGING, {"stager_callback": hash_authcode(authcode), "stage_attempts": 1},
+                 self.actor)
+        first = (start, ("deliveries", "stage_attempts"), functools.partial(self._stage_taken, authcode=authcode))
         staging = defer.Deferred.fromCoroutine(
-            self._take_and_run(job_id, STAGING_QUEUE, (jobs.SUBMITTED, jobs.STAGING), self._stage_taken))
+            self._take_and_run(job_id, STAGING_QUEUE, (jobs.SUBMITTED, jobs.STAGING), self._stage_taken, first))
         self._staging.add(staging)
         staging.addBoth(self._staging_ended, staging)
         return staging
@@ -260,43 +266,20 @@ class Pipeline(Service):
             return None  # stopped by shutdown: the job is free again, nothing to redeliver
         return result
 
-    async def _stage_taken(self, job):
-        attempt = job.stage_attempts + 1
-        if attempt > self.stager.max_attempts:
-            await self.store.transition(
-                job.job_id, job.status, jobs.ERROR,
-                {"detailed_status": f"staging timed out after {job.stage_attempts} attempt(s) "
-                                    f"of {self.stager.timeout:g}s each"},
-                actor=self.actor,
-            )
-            return
-        authcode = secrets.token_urlsafe(32)
-        fields = {"stager_callback": hash_authcode(authcode), "stage_attempts": attempt}
-        asked_at = self.clock.seconds()  # the authcode expires at asked_at + stager.timeout
-        if job.status == jobs.SUBMITTED:
-            started = await self.store.transition(
-                job.job_id, jobs.SUBMITTED, jobs.STAGING, fields, hold=leases.worker(self.owner, self.lease),
-                actor=self.actor,
-            )
-        else:
-            fields["time_staging"] = jobs.utc_from_seconds(self.clock.seconds())
-            # While the stager is away its tries are not attempts: the history says so once, in _wait_for.
-            note = None if job.time_away else (self.actor, f"staging attempt {attempt} of {self.stager.max_attempts}")
-            started = await self.store.update(job.job_id, jobs.STAGING, fields, note=note)
-            if job.time_away:
-                self.log.info("job {job_id}: asking the stager again", job_id=job.job_id)
-            else:
-                self.log.info("job {job_id} staging again (attempt {attempt})", job_id=job.job_id, attempt=attempt)
-        if not started:
-            return
-        time_away = job.time_away if job.status == jobs.STAGING else None
-        job = dataclasses.replace(job, status=jobs.STAGING, stage_attempts=attempt,
-                                  stager_callback=fields["stager_callback"], time_away=time_away)
+    async def _stage_taken(self, job, authcode=None):
+        """Stage a job taken in SUBMITTED or STAGING.  authcode: the job was moved to STAGING with its hash as it
+        was taken (store.claim); it only needs the stager asked."""
+        if authcode is None:
+            begun = await self._begin_staging(job)
+            if begun is None:
+                return
+            job, authcode = begun
+        asked_at = job.time_staging.timestamp()  # the authcode expires at asked_at + stager.timeout
         try:
             result = await self.stager.stage(job, authcode)
         except ServiceAway as away:
             # The stager never took this attempt: it does not count.
-            await self._wait_for(job, away, self.stager, "staging", {"stage_attempts": attempt - 1})
+            await self._wait_for(job, away, self.stager, "staging", {"stage_attempts": job.stage_attempts - 1})
             return
         if result is None:
             # The outcome comes later (callback or polling): the job waits for
@@ -306,6 +289,41 @@ class Pipeline(Service):
             await self.store.end_lease(job.job_id, self.owner, then=leases.waiting(left))
             return
         await self.staging_done(job, result)
+
+    async def _begin_staging(self, job):
+        """A staging attempt for a taken job: SUBMITTED -> STAGING, or a STAGING job's next attempt; fire with
+        (the job as it is now, its new authcode), or None (it ended in ERROR, or was no longer there)."""
+        attempt = job.stage_attempts + 1
+        if attempt > self.stager.max_attempts:
+            await self.store.transition(
+                job.job_id, job.status, jobs.ERROR,
+                {"detailed_status": f"staging timed out after {job.stage_attempts} attempt(s) "
+                                    f"of {self.stager.timeout:g}s each"},
+                actor=self.actor,
+            )
+            return None
+        authcode = secrets.token_urlsafe(32)
+        fields = {"stager_callback": hash_authcode(authcode), "stage_attempts": attempt}
+        now = jobs.utc_from_seconds(self.clock.seconds())
+        if job.status == jobs.SUBMITTED:
+            started = await self.store.transition(
+                job.job_id, jobs.SUBMITTED, jobs.STAGING, fields, hold=leases.worker(self.owner, self.lease),
+                actor=self.actor,
+            )
+        else:
+            fields["time_staging"] = now
+            # While the stager is away its tries are not attempts: the history says so once, in _wait_for.
+            note = None if job.time_away else (self.actor, f"staging attempt {attempt} of {self.stager.max_attempts}")
+            started = await self.store.update(job.job_id, jobs.STAGING, fields, note=note)
+            if job.time_away:
+                self.log.info("job {job_id}: asking the stager again", job_id=job.job_id)
+            else:
+                self.log.info("job {job_id} staging again (attempt {attempt})", job_id=job.job_id, attempt=attempt)
+        if not started:
+            return None
+        time_away = job.time_away if job.status == jobs.STAGING else None
+        return dataclasses.replace(job, status=jobs.STAGING, stage_attempts=attempt, time_staging=now,
+                                   stager_callback=fields["stager_callback"], time_away=time_away), authcode
 
     # -- outcomes (IOutcomes) -----------------------------------------------
 
@@ -469,7 +487,7 @@ class Pipeline(Service):
 
     # -- helpers ----------------------------------------------------------
 
-    async def _take_and_run(self, job_id, step, states, work):
+    async def _take_and_run(self, job_id, step, states, work, first=None):
         """Run work(job) if the job is in one of states and this worker can take its lease.
 
         Anything else (unknown job, another state, someone else's lease) is a
@@ -483,12 +501,17 @@ class Pipeline(Service):
         waits without the lease, so a crash meanwhile does not count against
         it.  When the store is away the lease is given back once it is back,
         and the failure (StoreUnavailable) reaches the queue, which does not
-        count it.
+        count it.  first: (start, fresh, work_started) for store.claim: a
+        job in start's old state no worker took before is leased and moved
+        on in one store call, and work_started(job) runs instead (_take_first).
         """
         if job_id in self._unreturned:
             await self.store.end_lease(job_id, self.owner)  # our own lease, from before the store went away
             self._unreturned.discard(job_id)
-        job = await self._take(job_id, step, states)
+        if first is None:
+            job = await self._take(job_id, step, states)
+        else:
+            job = await self._take_first(job_id, step, states, first)
         if job is None:
             return
         suspect = job.deliveries > 1
@@ -517,7 +540,29 @@ class Pipeline(Service):
 
     async def _take(self, job_id, step, states):
         """Take the job's lease (counting a delivery); None, and the job in ERROR, when workers died on it too often."""
-        job = await self.store.take_lease(job_id, states, self.owner, self.lease)
+        return await self._unless_crashed_on(await self.store.take_lease(job_id, states, self.owner, self.lease),
+                                             step)
+
+    async def _take_first(self, job_id, step, states, first):
+        """Take the job's lease and, when it is fresh in the first step's old state, move it on in the same store
+        call (store.claim) and run work_started at once, as an ordinary step: nothing runs alone meanwhile.
+        Fire with a job taken but not moved, for the usual way; None when done or nothing to do."""
+        start, fresh, work_started = first
+        turn = self._isolation.enter(False)
+        if not turn.called:  # a suspect's step runs alone, or waits to: the usual way
+            self._isolation.give_up(turn, False)
+            return await self._take(job_id, step, states)
+        try:
+            job, started = await self.store.claim(job_id, states, self.owner, self.lease, start, fresh)
+            if started:
+                await self._run_leased(job, work_started)
+                return None
+        finally:
+            self._isolation.leave(False)
+        return await self._unless_crashed_on(job, step)
+
+    async def _unless_crashed_on(self, job, step):
+        """The job taken, or None, and the job in ERROR, when workers died on it too often."""
         if job is not None and job.deliveries > self.max_deliveries:
             await self._crashed_too_often(job, step)
             return None

@@ -742,13 +742,16 @@ class SQLJobStore(Service):
     def record_transfer_id(self, job_id, status, fts_jobid):
         return self.update(job_id, status, {"fts_jobid": fts_jobid})
 
+    def _take_query(self, statuses):
+        return self._sql(
+            f"UPDATE jobs SET lease_owner = ?, lease_until = ?, deliveries = deliveries + ? WHERE job_id = ?"
+            f" AND status IN ({self._marks(statuses)}) AND {FREE_OR_IN_QUEUE}"
+        )
+
     def take_lease(self, job_id, statuses, owner, seconds):
         statuses = list(statuses)
         now = self._now()
-        query = self._sql(
-            f"UPDATE jobs SET lease_owner = ?, lease_until = ?, deliveries = deliveries + ? WHERE job_id = ?"
-            f" AND status IN ({', '.join('?' for _ in statuses)}) AND {FREE_OR_IN_QUEUE}"
-        )
+        query = self._take_query(statuses)
         counted = int(leases.is_worker(owner))
 
         def interaction(cursor):
@@ -756,6 +759,42 @@ class SQLJobStore(Service):
             return self._select_job(cursor, job_id) if cursor.rowcount > 0 else None
 
         return self._run(interaction, idempotent=False, together=job_id)
+
+    def claim(self, job_id, statuses, owner, seconds, start, fresh=("deliveries",)):
+        """take_lease for a worker, and for a job in start's old state whose fresh columns are all 0 (no worker
+        took it before) start's transition in the same UPDATE; fire with (the Job as leased, or None; whether it
+        moved).  start: (old, new, fields, actor), as transition() takes them.
+
+        The first step of a job's way then costs one UPDATE, where a lease
+        and a transition cost two and a read of the old state's time.
+        """
+        old, new, fields, actor = start
+        statuses = list(statuses)
+        now = self._now()
+        moved = self._transition_fields(old, new, fields, leases.worker(owner, seconds), now)
+        sets, params = self._assignments(moved)
+        move = self._sql(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ? AND status = ?"
+                         + "".join(f" AND {column} = 0" for column in fresh) + f" AND {FREE_OR_IN_QUEUE}")
+        take = self._take_query(statuses)
+        reason = moved.get("detailed_status")
+
+        def interaction(cursor):
+            cursor.execute(move, (*params, job_id, old, now, leases.IN_QUEUE))
+            if cursor.rowcount > 0:
+                self._record_event(cursor, job_id, now, "state", old, new, actor, reason)
+                return self._select_job(cursor, job_id), True
+            cursor.execute(take, (owner, now + seconds, 1, job_id, *statuses, now, leases.IN_QUEUE))
+            return (self._select_job(cursor, job_id) if cursor.rowcount > 0 else None), False
+
+        def logged(taken):
+            job, started = taken
+            if started:  # the row read back still has the old state's time (time_<new> is new)
+                self._transitioned(job_id, old, new, reason, now,
+                                   (getattr(job, jobs.TIME_COLUMN[old]), job.time_submitted))
+                self._events_committed(None)
+            return taken
+
+        return self._run(interaction, idempotent=False, together=job_id).addCallback(logged)
 
     def hold_in_queue(self, status, job_ids, seconds):
         now = self._now()
