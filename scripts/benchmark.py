@@ -1671,6 +1671,9 @@ def _fair_services():
             self.reactor.callLater(FAIR_STAGING_SECONDS, finish)
             return done
 
+        def still_staging(self, job):
+            return defer.succeed(False)
+
         def cancel(self, job):
             return defer.succeed(None)
 

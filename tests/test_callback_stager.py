@@ -212,6 +212,32 @@ class CallbackStagerTests(unittest.TestCase):
         yield wait_for(lambda: len(self.fake.of("DELETE")) == 2)
 
     @defer.inlineCallbacks
+    def test_still_staging_asks_about_the_jobs_attempt(self):
+        """still_staging GETs <url>/<job_id>: True only for a 200 naming the job's authcode hash in a working state;
+        another attempt, an ended one, 404, 405, a body that is not JSON or a stager away is False."""
+        stager = self.make(clock=reactor)
+        job = a_job("sample-001", stager_callback="ab" * 32)
+        answers = [
+            ((200, b'{"state": "copying", "authcode_sha256": "' + b"ab" * 32 + b'"}'), True),
+            ((200, b'{"state": "calling back", "authcode_sha256": "' + b"ab" * 32 + b'"}'), True),
+            ((200, b'{"state": "copying", "authcode_sha256": "' + b"cd" * 32 + b'"}'), False),
+            ((200, b'{"state": "refused", "authcode_sha256": "' + b"ab" * 32 + b'"}'), False),
+            ((200, b'{"state": "copying"}'), False),
+            ((200, b"[1, 2]"), False),
+            ((200, b"<html>not json</html>"), False),
+            ((404, b'{"msg": "no such job"}'), False),
+            ((405, b'{"msg": "method not allowed"}'), False),
+            ((503, b'{"msg": "maintenance"}'), False),
+        ]
+        for answer, expected in answers:
+            self.fake.answers.append(answer)
+            self.assertIs((yield stager.still_staging(job)), expected, answer)
+        self.assertEqual({(seen.method, seen.path) for seen in self.fake.requests}, {("GET", f"/stage/{job.job_id}")})
+        self.assertFalse((yield stager.still_staging(a_job("sample-001", stager_callback=None))))
+        away = self.make(url=f"http://127.0.0.1:{free_port()}/stage", clock=reactor)
+        self.assertFalse((yield away.still_staging(job)))
+
+    @defer.inlineCallbacks
     def test_cancel_never_raises(self):
         """When the stager cannot be reached, cancel() and free_copy() still succeed (the failure is logged)."""
         stager = self.make(url=f"http://127.0.0.1:{free_port()}/stage", clock=reactor)

@@ -236,6 +236,26 @@ class CallbackStagingTests(unittest.TestCase):
         yield wait_for(lambda: f"job {job_id}: transferd recorded the staging report" in stager.logs())
 
     @defer.inlineCallbacks
+    def test_transferd_killed_before_it_heard_the_stager_accept(self):
+        """transferd killed -9 after the stager accepted a staging but before the 202 reached it: restarted, it
+        asks the stager about the attempt (GET), waits for its report, and never asks it to stage the job again."""
+        # The stager answers POST /stage only after 60 s, but stages at once; its recall takes 8 s.
+        stager = yield self.start_stager("--delay", "8", "--answer-after", "60", "--callback-retry", "0.2",
+                                         "--callback-retry-max", "1")
+        daemon = yield self.start_transferd(stager.url + "/stage", timeout="60")
+        job_id = yield daemon.submit("sample-001", self.destination)
+        yield wait_for(lambda: f"job {job_id}: accepted staging of sample-001" in stager.logs(), 10)
+        daemon.kill()
+        yield daemon.start()  # the dead worker's 2 s lease runs out; the reconciler re-drives the job
+        views = yield daemon.wait_terminal([job_id], timeout=30)
+        self.assertEqual((views[job_id]["status"], views[job_id]["stage_attempts"]), (jobs.SUCCESS, 1), views)
+        self.assertIn(f"job {job_id}: the stager is still working on the attempt a stopped worker asked for",
+                      daemon.logs())
+        self.assertEqual(stager.logs().count(f"job {job_id}: accepted staging of"), 1)
+        self.assertNotIn("asked again with a new authcode", stager.logs())
+        self.assertDelivered("sample-001")
+
+    @defer.inlineCallbacks
     def test_cancel_while_staging(self):
         """Cancelling a STAGING job sends the stager DELETE; a callback it sends anyway is refused with 403."""
         stager = yield self.start_stager("--delay", "1", "--ignore-cancel")

@@ -78,6 +78,9 @@ class SlowStager(Service):
         later = reactor.callLater(STAGING_SECONDS, finish)
         return done
 
+    def still_staging(self, job):
+        return defer.succeed(False)
+
     def cancel(self, job):
         return defer.succeed(None)
 

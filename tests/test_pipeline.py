@@ -16,7 +16,7 @@ from transferd import jobs, leases, scheduler
 from transferd.config import load_config
 from transferd.interfaces import IMover, IStager, ServiceAway, StoreUnavailable
 from transferd.jobs import StageResult, TransferResult
-from transferd.pipeline import authcode_matches
+from transferd.pipeline import authcode_matches, hash_authcode
 from transferd.queue import STAGING_QUEUE, TRANSFER_QUEUE
 from transferd.wiring import build
 from tests.support import settled, wait_for
@@ -35,6 +35,8 @@ class ScriptedStager(Service):
         self.answer = StageResult(success=True, staged_to="host", path="/staged/p")
         self.calls, self.cancelled, self.released = [], [], []
         self.asked = defer.Deferred()  # fires at the first stage() call
+        self.still = False  # what still_staging answers
+        self.asked_still = []  # the jobs still_staging was asked about
 
     def check(self, product_id):
         return defer.succeed(None)
@@ -50,6 +52,10 @@ class ScriptedStager(Service):
         if callable(self.answer):
             return self.answer()  # a Deferred of its own for each call
         return defer.succeed(self.answer)
+
+    def still_staging(self, job):
+        self.asked_still.append(job)
+        return defer.succeed(self.still)
 
     def cancel(self, job):
         self.cancelled.append(job.job_id)
@@ -158,6 +164,7 @@ class PipelineTests(PipelineTestCase):
         self.assertEqual(job.stage_attempts, 2)
         self.assertNotEqual(self.stager.calls[0][1], self.stager.calls[1][1])
         self.assertFalse(authcode_matches(self.stager.calls[0][1], job.stager_callback))
+        self.assertEqual(self.stager.asked_still, [])  # a timed-out attempt is over: nobody died on it
         self.clock.advance(101)
         yield self.pipeline.stage(job_id)
         job = yield self.store.get(job_id)
@@ -209,6 +216,56 @@ class PipelineTests(PipelineTestCase):
         job = yield self.store.get(fresh)
         self.assertEqual((job.status, job.stage_attempts), (jobs.STAGED, 1))
         self.assertEqual([call[0] for call in self.stager.calls], [suspect, fresh])
+
+    @defer.inlineCallbacks
+    def accepted_by_a_worker_that_died(self):
+        """A job a worker moved to STAGING with authcode "first", which the stager accepted; then the worker died."""
+        job_id = yield self.submitted()
+        yield self.store.take_lease(job_id, [jobs.SUBMITTED], "crashed", 10)
+        yield self.store.transition(job_id, jobs.SUBMITTED, jobs.STAGING,
+                                    {"stager_callback": hash_authcode("first"), "stage_attempts": 1},
+                                    hold=leases.worker("crashed", 10), actor="crashed")
+        self.clock.advance(11)  # it died: its lease runs out
+        return job_id
+
+    @defer.inlineCallbacks
+    def test_a_job_the_stager_still_stages_after_its_worker_died_waits_for_the_report(self):
+        """Not staged twice: the stager still works on the dead worker's attempt, so the job waits for its report
+        (the first authcode still valid) until that attempt's timeout, and its report moves it on."""
+        job_id = yield self.accepted_by_a_worker_that_died()
+        self.stager.still = True
+        yield self.pipeline.stage(job_id)
+        self.assertEqual(self.stager.calls, [])
+        self.assertEqual([job.stager_callback for job in self.stager.asked_still], [hash_authcode("first")])
+        job = yield self.store.get(job_id)
+        self.assertEqual((job.status, job.stage_attempts, job.lease_owner, job.lease_until, job.deliveries),
+                         (jobs.STAGING, 1, None, self.clock.seconds() + 100 - 11, 1))
+        self.assertTrue(authcode_matches("first", job.stager_callback))
+        self.assertEqual((yield self.reconciler.run_once()), 0)  # nobody re-drives it while it waits
+        yield self.pipeline.staging_done(job, StageResult(success=True, staged_to="host", path="/staged/p"))
+        job = yield self.store.get(job_id)
+        self.assertEqual((job.status, job.deliveries), (jobs.STAGED, 0))
+
+    @defer.inlineCallbacks
+    def test_a_job_the_stager_does_not_have_after_its_worker_died_is_staged_again(self):
+        """The stager never took the dead worker's attempt, or has ended it: the job is staged again at once."""
+        job_id = yield self.accepted_by_a_worker_that_died()
+        self.stager.still = False
+        yield self.pipeline.stage(job_id)
+        self.assertEqual(len(self.stager.asked_still), 1)
+        self.assertEqual([call[0] for call in self.stager.calls], [job_id])
+        job = yield self.store.get(job_id)
+        self.assertEqual((job.status, job.stage_attempts), (jobs.STAGED, 2))
+
+    @defer.inlineCallbacks
+    def test_a_dead_workers_attempt_past_its_timeout_is_not_asked_about(self):
+        """Once the dead worker's attempt has timed out its report would be refused: staged again, no question."""
+        job_id = yield self.accepted_by_a_worker_that_died()
+        self.clock.advance(100)
+        self.stager.still = True
+        yield self.pipeline.stage(job_id)
+        self.assertEqual(self.stager.asked_still, [])
+        self.assertEqual((yield self.status(job_id)), jobs.STAGED)
 
     @defer.inlineCallbacks
     def test_duplicate_message_does_not_stage_twice(self):

@@ -5,6 +5,7 @@ callbacks use real HTTP on 127.0.0.1, with a recording server standing in
 for transferd's /doneStaging, and time on a Clock where waits matter.
 """
 
+import dataclasses
 import json
 import os
 
@@ -17,6 +18,7 @@ from twisted.trial import unittest
 from transferd import jobs, stagerd
 from transferd.jobs import StagedFile, StageResult
 from transferd.stagerd import ReferenceStager
+from transferd.pipeline import hash_authcode
 from transferd.stagers.callback import CallbackStager
 from tests.contract_stager import (
     DIR_CONTENT, DIR_PRODUCT, FILE_CONTENT, FILE_PRODUCT, StagerContract, adler32, read_tree, write_archive,
@@ -88,6 +90,7 @@ class HandlerTests(StagerTestCase):
         self.assertEqual((code, answer), (202, {"job_id": request["job_id"], "accepted": True}))
         code, answer = yield self.call("GET", "/stage/" + request["job_id"])
         self.assertEqual((code, answer["state"], answer["product_id"]), (200, "recalling", FILE_PRODUCT))
+        self.assertEqual(answer["authcode_sha256"], hash_authcode(request["authcode"]))
 
     @defer.inlineCallbacks
     def test_invalid_requests_refused(self):
@@ -230,6 +233,25 @@ class StagingTests(StagerTestCase):
         yield wait_for(lambda: stager.stagings[request["job_id"]].state == "done")
         yield self.post(stager, request)  # even after the callback: transferd only repeats unanswered requests
         self.assertEqual((len(self.reports()), stager.accepted, self.clock.getDelayedCalls()), (1, 1, []))
+
+    @defer.inlineCallbacks
+    def test_callback_stager_learns_whether_an_attempt_is_still_under_way(self):
+        """transferd's still_staging over real HTTP: True while this stager works on the attempt whose authcode's
+        hash the job holds; False for another attempt's hash, once the report is recorded, and for an unknown job."""
+        stager = self.make(delay=30.0)
+        request = self.order()
+        yield self.post(stager, request)
+        client = CallbackStager(stager.served.url + "/stage", self.callbacks.url, reactor, reactor, timeout=60.0,
+                                max_attempts=2, retry_delay=0.05)
+        self.addCleanup(client.stopService)
+        job = jobs.Job(job_id=request["job_id"], product_id=request["product_id"], destination_path="file:///d",
+                       status=jobs.STAGING, stager_callback=hash_authcode(request["authcode"]))
+        self.assertTrue((yield client.still_staging(job)))
+        self.assertFalse((yield client.still_staging(dataclasses.replace(job, stager_callback=hash_authcode("x")))))
+        self.assertFalse((yield client.still_staging(dataclasses.replace(job, job_id=jobs.new_job_id()))))
+        self.clock.advance(30)
+        yield wait_for(lambda: stager.stagings[request["job_id"]].state == "done")
+        self.assertFalse((yield client.still_staging(job)))
 
     @defer.inlineCallbacks
     def test_new_authcode_restarts(self):

@@ -354,6 +354,14 @@ class IStager(IService):
         a poller).  May fail with ServiceAway.
         """
 
+    def still_staging(job):
+        """Fire with True when the stager is still working on the attempt whose authcode hash job holds.
+
+        The pipeline asks before staging again a job a worker died on (its
+        report may still come, and asking again would stage it twice); False
+        when the stager does not have that attempt, or cannot tell.
+        """
+
     def cancel(job):
         """Tell the stager to stop working on job (best effort)."""
 

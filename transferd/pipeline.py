@@ -270,6 +270,8 @@ class Pipeline(Service):
         """Stage a job taken in SUBMITTED or STAGING.  authcode: the job was moved to STAGING with its hash as it
         was taken (store.claim); it only needs the stager asked."""
         if authcode is None:
+            if await self._still_with_the_stager(job):
+                return
             begun = await self._begin_staging(job)
             if begun is None:
                 return
@@ -289,6 +291,20 @@ class Pipeline(Service):
             await self.store.end_lease(job.job_id, self.owner, then=leases.waiting(left))
             return
         await self.staging_done(job, result)
+
+    async def _still_with_the_stager(self, job):
+        """A worker died on this STAGING job: when the stager still works on the attempt the job holds (accepted
+        just before that worker stopped), wait for its report until the attempt times out, rather than stage it
+        twice.  True when the job waits so."""
+        if job.status != jobs.STAGING or job.deliveries <= 1 or job.time_staging is None:
+            return False
+        left = self.stager.timeout - (self.clock.seconds() - job.time_staging.timestamp())
+        if left <= 0 or not await self.stager.still_staging(job):
+            return False
+        self.log.info("job {job_id}: the stager is still working on the attempt a stopped worker asked for; "
+                      "waiting up to {left:.0f}s for its report", job_id=job.job_id, left=left)
+        await self.store.end_lease(job.job_id, self.owner, then=leases.waiting(left))
+        return True
 
     async def _begin_staging(self, job):
         """A staging attempt for a taken job: SUBMITTED -> STAGING, or a STAGING job's next attempt; fire with

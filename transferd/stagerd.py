@@ -55,13 +55,27 @@ The protocol, both ways
 
    Stop any work on it, call back no more, and free its staged copy.
 
-This stager also answers GET /stage/<job_id> with the state of a job, for
-operators.  Options inject delays and failures for tests: --delay,
---fail-products, --drop-first, --unavailable-first, --ignore-cancel.
+4. (optional) transferd asks whether you still work on a job's attempt:
+
+       GET /stage/<job_id>       -> 200 {"job_id", "product_id", "state",
+                                         "authcode_sha256"}, or 404
+
+   "state" is accepted, recalling, copying or calling back while the report
+   is still to come (then done, refused, given up or dropped), and
+   "authcode_sha256" the hex SHA-256 of the attempt's authcode.  transferd
+   asks before staging again a job whose worker died after you accepted it:
+   while you still work on the attempt it holds, it waits for your report
+   rather than asking twice.  A stager without it answers 404 or 405, and
+   such a job is staged again.  Operators read the same answer.
+
+Options inject delays and failures for tests: --delay,
+--fail-products, --drop-first, --unavailable-first, --answer-after,
+--ignore-cancel.
 """
 
 import configparser
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -197,7 +211,7 @@ class ReferenceStager:
     archive, staging: the directories products come from and go to.
     hostname: reported as staged_to.  delay: seconds of simulated recall.
     link: hard-link instead of copying.  fail_products, drop_first,
-    unavailable_first, ignore_cancel: injected faults for tests (see Options).
+    unavailable_first, answer_after, ignore_cancel: injected faults for tests (see Options).
     callback_retry, callback_retry_max, callback_deadline: how callbacks are
     retried.  reactor, clock: do the callbacks' I/O, and time delays and
     retries (a Clock in tests).  tls_policy: for callbacks (default: the
@@ -208,7 +222,7 @@ class ReferenceStager:
     log = Logger()
 
     def __init__(self, archive, staging, reactor, clock, hostname=None, delay=0.0, link=False, fail_products=(),
-                 drop_first=0, unavailable_first=0, ignore_cancel=False, callback_retry=1.0,
+                 drop_first=0, unavailable_first=0, answer_after=0.0, ignore_cancel=False, callback_retry=1.0,
                  callback_retry_max=30.0, callback_deadline=86400.0, request_timeout=30.0,
                  tls_policy=None, random=random.random):
         self.archive = os.path.abspath(archive)
@@ -219,6 +233,7 @@ class ReferenceStager:
         self.fail_products = frozenset(fail_products)
         self.drop_first = drop_first
         self.unavailable_first = unavailable_first
+        self.answer_after = answer_after
         self.ignore_cancel = ignore_cancel
         self.callback_retry = callback_retry
         self.callback_retry_max = callback_retry_max
@@ -285,6 +300,10 @@ class ReferenceStager:
             staging.work = defer.Deferred.fromCoroutine(self._work(staging, current))
             self._works.add(staging.work)
             staging.work.addBoth(lambda _, work=staging.work: self._works.discard(work))
+        if self.answer_after:
+            # Accepted and working, but transferd hears so only later (a crash of it meanwhile, in tests).
+            return task.deferLater(self.clock, self.answer_after,
+                                   lambda: _json(request, 202, {"job_id": job_id, "accepted": True}))
         return _json(request, 202, {"job_id": job_id, "accepted": True})
 
     # -- GET and DELETE /stage/<job_id> ----------------------------------------
@@ -294,7 +313,10 @@ class ReferenceStager:
         staging = self.stagings.get(job_id)
         if staging is None:
             raise HTTPError(404, f"no job {job_id} here")
-        return _json(request, 200, {"job_id": job_id, "product_id": staging.product_id, "state": staging.state})
+        # The authcode's hash says which attempt this is (transferd stores only the hash).
+        digest = hashlib.sha256(staging.authcode.encode("utf-8")).hexdigest()
+        return _json(request, 200, {"job_id": job_id, "product_id": staging.product_id, "state": staging.state,
+                                    "authcode_sha256": digest})
 
     @app.route("/stage/<job_id>", methods=["DELETE"])
     async def forget(self, request, job_id):
@@ -510,6 +532,8 @@ class Options(usage.Options):
         ["fail-products", None, "", "testing: report failure for these product ids (comma-separated)"],
         ["drop-first", None, "0", "testing: accept the first N staging requests but never call back"],
         ["unavailable-first", None, "0", "testing: answer 503 to the first N POST /stage"],
+        ["answer-after", None, "0", "testing: answer each POST /stage this many seconds after accepting it "
+                                    "(the staging starts at once)"],
     ]
     optFlags = [
         ["link", None, "hard-link the archive's files instead of copying them (same filesystem)"],
@@ -560,7 +584,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} is required")
         if not os.path.isdir(self["archive"]):
             raise usage.UsageError(f"--archive {self['archive']} is not a directory")
-        for name, parse in (("delay", _seconds), ("callback-retry", _seconds), ("callback-retry-max", _seconds),
+        for name, parse in (("delay", _seconds), ("answer-after", _seconds), ("callback-retry", _seconds),
+                            ("callback-retry-max", _seconds),
                             ("callback-deadline", _seconds), ("drop-first", _count), ("unavailable-first", _count)):
             try:
                 self[name] = parse(self[name])
@@ -652,6 +677,7 @@ def makeService(options):
         fail_products=options["fail-products"],
         drop_first=options["drop-first"],
         unavailable_first=options["unavailable-first"],
+        answer_after=options["answer-after"],
         ignore_cancel=bool(options["ignore-cancel"]),
         callback_retry=options["callback-retry"],
         callback_retry_max=options["callback-retry-max"],

@@ -9,6 +9,8 @@ later (docs/architecture.md, "Stager callback protocol"):
                            success, staged_to, path, msg, files}
     transferd -> stager    DELETE <url>/<job_id>  the job was cancelled or has ended:
                            stop working on it and free its staged copy
+    transferd -> stager    GET <url>/<job_id>  (optional) 200 {"state", "authcode_sha256"}:
+                           asked before staging again a job whose worker died
 
 stage() fires None once the stager has accepted the request; the pipeline
 then holds the job for `timeout` seconds and stages it again, with a new
@@ -37,6 +39,7 @@ from transferd.tls import client_tls_policy
 
 RETRYABLE_STATUS = frozenset({408, 429})  # 4xx answers that mean "try again later"
 MAX_RETRY_AFTER = 3600.0  # a stager's Retry-After is followed up to an hour
+WORKING = frozenset({"accepted", "recalling", "copying", "calling back"})  # GET <url>/<job_id>: its report is to come
 
 
 @implementer(IStager, IReconfigurable)
@@ -110,6 +113,15 @@ class CallbackStager(Service):
         request.addBoth(settled)
         return self._track(staging)
 
+    def still_staging(self, job):
+        """GET <url>/<job_id>: True when the stager is working on the attempt whose authcode hash job holds.
+
+        Only a 200 answer whose authcode_sha256 is the job's and whose state
+        is one of WORKING counts; anything else (404, no such endpoint, an
+        earlier attempt, a stager away) is False, and the job is staged again.
+        """
+        return self._track(defer.Deferred.fromCoroutine(self._still_staging(job)))
+
     def cancel(self, job):
         """Tell the stager to stop staging job (DELETE, in the background; failures are logged)."""
         self._forget(job, "cancelled")
@@ -155,6 +167,32 @@ class CallbackStager(Service):
         self.log.warn("job {job_id}: {msg}", job_id=job.job_id, msg=msg)
         return StageResult(success=False, msg=msg)
 
+    async def _still_staging(self, job):
+        target = self._job_url(job)
+        try:
+            answer = await self.http.request("GET", target)
+        except defer.CancelledError:
+            raise
+        except Exception as error:
+            self.log.info("job {job_id}: could not ask the stager at {url} about it ({error}); staging it again",
+                          job_id=job.job_id, url=target, error=describe(error))
+            return False
+        try:
+            report = answer.json() if answer.code == 200 else {}
+        except ValueError:
+            report = {}
+        if not isinstance(report, dict):
+            report = {}
+        working = (report.get("state") in WORKING and bool(job.stager_callback)
+                   and report.get("authcode_sha256") == job.stager_callback)
+        self.log.info("job {job_id}: the stager at {url} {has} its attempt (HTTP {code}, {state})",
+                      job_id=job.job_id, url=target, has="is still working on" if working else "does not have",
+                      code=answer.code, state=report.get("state", "no state"))
+        return working
+
+    def _job_url(self, job):
+        return self.url.rstrip("/") + "/" + quote(job.job_id, safe="")
+
     def _retry_after(self, answer):
         """retry_delay, or the stager's own Retry-After (in seconds) when it asks for longer."""
         try:
@@ -174,7 +212,7 @@ class CallbackStager(Service):
 
     def _forget(self, job, why):
         """DELETE <url>/<job_id> in the background: best effort, one try, outcome logged."""
-        target = self.url.rstrip("/") + "/" + quote(job.job_id, safe="")
+        target = self._job_url(job)
 
         async def notify():
             try:

@@ -69,6 +69,10 @@ class LocalStager(Service):
         recall.addBoth(self._recalled, job, recall)
         return recall
 
+    def still_staging(self, job):
+        """Staging runs in this process: an attempt whose worker died died with it."""
+        return defer.succeed(False)
+
     def cancel(self, job):
         """Stop a recall still waiting (its stage() fires a failed result) and drop the copy."""
         for recall in list(self._recalls.get(job.job_id, ())):

@@ -52,7 +52,9 @@ How staging goes
 Known limits: a POST /stage whose answer is lost (timeout) is sent again and
 the first request is left to the tape system; a daemon killed between the
 answer to POST /stage and the store update leaves its jobs without a request
-id, and they are staged again when the stager timeout expires.  A product
+id, and they are staged again when the stager timeout expires; one killed
+after the store update and before the job's wait for the poller may be
+staged again once the worker's lease runs out (still_staging cannot tell).  A product
 has one request, so one with more files than the tape system takes in one
 request fails with the tape system's refusal.
 """
@@ -168,6 +170,10 @@ class TapeRestStager(Service):
         else:
             self._track(defer.Deferred.fromCoroutine(self._list(entry)))
         return entry.deferred
+
+    def still_staging(self, job):
+        """Cannot tell: a stored request id may be an earlier attempt's (see the module's known limits)."""
+        return defer.succeed(False)
 
     def cancel(self, job):
         """Stop staging job: drop it from the next batch, or cancel its files on the tape system."""
