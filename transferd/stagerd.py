@@ -489,15 +489,21 @@ class ReferenceStager:
 
 
 def _seconds(text):
-    value = float(text)
-    if not value >= 0:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value >= 0:  # not a number, negative or NaN
         raise ValueError("must be a number of seconds, zero or more")
     return value
 
 
 def _count(text):
-    value = int(text)
-    if value < 0:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 0:
         raise ValueError("must be a whole number, zero or more")
     return value
 
@@ -585,8 +591,8 @@ class Options(usage.Options):
         if not os.path.isdir(self["archive"]):
             raise usage.UsageError(f"--archive {self['archive']} is not a directory")
         for name, parse in (("delay", _seconds), ("answer-after", _seconds), ("callback-retry", _seconds),
-                            ("callback-retry-max", _seconds),
-                            ("callback-deadline", _seconds), ("drop-first", _count), ("unavailable-first", _count)):
+                            ("callback-retry-max", _seconds), ("callback-deadline", _seconds),
+                            ("drop-first", _count), ("unavailable-first", _count)):
             try:
                 self[name] = parse(self[name])
             except ValueError as error:

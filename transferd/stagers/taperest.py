@@ -54,9 +54,9 @@ the first request is left to the tape system; a daemon killed between the
 answer to POST /stage and the store update leaves its jobs without a request
 id, and they are staged again when the stager timeout expires; one killed
 after the store update and before the job's wait for the poller may be
-staged again once the worker's lease runs out (still_staging cannot tell).  A product
-has one request, so one with more files than the tape system takes in one
-request fails with the tape system's refusal.
+staged again once the worker's lease runs out (still_staging cannot tell).
+A product has one request, so one with more files than the tape system
+takes in one request fails with the tape system's refusal.
 """
 
 import dataclasses

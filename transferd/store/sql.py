@@ -242,13 +242,12 @@ class SQLJobStore(Service):
             if rows:
                 cursor.executemany(insert_jobs, rows)
                 cursor.executemany(self._sql(INSERT_EVENT), events)
-                ids = [job.job_id for job in new_jobs]
-                for start in range(0, len(ids), 500):  # the outbox rows of the SUBMITTED events just written
-                    chunk = ids[start:start + 500]
+                # the outbox rows of the SUBMITTED events just written
+                for chunk in _chunks([job.job_id for job in new_jobs]):
                     cursor.execute(self._sql(
                         "INSERT INTO outbox (event_id, job_id, state, fanned_out, time_created)"
                         " SELECT event_id, job_id, new_status, 0, time FROM job_events"
-                        f" WHERE job_id IN ({', '.join('?' for _ in chunk)})"), chunk)
+                        f" WHERE job_id IN ({self._marks(chunk)})"), chunk)
 
         return self._run(interaction, idempotent=False, together="").addCallback(self._events_committed, bool(rows), False)
 
@@ -407,16 +406,13 @@ class SQLJobStore(Service):
         if changed:
             cursor.executemany(self._sql(self.add_to_count), [(*key, totals[key]) for key in changed])
         fallen = [key for key in changed if totals[key] < 0]
-        for start in range(0, len(fallen), 200):
-            chunk = fallen[start:start + 200]
+        for chunk in _chunks(fallen, 200):
             cursor.execute(self._sql("DELETE FROM job_counts WHERE total = 0 AND (counted_by, status, held, name)"
                                      f" IN ({', '.join('(?, ?, ?, ?)' for _ in chunk)})"),
                            [value for key in chunk for value in key])
-        ids = [row[0] for row in rows]
-        for start in range(0, len(ids), 1000):
-            chunk = ids[start:start + 1000]
-            cursor.execute(self._sql(f"DELETE FROM job_count_changes WHERE change_id IN"
-                                     f" ({', '.join('?' for _ in chunk)})"), chunk)
+        for chunk in _chunks([row[0] for row in rows], 1000):
+            cursor.execute(self._sql(f"DELETE FROM job_count_changes WHERE change_id IN ({self._marks(chunk)})"),
+                           chunk)
         return len(rows)
 
     # -- what the dashboard sums up (transferd.dashboard) ---------------------------
